@@ -1,0 +1,15 @@
+//! kvip-core: the model kvip reasons about, with validation.
+//!
+//! Nothing here performs I/O. Every value that reaches the dataplane has passed through the
+//! validating constructors in this crate, so backends can rely on its invariants: one address
+//! family per egress policy, canonical CIDR lists, no pod egressing through two VIPs.
+
+pub mod cidr;
+pub mod error;
+pub mod model;
+pub mod port;
+
+pub use cidr::Cidr;
+pub use error::ModelError;
+pub use model::{DesiredState, DesiredStateSpec, EgressPolicy, EgressPolicySpec, Family, VipClaim};
+pub use port::{PortMatch, Protocol};
