@@ -1,14 +1,488 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! kvip-dataplane: makes the kernel hold exactly a [`DesiredState`], touching only objects
+//! kvip owns, and reads those objects back into the same model.
+//!
+//! - egress SNAT through nftables ([`nft`]) or iptables ([`iptables`]), atomically;
+//! - VIP addresses through rtnetlink, marked with kvip's address protocol ([`addr`]);
+//! - gratuitous ARP / unsolicited NA when a VIP is acquired ([`announce`]);
+//! - conntrack flush for pods whose translation changed ([`conntrack`]);
+//! - removal of kube-vip's leftovers, on request ([`legacy`]).
+
+pub mod addr;
+pub mod announce;
+pub mod conntrack;
+pub mod error;
+mod exec;
+pub mod iptables;
+pub mod legacy;
+pub mod names;
+pub mod nft;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use kvip_core::{DesiredState, EgressPolicy, Family, VipClaim};
+
+pub use announce::AnnounceConfig;
+pub use error::DataplaneError;
+pub use iptables::Variant;
+pub use names::Instance;
+pub use nft::SyncMode;
+
+use addr::AddrManager;
+use iptables::IptBackend;
+use nft::NftBackend;
+
+/// Which rule backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    Nftables,
+    Iptables,
+    /// nftables when `nft` works, iptables otherwise.
+    #[default]
+    Auto,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl FromStr for BackendKind {
+    type Err = DataplaneError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "nftables" | "nft" => Ok(BackendKind::Nftables),
+            "iptables" => Ok(BackendKind::Iptables),
+            "auto" => Ok(BackendKind::Auto),
+            o => Err(DataplaneError::Config(format!(
+                "backend {o:?}: expected nftables, iptables or auto"
+            ))),
+        }
+    }
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+/// Dataplane settings.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub instance: Instance,
+    pub backend: BackendKind,
+    /// iptables variant; detected from the host when `None`.
+    pub iptables_variant: Option<Variant>,
+    /// Skip flushing conntrack entries of pods whose translation changed.
+    pub no_conntrack_flush: bool,
+    pub announce: AnnounceConfig,
+}
+
+/// The backend actually in use.
+#[derive(Debug)]
+pub enum RuleBackend {
+    Nftables(NftBackend),
+    Iptables(IptBackend),
+}
+
+impl RuleBackend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            RuleBackend::Nftables(_) => "nftables",
+            RuleBackend::Iptables(b) => match b.variant {
+                Variant::Legacy => "iptables-legacy",
+                Variant::Nft => "iptables-nft",
+            },
+        }
+    }
+}
+
+/// What one apply changed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ApplyReport {
+    pub backend: &'static str,
+    pub mode: SyncMode,
+    /// Rules, chains, sets and maps written (full replace).
+    pub objects_written: usize,
+    pub elements_added: usize,
+    pub elements_removed: usize,
+    pub vips_added: Vec<IpAddr>,
+    pub vips_removed: Vec<IpAddr>,
+    /// Pods whose conntrack entries were flushed.
+    pub conntrack_flushed: usize,
+    /// Problems that did not stop the apply (conntrack, announcements, other backend).
+    pub warnings: Vec<String>,
+    #[serde(serialize_with = "ser_duration")]
+    pub duration: Duration,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1000.0)
+}
+
+/// kvip's kernel state read back, plus anything in kvip's objects it would not have written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub state: DesiredState,
+    pub stray: Vec<String>,
+}
+
+/// What a teardown removed and every error it met (it never stops at the first one).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TeardownReport {
+    pub removed: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// The dataplane as the agent sees it.
+pub trait Dataplane {
+    /// Makes kvip's kernel objects equal `desired`.
+    fn apply(
+        &mut self,
+        desired: &DesiredState,
+    ) -> impl Future<Output = Result<ApplyReport, DataplaneError>>;
+    /// Reads kvip's kernel objects back.
+    fn observe(&self) -> impl Future<Output = Result<Observed, DataplaneError>>;
+    /// Removes everything kvip owns.
+    fn teardown(&mut self) -> impl Future<Output = TeardownReport>;
+}
+
+/// The kernel dataplane. Lives in the network namespace of the thread that created it.
+pub struct KernelDataplane {
+    cfg: Config,
+    rules: RuleBackend,
+    addrs: AddrManager,
+    applied: Option<DesiredState>,
+    announcers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Picks the rule backend for `cfg`.
+pub async fn resolve_backend(cfg: &Config) -> Result<RuleBackend, DataplaneError> {
+    let use_nft = match cfg.backend {
+        BackendKind::Nftables => {
+            if !nft::nft_available().await {
+                return Err(DataplaneError::ToolMissing {
+                    tool: "nft".into(),
+                    hint: "install the nftables package (apt-get install nftables) or use --backend iptables",
+                });
+            }
+            true
+        }
+        BackendKind::Iptables => false,
+        BackendKind::Auto => nft::nft_available().await,
+    };
+    if use_nft {
+        return Ok(RuleBackend::Nftables(NftBackend::new(cfg.instance.nft_table())));
+    }
+    let variant = match cfg.iptables_variant {
+        Some(v) => v,
+        None => iptables::detect_variant().await?,
+    };
+    Ok(RuleBackend::Iptables(IptBackend::new(cfg.instance.chain_prefix(), variant)))
+}
+
+impl KernelDataplane {
+    /// Opens the dataplane in the calling thread's network namespace (on a tokio runtime).
+    pub async fn new(cfg: Config) -> Result<Self, DataplaneError> {
+        let rules = resolve_backend(&cfg).await?;
+        let addrs = AddrManager::new(cfg.instance.address_protocol())?;
+        Ok(KernelDataplane {
+            cfg,
+            rules,
+            addrs,
+            applied: None,
+            announcers: Vec::new(),
+        })
+    }
+
+    pub fn backend(&self) -> &RuleBackend {
+        &self.rules
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Forgets what was applied: the next apply reads the kernel and replaces everything.
+    pub fn invalidate(&mut self) {
+        self.applied = None;
+        if let RuleBackend::Nftables(n) = &mut self.rules {
+            n.invalidate();
+        }
+    }
+
+    /// Waits until every pending repeated announcement has been sent.
+    pub async fn wait_announcements(&mut self) {
+        for h in self.announcers.drain(..) {
+            let _ = h.await;
+        }
+    }
+
+    async fn observe_egress(&self) -> Result<(Vec<EgressPolicy>, Vec<String>), DataplaneError> {
+        match &self.rules {
+            RuleBackend::Nftables(n) => {
+                let t = n.observe().await?;
+                Ok((t.egress, t.stray))
+            }
+            RuleBackend::Iptables(b) => {
+                let (mut p, mut s) = b.observe_family(Family::V4).await?;
+                let (p6, s6) = b.observe_family(Family::V6).await?;
+                p.extend(p6);
+                s.extend(s6);
+                Ok((p, s))
+            }
+        }
+    }
+
+    async fn apply_egress(&mut self, desired: &DesiredState) -> Result<nft::EgressSync, DataplaneError> {
+        match &mut self.rules {
+            RuleBackend::Nftables(n) => n.apply(desired).await,
+            RuleBackend::Iptables(b) => {
+                let mut sync = nft::EgressSync::default();
+                for f in [Family::V4, Family::V6] {
+                    let r = b.apply_family(f, &iptables::of_family(desired.egress(), f)).await?;
+                    if r.written {
+                        sync.mode = SyncMode::Full;
+                        sync.objects_written += r.rules;
+                    }
+                }
+                if sync.mode == SyncMode::Full {
+                    sync.elements_added = desired.source_count();
+                }
+                Ok(sync)
+            }
+        }
+    }
+
+    /// Removes objects of the backend not in use (left by an earlier run with the other
+    /// backend), so that only one backend ever holds kvip's rules.
+    async fn remove_other_backend(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let prefix = self.cfg.instance.chain_prefix();
+        let in_use = match &self.rules {
+            RuleBackend::Iptables(b) => Some(b.variant),
+            RuleBackend::Nftables(_) => None,
+        };
+        for v in [Variant::Legacy, Variant::Nft] {
+            if Some(v) == in_use {
+                continue;
+            }
+            let other = IptBackend::new(prefix.clone(), v);
+            match other.holds_anything().await {
+                Ok(true) => {
+                    for f in [Family::V4, Family::V6] {
+                        if let Err(e) = other.apply_family(f, &[]).await {
+                            warnings.push(format!("removing kvip's iptables-{} rules: {e}", v.name()));
+                        }
+                    }
+                }
+                Ok(false) | Err(DataplaneError::ToolMissing { .. }) | Err(DataplaneError::ToolFailed { .. }) => {}
+                Err(e) => warnings.push(e.to_string()),
+            }
+        }
+        if in_use.is_some() {
+            match nft::nft_delete_table("inet", &self.cfg.instance.nft_table()).await {
+                Ok(_) | Err(DataplaneError::ToolMissing { .. }) => {}
+                Err(e) => warnings.push(format!("removing kvip's nftables table: {e}")),
+            }
+        }
+        warnings
+    }
+
+    async fn apply_vips(&mut self, desired: &DesiredState, report: &mut ApplyReport) -> Result<(), DataplaneError> {
+        let links: BTreeMap<String, addr::Link> = self
+            .addrs
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.name.clone(), l))
+            .collect();
+        let owned = self.addrs.owned().await?;
+        let want: BTreeMap<IpAddr, &VipClaim> = desired.vips().iter().map(|v| (v.address, v)).collect();
+        for o in &owned {
+            let keep = want
+                .get(&o.address)
+                .is_some_and(|v| links.get(&v.interface).map(|l| l.index) == Some(o.ifindex));
+            if !keep {
+                self.addrs.remove(o).await?;
+                report.vips_removed.push(o.address);
+            }
+        }
+        for v in desired.vips() {
+            let link = links
+                .get(&v.interface)
+                .ok_or_else(|| DataplaneError::InterfaceNotFound(v.interface.clone()))?;
+            if owned.iter().any(|o| o.address == v.address && o.ifindex == link.index) {
+                continue;
+            }
+            self.addrs.add(v.address, link.index).await?;
+            report.vips_added.push(v.address);
+            if let Err(e) = self.announce(v.address, link) {
+                report.warnings.push(e.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn announce(&mut self, vip: IpAddr, link: &addr::Link) -> Result<(), DataplaneError> {
+        let cfg = self.cfg.announce;
+        if cfg.count == 0 {
+            return Ok(());
+        }
+        let Some(mac) = link.mac else {
+            return Ok(()); // no link layer (e.g. a tunnel): nothing to announce
+        };
+        let sender = announce::LinkSender::open(link.index)?;
+        let frame = announce::frame_for(mac, vip);
+        sender.send(&frame)?;
+        if cfg.count > 1 {
+            self.announcers.retain(|h| !h.is_finished());
+            self.announcers.push(tokio::spawn(async move {
+                for _ in 1..cfg.count {
+                    tokio::time::sleep(cfg.interval).await;
+                    if let Err(e) = sender.send(&frame) {
+                        tracing::warn!(%vip, error = %e, "repeating announcement failed");
+                    }
+                }
+            }));
+        }
+        Ok(())
+    }
+
+    /// Raw listing of kvip's rule objects: nft text, or iptables-save lines of kvip's chains.
+    pub async fn raw_listing(&self) -> Result<String, DataplaneError> {
+        match &self.rules {
+            RuleBackend::Nftables(n) => nft::nft_list_text(n.table()).await,
+            RuleBackend::Iptables(b) => {
+                let mut out = String::new();
+                for f in [Family::V4, Family::V6] {
+                    let save = b.save(f).await?;
+                    out.push_str(&format!("# {} nat\n", b.variant.save_cmd(f)));
+                    let post = b.chains.post();
+                    for line in save.lines() {
+                        let mentions = line
+                            .split(|c: char| c.is_whitespace() || c == ':')
+                            .any(|w| b.chains.owns(w) || w == post);
+                        if mentions {
+                            out.push_str(line);
+                            out.push('\n');
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+impl Dataplane for KernelDataplane {
+    /// Order: check interfaces (nothing changes if one is missing), rules in one transaction
+    /// (nothing changes if the kernel rejects them), VIP addresses, conntrack. The first apply
+    /// of a process reads the kernel first, so stale objects of an earlier run are removed and
+    /// conntrack is flushed for exactly the pods whose translation changes.
+    async fn apply(&mut self, desired: &DesiredState) -> Result<ApplyReport, DataplaneError> {
+        let start = Instant::now();
+        let mut report = ApplyReport {
+            backend: self.rules.name(),
+            ..ApplyReport::default()
+        };
+        let links = self.addrs.links().await?;
+        for v in desired.vips() {
+            if !links.iter().any(|l| l.name == v.interface) {
+                return Err(DataplaneError::InterfaceNotFound(v.interface.clone()));
+            }
+        }
+        let first = self.applied.is_none();
+        let before = match &self.applied {
+            Some(s) => s.clone(),
+            None => match self.observe_egress().await {
+                Ok((egress, _)) => DesiredState::new(vec![], egress).unwrap_or_default(),
+                Err(e) => {
+                    report.warnings.push(format!("reading the previous state: {e}"));
+                    DesiredState::empty()
+                }
+            },
+        };
+        self.applied = None;
+        let sync = self.apply_egress(desired).await?;
+        report.mode = sync.mode;
+        report.objects_written = sync.objects_written;
+        report.elements_added = sync.elements_added;
+        report.elements_removed = sync.elements_removed;
+        if first {
+            report.warnings.extend(self.remove_other_backend().await);
+        }
+        self.apply_vips(desired, &mut report).await?;
+        if !self.cfg.no_conntrack_flush {
+            let changed = before.changed_sources(desired);
+            match conntrack::flush_sources(&changed).await {
+                Ok(n) => report.conntrack_flushed = n,
+                Err(e) => report.warnings.push(format!("conntrack flush: {e}")),
+            }
+        }
+        self.applied = Some(desired.clone());
+        report.duration = start.elapsed();
+        Ok(report)
+    }
+
+    async fn observe(&self) -> Result<Observed, DataplaneError> {
+        let (egress, mut stray) = self.observe_egress().await?;
+        let vips: Vec<VipClaim> = self
+            .addrs
+            .owned()
+            .await?
+            .into_iter()
+            .filter_map(|o| match VipClaim::new(o.address, o.interface.clone()) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    stray.push(format!("address {} on {}: {e}", o.address, o.interface));
+                    None
+                }
+            })
+            .collect();
+        let state = DesiredState::new(vips, egress).map_err(|e| DataplaneError::readback(e.to_string()))?;
+        Ok(Observed { state, stray })
+    }
+
+    async fn teardown(&mut self) -> TeardownReport {
+        let mut r = TeardownReport::default();
+        let before = match self.observe_egress().await {
+            Ok((egress, _)) => DesiredState::new(vec![], egress).unwrap_or_default(),
+            Err(_) => self.applied.clone().unwrap_or_default(),
+        };
+        self.applied = None;
+        let table = self.cfg.instance.nft_table();
+        match nft::nft_delete_table("inet", &table).await {
+            Ok(true) => r.removed.push(format!("nftables table inet {table}")),
+            Ok(false) | Err(DataplaneError::ToolMissing { .. }) => {}
+            Err(e) => r.errors.push(e.to_string()),
+        }
+        if let RuleBackend::Nftables(n) = &mut self.rules {
+            n.invalidate();
+        }
+        let prefix = self.cfg.instance.chain_prefix();
+        for v in [Variant::Legacy, Variant::Nft] {
+            let b = IptBackend::new(prefix.clone(), v);
+            for f in [Family::V4, Family::V6] {
+                match b.apply_family(f, &[]).await {
+                    Ok(s) if s.written => r.removed.push(format!("{} chains {prefix}*", v.restore_cmd(f).trim_end_matches("-restore"))),
+                    Ok(_) | Err(DataplaneError::ToolMissing { .. }) => {}
+                    Err(e) => r.errors.push(e.to_string()),
+                }
+            }
+        }
+        match self.addrs.owned().await {
+            Ok(owned) => {
+                for o in owned {
+                    match self.addrs.remove(&o).await {
+                        Ok(()) => r.removed.push(format!("address {} on {}", o.address, o.interface)),
+                        Err(e) => r.errors.push(e.to_string()),
+                    }
+                }
+            }
+            Err(e) => r.errors.push(e.to_string()),
+        }
+        if !self.cfg.no_conntrack_flush {
+            let changed = before.changed_sources(&DesiredState::empty());
+            if let Err(e) = conntrack::flush_sources(&changed).await {
+                r.errors.push(format!("conntrack flush: {e}"));
+            }
+        }
+        for h in self.announcers.drain(..) {
+            h.abort();
+        }
+        r
     }
 }

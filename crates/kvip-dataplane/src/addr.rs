@@ -1,0 +1,185 @@
+//! VIP addresses through rtnetlink. kvip marks every address it adds with its address
+//! protocol (IFA_PROTO), so it can find its own after a crash and never touches another one.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use futures_util::TryStreamExt;
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
+};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::Handle;
+
+use crate::error::DataplaneError;
+
+/// An address kvip owns, as found in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedAddress {
+    pub address: IpAddr,
+    pub ifindex: u32,
+    pub interface: String,
+    message: AddressMessage,
+}
+
+/// A link as kvip needs it: name, index and hardware address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+fn nl(e: rtnetlink::Error) -> DataplaneError {
+    DataplaneError::Netlink(e.to_string())
+}
+
+/// Netlink access to addresses, bound to the network namespace it was created in.
+pub struct AddrManager {
+    handle: Handle,
+    protocol: u8,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AddrManager {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+fn link_from(msg: &LinkMessage) -> Link {
+    let mut l = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mac: None,
+    };
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Address(m) if m.len() == 6 => {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(m);
+                l.mac = Some(mac);
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+impl AddrManager {
+    /// Opens a netlink socket (in the calling thread's network namespace) on the current
+    /// tokio runtime.
+    pub fn new(protocol: u8) -> Result<Self, DataplaneError> {
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| DataplaneError::Netlink(format!("cannot open a netlink socket: {e}")))?;
+        let conn = tokio::spawn(conn);
+        Ok(AddrManager {
+            handle,
+            protocol,
+            conn,
+        })
+    }
+
+    pub fn protocol(&self) -> u8 {
+        self.protocol
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>, DataplaneError> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl)?;
+        Ok(msgs.iter().map(link_from).collect())
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Link, DataplaneError> {
+        self.links()
+            .await?
+            .into_iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| DataplaneError::InterfaceNotFound(name.to_string()))
+    }
+
+    /// Every address carrying kvip's protocol, on any interface.
+    pub async fn owned(&self) -> Result<Vec<OwnedAddress>, DataplaneError> {
+        let names: BTreeMap<u32, String> = self
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.index, l.name))
+            .collect();
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl)?;
+        let mut out = Vec::new();
+        for m in msgs {
+            let ours = m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == self.protocol));
+            if !ours {
+                continue;
+            }
+            let addr = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(a) => Some(*a),
+                _ => None,
+            });
+            let addr = addr.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(a) => Some(*a),
+                    _ => None,
+                })
+            });
+            if let Some(address) = addr {
+                out.push(OwnedAddress {
+                    address,
+                    ifindex: m.header.index,
+                    interface: names.get(&m.header.index).cloned().unwrap_or_default(),
+                    message: m,
+                });
+            }
+        }
+        out.sort_by(|a, b| (a.address, a.ifindex).cmp(&(b.address, b.ifindex)));
+        Ok(out)
+    }
+
+    /// Adds `address` as a host address (/32 or /128) marked as kvip's; IPv6 skips duplicate
+    /// address detection so the VIP is usable (and answerable) at once.
+    pub async fn add(&self, address: IpAddr, ifindex: u32) -> Result<(), DataplaneError> {
+        let len = if address.is_ipv4() { 32 } else { 128 };
+        let mut req = self.handle.address().add(ifindex, address, len);
+        let msg = req.message_mut();
+        msg.attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::from(self.protocol)));
+        if address.is_ipv6() {
+            msg.header.flags |= AddressHeaderFlags::Nodad;
+            msg.attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute().await.map_err(|e| {
+            DataplaneError::Netlink(format!("adding {address} to interface {ifindex}: {e}"))
+        })
+    }
+
+    /// Removes one of kvip's addresses.
+    pub async fn remove(&self, a: &OwnedAddress) -> Result<(), DataplaneError> {
+        self.handle
+            .address()
+            .del(a.message.clone())
+            .execute()
+            .await
+            .map_err(|e| {
+                DataplaneError::Netlink(format!("removing {} from {}: {e}", a.address, a.interface))
+            })
+    }
+}

@@ -1,0 +1,576 @@
+//! The nftables backend: one `inet` table owned by kvip, written with `nft -j -f -` as one
+//! transaction, read back with `nft -j list table`.
+//!
+//! Layout (see docs/dataplane.md):
+//! - maps `src4` / `src6`: pod address → `goto` the policy's chain (one lookup per packet,
+//!   whatever the number of pods or policies);
+//! - per policy: chain `eg_<name>_<hash>` and sets `<chain>_ex` (excluded destinations,
+//!   interval), `<chain>_al` (allowed destinations, interval, only when the policy has an
+//!   allow list), `<chain>_pt` (protocol . port, only when it filters ports);
+//! - base chain `postrouting`: nat hook at priority srcnat - 10, so kvip's SNAT is decided
+//!   before any nat chain at srcnat (iptables-nft, iptables-legacy, a CNI's own table).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use kvip_core::{Cidr, DesiredState, EgressPolicy, Family, PortMatch, Protocol};
+use serde_json::{Value, json};
+
+use crate::error::DataplaneError;
+use crate::exec::{one_line, run_tool};
+use crate::names::{nft_policy_chain, policy_comment, policy_from_comment};
+
+/// Priority of kvip's nat postrouting chain: srcnat (100) - 10.
+pub const NAT_PRIORITY: i32 = 90;
+const BASE_CHAIN: &str = "postrouting";
+
+fn fam_proto(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
+fn addr_type(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ipv4_addr",
+        Family::V6 => "ipv6_addr",
+    }
+}
+
+fn src_map(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "src4",
+        Family::V6 => "src6",
+    }
+}
+
+fn cidr_elem(c: &Cidr) -> Value {
+    if c.is_host() {
+        json!(c.addr().to_string())
+    } else {
+        json!({"prefix": {"addr": c.addr().to_string(), "len": c.len()}})
+    }
+}
+
+fn port_elem(p: &PortMatch) -> Value {
+    json!({"concat": [p.protocol.as_str(), p.port]})
+}
+
+fn goto_elem(src: IpAddr, chain: &str) -> Value {
+    json!([src.to_string(), {"goto": {"target": chain}}])
+}
+
+/// The names of one policy's objects.
+struct PolicyNames {
+    chain: String,
+    ex: String,
+    al: String,
+    pt: String,
+}
+
+fn policy_names(p: &EgressPolicy) -> PolicyNames {
+    let chain = nft_policy_chain(p.name());
+    PolicyNames {
+        ex: format!("{chain}_ex"),
+        al: format!("{chain}_al"),
+        pt: format!("{chain}_pt"),
+        chain,
+    }
+}
+
+/// Renders the whole table as one transaction: the table is created (if missing), deleted
+/// and created again with its full content, so the result never depends on what was there.
+pub fn render_full(table: &str, state: &DesiredState) -> Value {
+    let t = |extra: Value| -> Value {
+        let mut o = json!({"family": "inet", "table": table});
+        if let (Some(m), Value::Object(e)) = (o.as_object_mut(), extra) {
+            m.extend(e);
+        }
+        o
+    };
+    let mut cmds: Vec<Value> = vec![
+        json!({"add": {"table": {"family": "inet", "name": table}}}),
+        json!({"delete": {"table": {"family": "inet", "name": table}}}),
+        json!({"add": {"table": {"family": "inet", "name": table}}}),
+    ];
+    let mut rules: Vec<Value> = Vec::new();
+    let mut map_elems: BTreeMap<Family, Vec<Value>> = BTreeMap::new();
+    for p in state.egress() {
+        let n = policy_names(p);
+        let f = p.family();
+        let fp = fam_proto(f);
+        cmds.push(json!({"add": {"chain": t(json!({"name": n.chain}))}}));
+        let mut ex = t(json!({"name": n.ex, "type": addr_type(f), "flags": ["interval"]}));
+        if !p.exclude().is_empty() {
+            ex["elem"] = Value::Array(p.exclude().iter().map(cidr_elem).collect());
+        }
+        cmds.push(json!({"add": {"set": ex}}));
+        rules.push(json!({"add": {"rule": t(json!({"chain": n.chain, "expr": [
+            {"match": {"op": "==", "left": {"payload": {"protocol": fp, "field": "daddr"}}, "right": format!("@{}", n.ex)}},
+            {"return": null}
+        ]}))}}));
+        if let Some(allow) = p.allow() {
+            cmds.push(json!({"add": {"set": t(json!({"name": n.al, "type": addr_type(f), "flags": ["interval"],
+                "elem": allow.iter().map(cidr_elem).collect::<Vec<_>>()}))}}));
+            rules.push(json!({"add": {"rule": t(json!({"chain": n.chain, "expr": [
+                {"match": {"op": "!=", "left": {"payload": {"protocol": fp, "field": "daddr"}}, "right": format!("@{}", n.al)}},
+                {"return": null}
+            ]}))}}));
+        }
+        if let Some(ports) = p.ports() {
+            cmds.push(json!({"add": {"set": t(json!({"name": n.pt, "type": ["inet_proto", "inet_service"],
+                "elem": ports.iter().map(port_elem).collect::<Vec<_>>()}))}}));
+            rules.push(json!({"add": {"rule": t(json!({"chain": n.chain, "expr": [
+                {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}, "right": format!("@{}", n.pt)}},
+                {"return": null}
+            ]}))}}));
+        }
+        rules.push(json!({"add": {"rule": t(json!({"chain": n.chain, "comment": policy_comment(p.name()), "expr": [
+            {"snat": {"family": fp, "addr": p.vip().to_string()}}
+        ]}))}}));
+        let elems = map_elems.entry(f).or_default();
+        for s in p.sources() {
+            elems.push(goto_elem(*s, &n.chain));
+        }
+    }
+    for f in [Family::V4, Family::V6] {
+        let mut m = t(json!({"name": src_map(f), "type": addr_type(f), "map": "verdict"}));
+        if let Some(e) = map_elems.remove(&f)
+            && !e.is_empty()
+        {
+            m["elem"] = Value::Array(e);
+        }
+        cmds.push(json!({"add": {"map": m}}));
+    }
+    cmds.push(json!({"add": {"chain": t(json!({"name": BASE_CHAIN, "type": "nat", "hook": "postrouting", "prio": NAT_PRIORITY, "policy": "accept"}))}}));
+    for f in [Family::V4, Family::V6] {
+        cmds.push(json!({"add": {"rule": t(json!({"chain": BASE_CHAIN, "expr": [
+            {"vmap": {"key": {"payload": {"protocol": fam_proto(f), "field": "saddr"}}, "data": format!("@{}", src_map(f))}}
+        ]}))}}));
+    }
+    cmds.extend(rules);
+    json!({"nftables": cmds})
+}
+
+/// What distinguishes two states structurally: chains, which optional sets exist, the VIP in
+/// the translation rule. Two states with the same structure differ only in set elements.
+fn structure(state: &DesiredState) -> Vec<(String, IpAddr, bool, bool)> {
+    state
+        .egress()
+        .iter()
+        .map(|p| (p.name().to_string(), p.vip(), p.allow().is_some(), p.ports().is_some()))
+        .collect()
+}
+
+/// Element changes of an incremental update.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeltaCounts {
+    pub added: usize,
+    pub removed: usize,
+}
+
+fn set_delta<T: Ord + Clone>(
+    old: &[T],
+    new: &[T],
+) -> (Vec<T>, Vec<T>) {
+    let o: BTreeSet<&T> = old.iter().collect();
+    let n: BTreeSet<&T> = new.iter().collect();
+    (
+        n.difference(&o).map(|v| (*v).clone()).collect(),
+        o.difference(&n).map(|v| (*v).clone()).collect(),
+    )
+}
+
+/// Renders the element additions and deletions that turn `old` into `new`, as one
+/// transaction; `None` when the structure differs and a full replace is needed.
+pub fn render_delta(table: &str, old: &DesiredState, new: &DesiredState) -> Option<(Value, DeltaCounts)> {
+    if structure(old) != structure(new) {
+        return None;
+    }
+    let mut dels: Vec<Value> = Vec::new();
+    let mut adds: Vec<Value> = Vec::new();
+    let mut counts = DeltaCounts::default();
+    let elem = |name: &str, elems: Vec<Value>| -> Value {
+        json!({"element": {"family": "inet", "table": table, "name": name, "elem": elems}})
+    };
+    // Source maps: a key whose target changed is deleted and added in the same transaction.
+    let owners = |s: &DesiredState| -> BTreeMap<IpAddr, String> {
+        s.egress()
+            .iter()
+            .flat_map(|p| {
+                let c = nft_policy_chain(p.name());
+                p.sources().iter().map(move |a| (*a, c.clone()))
+            })
+            .collect()
+    };
+    let (before, after) = (owners(old), owners(new));
+    for f in [Family::V4, Family::V6] {
+        let mut d = Vec::new();
+        let mut a = Vec::new();
+        for (src, chain) in before.iter().filter(|(s, _)| Family::of(**s) == f) {
+            if after.get(src) != Some(chain) {
+                d.push(json!(src.to_string()));
+            }
+        }
+        for (src, chain) in after.iter().filter(|(s, _)| Family::of(**s) == f) {
+            if before.get(src) != Some(chain) {
+                a.push(goto_elem(*src, chain));
+            }
+        }
+        counts.removed += d.len();
+        counts.added += a.len();
+        if !d.is_empty() {
+            dels.push(json!({"delete": elem(src_map(f), d)}));
+        }
+        if !a.is_empty() {
+            adds.push(json!({"add": elem(src_map(f), a)}));
+        }
+    }
+    for (po, pn) in old.egress().iter().zip(new.egress()) {
+        let n = policy_names(pn);
+        let mut sets: Vec<(String, Vec<Value>, Vec<Value>)> = Vec::new();
+        let (a, d) = set_delta(po.exclude(), pn.exclude());
+        sets.push((n.ex.clone(), a.iter().map(cidr_elem).collect(), d.iter().map(cidr_elem).collect()));
+        if let (Some(ao), Some(an)) = (po.allow(), pn.allow()) {
+            let (a, d) = set_delta(ao, an);
+            sets.push((n.al.clone(), a.iter().map(cidr_elem).collect(), d.iter().map(cidr_elem).collect()));
+        }
+        if let (Some(xo), Some(xn)) = (po.ports(), pn.ports()) {
+            let (a, d) = set_delta(xo, xn);
+            sets.push((n.pt.clone(), a.iter().map(port_elem).collect(), d.iter().map(port_elem).collect()));
+        }
+        for (set, a, d) in sets {
+            counts.added += a.len();
+            counts.removed += d.len();
+            if !d.is_empty() {
+                dels.push(json!({"delete": elem(&set, d)}));
+            }
+            if !a.is_empty() {
+                adds.push(json!({"add": elem(&set, a)}));
+            }
+        }
+    }
+    dels.extend(adds);
+    Some((json!({"nftables": dels}), counts))
+}
+
+/// The table's content read back into the model, plus anything in the table kvip would not
+/// have written (reported, so drift cannot hide).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedTable {
+    pub egress: Vec<EgressPolicy>,
+    pub stray: Vec<String>,
+}
+
+fn parse_addr_elem(v: &Value) -> Result<Vec<Cidr>, DataplaneError> {
+    let bad = || DataplaneError::readback(format!("unexpected set element {v}"));
+    match v {
+        Value::String(s) => s.parse::<Cidr>().map(|c| vec![c]).map_err(|_| bad()),
+        Value::Object(o) => {
+            if let Some(p) = o.get("prefix") {
+                let addr: IpAddr = p["addr"].as_str().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
+                let len = p["len"].as_u64().and_then(|l| u8::try_from(l).ok()).ok_or_else(bad)?;
+                Cidr::new(addr, len).map(|c| vec![c]).map_err(|_| bad())
+            } else if let Some(r) = o.get("range") {
+                let a: IpAddr = r[0].as_str().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
+                let b: IpAddr = r[1].as_str().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
+                Cidr::from_range(a, b).ok_or_else(bad)
+            } else if let Some(e) = o.get("elem") {
+                parse_addr_elem(&e["val"])
+            } else {
+                Err(bad())
+            }
+        }
+        _ => Err(bad()),
+    }
+}
+
+fn parse_port_elem(v: &Value) -> Result<PortMatch, DataplaneError> {
+    let bad = || DataplaneError::readback(format!("unexpected port element {v}"));
+    let c = v.get("concat").and_then(Value::as_array).ok_or_else(bad)?;
+    let protocol = match c.first().ok_or_else(bad)? {
+        Value::String(s) => Protocol::parse(s),
+        Value::Number(n) => match n.as_u64() {
+            Some(6) => Some(Protocol::Tcp),
+            Some(17) => Some(Protocol::Udp),
+            Some(132) => Some(Protocol::Sctp),
+            _ => None,
+        },
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    let port = match c.get(1).ok_or_else(bad)? {
+        Value::Number(n) => n.as_u64().and_then(|p| u16::try_from(p).ok()),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    Ok(PortMatch { protocol, port })
+}
+
+/// Reads `nft -j list table inet <table>` output back into egress policies.
+pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
+    let items = listing
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or_else(|| DataplaneError::readback("nft listing has no \"nftables\" array"))?;
+    let mut sets: BTreeMap<String, &Value> = BTreeMap::new();
+    let mut maps: BTreeMap<String, &Value> = BTreeMap::new();
+    let mut chains: BTreeSet<String> = BTreeSet::new();
+    let mut snat: BTreeMap<String, (String, IpAddr)> = BTreeMap::new();
+    let mut stray = Vec::new();
+    for item in items {
+        if let Some(s) = item.get("set") {
+            sets.insert(s["name"].as_str().unwrap_or_default().to_string(), s);
+        } else if let Some(m) = item.get("map") {
+            maps.insert(m["name"].as_str().unwrap_or_default().to_string(), m);
+        } else if let Some(c) = item.get("chain") {
+            chains.insert(c["name"].as_str().unwrap_or_default().to_string());
+        } else if let Some(r) = item.get("rule") {
+            let chain = r["chain"].as_str().unwrap_or_default();
+            let exprs = r["expr"].as_array().cloned().unwrap_or_default();
+            if let Some(nat) = exprs.iter().find_map(|e| e.get("snat")) {
+                let name = r["comment"].as_str().and_then(policy_from_comment);
+                let vip = nat["addr"].as_str().and_then(|a| a.parse::<IpAddr>().ok());
+                match (name, vip) {
+                    (Some(n), Some(v)) => {
+                        snat.insert(chain.to_string(), (n.to_string(), v));
+                    }
+                    _ => stray.push(format!("rule in chain {chain} without kvip's comment or address")),
+                }
+            }
+        }
+    }
+    let elems = |o: Option<&&Value>| -> Vec<Value> {
+        o.and_then(|v| v.get("elem")).and_then(Value::as_array).cloned().unwrap_or_default()
+    };
+    let mut sources: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    for name in ["src4", "src6"] {
+        for e in elems(maps.get(name)) {
+            let key: Option<IpAddr> = e[0].as_str().and_then(|s| s.parse().ok());
+            let target = e[1]["goto"]["target"].as_str();
+            match (key, target) {
+                (Some(k), Some(t)) => sources.entry(t.to_string()).or_default().push(k),
+                _ => stray.push(format!("element {e} in map {name}")),
+            }
+        }
+    }
+    let mut egress = Vec::new();
+    for chain in &chains {
+        if chain == BASE_CHAIN {
+            continue;
+        }
+        let Some((name, vip)) = snat.get(chain) else {
+            stray.push(format!("chain {chain} without a translation rule"));
+            continue;
+        };
+        if nft_policy_chain(name) != *chain {
+            stray.push(format!("chain {chain} carries policy name {name:?} of another chain"));
+            continue;
+        }
+        let mut ex = Vec::new();
+        for e in elems(sets.get(&format!("{chain}_ex"))) {
+            ex.extend(parse_addr_elem(&e)?);
+        }
+        let allow = match sets.get(&format!("{chain}_al")) {
+            Some(s) => {
+                let mut v = Vec::new();
+                for e in elems(Some(s)) {
+                    v.extend(parse_addr_elem(&e)?);
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        let ports = match sets.get(&format!("{chain}_pt")) {
+            Some(s) => Some(elems(Some(s)).iter().map(parse_port_elem).collect::<Result<Vec<_>, _>>()?),
+            None => None,
+        };
+        let Some(srcs) = sources.remove(chain) else {
+            stray.push(format!("chain {chain} (policy {name}) has no sources"));
+            continue;
+        };
+        match EgressPolicy::new(name.clone(), *vip, srcs, ex, allow, ports) {
+            Ok(p) => egress.push(p),
+            Err(e) => stray.push(format!("chain {chain}: {e}")),
+        }
+    }
+    for (chain, srcs) in sources {
+        stray.push(format!("{} sources point at missing chain {chain}", srcs.len()));
+    }
+    Ok(ParsedTable { egress, stray })
+}
+
+/// Runs `nft -j -f -` with a JSON document.
+pub async fn nft_apply(doc: &Value) -> Result<(), DataplaneError> {
+    let text = doc.to_string();
+    let out = run_tool("nft", &["-j", "-f", "-"], Some(text.as_bytes())).await?;
+    if !out.status_ok {
+        return Err(DataplaneError::ToolFailed {
+            tool: "nft".into(),
+            args: "-j -f -".into(),
+            stderr: one_line(&out.stderr),
+        });
+    }
+    Ok(())
+}
+
+/// `nft -j list table inet <table>`; `None` when the table does not exist.
+pub async fn nft_list_table(table: &str) -> Result<Option<Value>, DataplaneError> {
+    let out = run_tool("nft", &["-j", "list", "table", "inet", table], None).await?;
+    if !out.status_ok {
+        if out.stderr.contains("No such file or directory") {
+            return Ok(None);
+        }
+        return Err(DataplaneError::ToolFailed {
+            tool: "nft".into(),
+            args: format!("-j list table inet {table}"),
+            stderr: one_line(&out.stderr),
+        });
+    }
+    serde_json::from_str(&out.stdout)
+        .map(Some)
+        .map_err(|e| DataplaneError::readback(format!("nft printed invalid JSON: {e}")))
+}
+
+/// Human-readable listing of the table (`nft list table inet <table>`); empty when missing.
+pub async fn nft_list_text(table: &str) -> Result<String, DataplaneError> {
+    let out = run_tool("nft", &["list", "table", "inet", table], None).await?;
+    if !out.status_ok {
+        if out.stderr.contains("No such file or directory") {
+            return Ok(String::new());
+        }
+        return Err(DataplaneError::ToolFailed {
+            tool: "nft".into(),
+            args: format!("list table inet {table}"),
+            stderr: one_line(&out.stderr),
+        });
+    }
+    Ok(out.stdout)
+}
+
+/// Deletes the table if it exists (idempotent).
+pub async fn nft_delete_table(family: &str, table: &str) -> Result<bool, DataplaneError> {
+    let doc = json!({"nftables": [
+        {"add": {"table": {"family": family, "name": table}}},
+        {"delete": {"table": {"family": family, "name": table}}}
+    ]});
+    // Probe first so that a missing table is not reported as a change.
+    let exists = run_tool("nft", &["list", "table", family, table], None).await?.status_ok;
+    if !exists {
+        return Ok(false);
+    }
+    nft_apply(&doc).await?;
+    Ok(true)
+}
+
+/// Whether the `nft` binary runs and talks to the kernel.
+pub async fn nft_available() -> bool {
+    matches!(run_tool("nft", &["list", "tables"], None).await, Ok(o) if o.status_ok)
+}
+
+/// What the nftables backend did in one apply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// Nothing to change.
+    #[default]
+    Unchanged,
+    /// Only set and map elements changed.
+    Incremental,
+    /// The owned objects were replaced as a whole.
+    Full,
+}
+
+/// The nftables backend's memory of what it last made the kernel hold.
+#[derive(Debug)]
+pub struct NftBackend {
+    table: String,
+    applied: Option<DesiredState>,
+}
+
+/// Counts from one apply of egress rules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EgressSync {
+    pub mode: SyncMode,
+    pub objects_written: usize,
+    pub elements_added: usize,
+    pub elements_removed: usize,
+}
+
+impl NftBackend {
+    pub fn new(table: String) -> Self {
+        NftBackend { table, applied: None }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Forget what was applied: the next apply is a full replace.
+    pub fn invalidate(&mut self) {
+        self.applied = None;
+    }
+
+    /// Makes the table hold exactly `desired`'s egress policies: nothing when unchanged,
+    /// element changes only when the structure is the same, else a full replace. Any failure
+    /// leaves the previous ruleset in place (one transaction) and forces a full replace next.
+    pub async fn apply(&mut self, desired: &DesiredState) -> Result<EgressSync, DataplaneError> {
+        if let Some(old) = &self.applied {
+            if old == desired {
+                return Ok(EgressSync::default());
+            }
+            if let Some((doc, counts)) = render_delta(&self.table, old, desired) {
+                match nft_apply(&doc).await {
+                    Ok(()) => {
+                        self.applied = Some(desired.clone());
+                        return Ok(EgressSync {
+                            mode: SyncMode::Incremental,
+                            objects_written: 0,
+                            elements_added: counts.added,
+                            elements_removed: counts.removed,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "incremental nftables update failed; replacing the table");
+                        self.applied = None;
+                    }
+                }
+            }
+        }
+        self.applied = None;
+        if desired.egress().is_empty() {
+            // No policy: kvip owns no nftables object at all.
+            let removed = nft_delete_table("inet", &self.table).await?;
+            self.applied = Some(desired.clone());
+            return Ok(EgressSync {
+                mode: if removed { SyncMode::Full } else { SyncMode::Unchanged },
+                ..EgressSync::default()
+            });
+        }
+        let doc = render_full(&self.table, desired);
+        let objects = doc["nftables"].as_array().map_or(0, |a| a.len().saturating_sub(3));
+        nft_apply(&doc).await?;
+        self.applied = Some(desired.clone());
+        Ok(EgressSync {
+            mode: SyncMode::Full,
+            objects_written: objects,
+            elements_added: desired.source_count(),
+            elements_removed: 0,
+        })
+    }
+
+    pub async fn observe(&self) -> Result<ParsedTable, DataplaneError> {
+        match nft_list_table(&self.table).await? {
+            None => Ok(ParsedTable::default()),
+            Some(v) => parse_table(&v),
+        }
+    }
+
+    /// Removes the table. Idempotent.
+    pub async fn teardown(&mut self) -> Result<bool, DataplaneError> {
+        self.applied = None;
+        nft_delete_table("inet", &self.table).await
+    }
+}
