@@ -4,6 +4,7 @@
 //! parallel without seeing each other, and is deleted when its handle is dropped.
 
 pub mod capture;
+pub mod lab;
 pub mod netns;
 pub mod probe;
 

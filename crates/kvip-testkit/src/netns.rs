@@ -124,10 +124,13 @@ impl Netns {
         })
     }
 
-    /// Runs a future to completion on a single-threaded runtime inside the namespace.
-    pub fn block_on<F: std::future::Future + Send>(&self, fut: F) -> Result<F::Output, NetnsError>
+    /// Runs the future `make` returns to completion on a single-threaded runtime inside the
+    /// namespace (the future is created there, so it need not be `Send`).
+    pub fn block_on<Fut, F>(&self, make: F) -> Result<Fut::Output, NetnsError>
     where
-        F::Output: Send,
+        F: FnOnce() -> Fut + Send,
+        Fut: std::future::Future,
+        Fut::Output: Send,
     {
         self.enter(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -137,7 +140,7 @@ impl Netns {
                     name: self.name.clone(),
                     source,
                 })?;
-            Ok(rt.block_on(fut))
+            Ok(rt.block_on(make()))
         })?
     }
 

@@ -1,0 +1,103 @@
+//! Helpers shared by the kernel tests.
+#![allow(dead_code)]
+
+use kvip_core::DesiredState;
+use kvip_dataplane::{BackendKind, Config, Dataplane, KernelDataplane, Variant};
+use kvip_testkit::Netns;
+
+/// Parses a state from YAML (test fixtures are written the way operators write state files).
+pub fn state(yaml: &str) -> DesiredState {
+    serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("fixture state is invalid: {e}\n{yaml}"))
+}
+
+/// The backends every behavioural test runs on.
+pub fn backends() -> Vec<(&'static str, Config)> {
+    vec![
+        (
+            "nftables",
+            Config {
+                backend: BackendKind::Nftables,
+                ..Config::default()
+            },
+        ),
+        (
+            "iptables-nft",
+            Config {
+                backend: BackendKind::Iptables,
+                iptables_variant: Some(Variant::Nft),
+                ..Config::default()
+            },
+        ),
+        (
+            "iptables-legacy",
+            Config {
+                backend: BackendKind::Iptables,
+                iptables_variant: Some(Variant::Legacy),
+                ..Config::default()
+            },
+        ),
+    ]
+}
+
+/// Runs `f` with a dataplane opened inside `ns`.
+pub fn with_dataplane<T: Send>(
+    ns: &Netns,
+    cfg: Config,
+    f: impl AsyncFnOnce(&mut KernelDataplane) -> T + Send,
+) -> T {
+    ns.block_on(move || async move {
+        let mut dp = KernelDataplane::new(cfg).await.expect("open dataplane");
+        let out = f(&mut dp).await;
+        dp.wait_announcements().await;
+        out
+    })
+    .expect("enter namespace")
+}
+
+/// Applies a state in `ns` with a fresh dataplane and returns the observed state.
+pub fn apply_and_observe(ns: &Netns, cfg: Config, s: &DesiredState) -> kvip_dataplane::Observed {
+    with_dataplane(ns, cfg, async |dp| {
+        dp.apply(s).await.expect("apply");
+        dp.observe().await.expect("observe")
+    })
+}
+
+/// Everything kvip could own in a namespace, as text: nft ruleset, both iptables variants of
+/// both families (nat and mangle), and addresses with their protocol.
+pub fn kernel_listing(ns: &Netns) -> String {
+    let mut out = String::new();
+    let strip = |s: String| -> String {
+        s.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                // Counters change with traffic; they are not state.
+                match (l.starts_with(':'), l.rfind(" [")) {
+                    (true, Some(i)) => l[..i].to_string(),
+                    _ => l.to_string(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    out.push_str(&ns.exec_ok("nft", &["list", "ruleset"]).unwrap_or_default());
+    for cmd in ["iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save"] {
+        if let Ok(o) = ns.exec(cmd, &[]) {
+            out.push_str(&format!("== {cmd}\n"));
+            out.push_str(&strip(String::from_utf8_lossy(&o.stdout).into_owned()));
+            out.push('\n');
+        }
+    }
+    out.push_str(&ns.exec_ok("ip", &["-d", "addr", "show"]).unwrap_or_default());
+    out
+}
+
+/// Whether anything kvip owns is present in the namespace.
+pub fn kvip_objects(ns: &Netns) -> Vec<String> {
+    kernel_listing(ns)
+        .lines()
+        .filter(|l| {
+            l.contains("table inet kvip") || l.contains("KVIP-") || l.contains("proto 107")
+        })
+        .map(str::to_string)
+        .collect()
+}
