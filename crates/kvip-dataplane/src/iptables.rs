@@ -252,7 +252,9 @@ pub fn render_restore(chains: &Chains, policies: &[&EgressPolicy], current: &Nat
     have.sort();
     let mut want = names.clone();
     want.sort();
-    if jump_ok && have == want && current.rules == rules {
+    // iptables-save lists chains in its own order (legacy sorts them): compare rule lists
+    // chain by chain, where order matters.
+    if jump_ok && have == want && by_chain(&current.rules) == by_chain(&rules) {
         return None;
     }
     let stale: Vec<&String> = current.chains.iter().filter(|c| !names.contains(c)).collect();
@@ -277,6 +279,15 @@ pub fn render_restore(chains: &Chains, policies: &[&EgressPolicy], current: &Nat
     }
     out.push_str("COMMIT\n");
     Some(out)
+}
+
+fn by_chain(rules: &[String]) -> BTreeMap<&str, Vec<&str>> {
+    let mut m: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in rules {
+        let chain = r.split_whitespace().nth(1).unwrap_or_default();
+        m.entry(chain).or_default().push(r);
+    }
+    m
 }
 
 /// Splits a saved rule into words, honouring double quotes.

@@ -307,7 +307,19 @@ impl KernelDataplane {
             if owned.iter().any(|o| o.address == v.address && o.ifindex == link.index) {
                 continue;
             }
-            self.addrs.add(v.address, link.index).await?;
+            match self.addrs.add(v.address, link.index).await {
+                Ok(()) => {}
+                Err(DataplaneError::Netlink(m)) if m.contains("File exists") => {
+                    // The same address is already configured, not by kvip: it is held, and
+                    // kvip leaves it alone (it will never remove it either).
+                    report.warnings.push(format!(
+                        "{} is already on {} and not kvip's: leaving it as it is",
+                        v.address, v.interface
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             report.vips_added.push(v.address);
             if let Err(e) = self.announce(v.address, link) {
                 report.warnings.push(e.to_string());
