@@ -116,7 +116,13 @@ pub fn udp_seen_source(ns: &Netns, dst: SocketAddr) -> Result<IpAddr, NetnsError
         sock.set_read_timeout(Some(Duration::from_secs(3)))?;
         sock.send_to(b"?", dst)?;
         let mut buf = [0u8; 64];
-        let (n, _) = sock.recv_from(&mut buf)?;
+        let n = loop {
+            // A signal (SIGCHLD from a tool finishing) may interrupt the blocking receive.
+            match sock.recv_from(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r?.0,
+            }
+        };
         parse_answer(&String::from_utf8_lossy(&buf[..n]))
     })();
     res.map_err(|source| NetnsError::Enter {
