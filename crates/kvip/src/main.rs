@@ -1,3 +1,267 @@
-fn main() {
-    println!("Hello, world!");
+//! kvip: virtual IPs and egress SNAT for Kubernetes LoadBalancer Services.
+
+mod demo;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kvip_core::DesiredState;
+use kvip_dataplane::{
+    AnnounceConfig, BackendKind, Config, Dataplane, Instance, KernelDataplane, Variant,
+};
+
+#[derive(Parser)]
+#[command(name = "kvip", version, about = "Virtual IPs and egress SNAT for Kubernetes LoadBalancer Services")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Drive the node's dataplane directly from a desired-state file.
+    Dataplane {
+        #[command(flatten)]
+        opts: DataplaneOpts,
+        #[command(subcommand)]
+        action: DataplaneAction,
+    },
+    /// Build a network-namespace lab and show egress through a VIP with real packets.
+    Demo {
+        /// Rule backend for the demo.
+        #[arg(long, default_value = "nftables")]
+        backend: BackendArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataplaneAction {
+    /// Make kvip's kernel objects equal the state in FILE (YAML or JSON; - for stdin).
+    Apply {
+        #[arg(long, value_name = "FILE")]
+        state: PathBuf,
+        /// Print the apply report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read kvip's kernel objects back.
+    Show {
+        #[arg(long, value_enum, default_value = "yaml")]
+        format: ShowFormat,
+    },
+    /// Remove everything kvip owns (rules of both backends, VIP addresses).
+    Teardown,
+    /// Remove kube-vip's leftover egress rules and tables (and nothing else).
+    CleanLegacy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ShowFormat {
+    /// The read-back state, in the state-file schema.
+    Yaml,
+    /// The read-back state as JSON.
+    Json,
+    /// The raw nftables listing of kvip's table.
+    Nft,
+    /// The raw iptables-save lines of kvip's chains.
+    Iptables,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Nftables,
+    Iptables,
+    Auto,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VariantArg {
+    Legacy,
+    Nft,
+}
+
+#[derive(Args)]
+struct DataplaneOpts {
+    /// Rule backend: nftables, iptables, or auto (nftables when `nft` works).
+    #[arg(long, global = true, value_enum, default_value = "auto", env = "KVIP_BACKEND")]
+    backend: BackendArg,
+    /// Instance name (1-8 of a-z0-9): table kvip_<name>, chains KVIP-<NAME>-*.
+    #[arg(long, global = true, env = "KVIP_INSTANCE")]
+    instance: Option<String>,
+    /// iptables variant (detected from the host's rules when not given).
+    #[arg(long, global = true, value_enum)]
+    iptables_variant: Option<VariantArg>,
+    /// Do not flush conntrack entries of pods whose translation changed.
+    #[arg(long, global = true)]
+    no_conntrack_flush: bool,
+    /// Gratuitous ARP / unsolicited NA messages sent when a VIP is added (0 disables).
+    #[arg(long, global = true, default_value_t = 3)]
+    announce_count: u32,
+    /// Interval between those messages, in milliseconds.
+    #[arg(long, global = true, default_value_t = 500)]
+    announce_interval_ms: u64,
+}
+
+impl BackendArg {
+    fn kind(self) -> BackendKind {
+        match self {
+            BackendArg::Nftables => BackendKind::Nftables,
+            BackendArg::Iptables => BackendKind::Iptables,
+            BackendArg::Auto => BackendKind::Auto,
+        }
+    }
+}
+
+impl DataplaneOpts {
+    fn config(&self) -> Result<Config> {
+        Ok(Config {
+            instance: Instance::new(self.instance.as_deref())?,
+            backend: self.backend.kind(),
+            iptables_variant: self.iptables_variant.map(|v| match v {
+                VariantArg::Legacy => Variant::Legacy,
+                VariantArg::Nft => Variant::Nft,
+            }),
+            no_conntrack_flush: self.no_conntrack_flush,
+            announce: AnnounceConfig {
+                count: self.announce_count,
+                interval: Duration::from_millis(self.announce_interval_ms),
+            },
+        })
+    }
+}
+
+/// Reads and validates a state file; the error names the file and the field.
+fn read_state(path: &PathBuf) -> Result<DesiredState> {
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("reading the state from stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    if text.trim().is_empty() {
+        return Ok(DesiredState::empty());
+    }
+    // YAML is a superset of JSON: one parser reads both.
+    serde_norway::from_str::<DesiredState>(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+async fn dataplane(opts: &DataplaneOpts, action: &DataplaneAction) -> Result<()> {
+    // Validate the input before touching the kernel: bad input applies nothing.
+    let desired = match action {
+        DataplaneAction::Apply { state, .. } => Some(read_state(state)?),
+        _ => None,
+    };
+    if let DataplaneAction::CleanLegacy = action {
+        let r = kvip_dataplane::legacy::clean_legacy().await;
+        for line in &r.removed {
+            println!("removed {line}");
+        }
+        if r.removed.is_empty() {
+            println!("no kube-vip leftovers found");
+        }
+        if !r.errors.is_empty() {
+            bail!("clean-legacy: {}", r.errors.join("; "));
+        }
+        return Ok(());
+    }
+    let cfg = opts.config()?;
+    let mut dp = KernelDataplane::new(cfg).await?;
+    match action {
+        DataplaneAction::Apply { json, .. } => {
+            let desired = desired.context("no state")?;
+            let r = dp.apply(&desired).await?;
+            dp.wait_announcements().await;
+            for w in &r.warnings {
+                eprintln!("kvip: warning: {w}");
+            }
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "applied with {}: {:?}, {} objects written, elements +{} -{}, VIPs +{} -{}, conntrack flushed for {} pods, {:.1} ms",
+                    r.backend,
+                    r.mode,
+                    r.objects_written,
+                    r.elements_added,
+                    r.elements_removed,
+                    r.vips_added.len(),
+                    r.vips_removed.len(),
+                    r.conntrack_flushed,
+                    r.duration.as_secs_f64() * 1000.0
+                );
+            }
+        }
+        DataplaneAction::Show { format } => match format {
+            ShowFormat::Yaml | ShowFormat::Json => {
+                let o = dp.observe().await?;
+                let spec = o.state.to_spec();
+                if matches!(format, ShowFormat::Json) {
+                    println!("{}", serde_json::to_string_pretty(&spec)?);
+                } else {
+                    print!("{}", serde_norway::to_string(&spec)?);
+                }
+                for s in &o.stray {
+                    eprintln!("kvip: stray object (not written by kvip in this form): {s}");
+                }
+            }
+            ShowFormat::Nft | ShowFormat::Iptables => {
+                let want_nft = matches!(format, ShowFormat::Nft);
+                let is_nft = matches!(dp.backend(), kvip_dataplane::RuleBackend::Nftables(_));
+                if want_nft != is_nft {
+                    bail!(
+                        "the backend in use is {}; choose it with --backend",
+                        dp.backend().name()
+                    );
+                }
+                print!("{}", dp.raw_listing().await?);
+            }
+        },
+        DataplaneAction::Teardown => {
+            let r = dp.teardown().await;
+            for line in &r.removed {
+                println!("removed {line}");
+            }
+            if !r.errors.is_empty() {
+                bail!("teardown left errors: {}", r.errors.join("; "));
+            }
+        }
+        DataplaneAction::CleanLegacy => {}
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Demo { backend } => demo::run(backend.kind()),
+        Command::Dataplane { opts, action } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")
+            .and_then(|rt| rt.block_on(dataplane(opts, action))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("{e:#}").replace('\n', " ");
+            if msg.contains("Operation not permitted") {
+                msg.push_str(" (kvip needs root or CAP_NET_ADMIN)");
+            }
+            eprintln!("kvip: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
 }
