@@ -101,9 +101,7 @@ impl Cidr {
     pub fn canonicalize(mut list: Vec<Cidr>) -> Vec<Cidr> {
         // Sorting by (family, address, length) puts a containing network before everything it
         // contains, so one pass that keeps the last kept network as reference is enough.
-        list.sort_by(|a, b| {
-            (a.family(), a.addr, a.len).cmp(&(b.family(), b.addr, b.len))
-        });
+        list.sort_by_key(|c| (c.family(), c.addr, c.len));
         let mut out: Vec<Cidr> = Vec::with_capacity(list.len());
         for c in list {
             match out.last() {
@@ -129,16 +127,15 @@ impl Cidr {
                         .collect()
                 })
             }
-            (IpAddr::V6(f), IpAddr::V6(l)) => {
-                range_to_prefixes(u128::from(f), u128::from(l), 128).map(|v| {
+            (IpAddr::V6(f), IpAddr::V6(l)) => range_to_prefixes(u128::from(f), u128::from(l), 128)
+                .map(|v| {
                     v.into_iter()
                         .map(|(a, len)| Cidr {
                             addr: IpAddr::V6(Ipv6Addr::from(a)),
                             len,
                         })
                         .collect()
-                })
-            }
+                }),
             _ => None,
         }
     }
@@ -226,9 +223,7 @@ impl FromStr for Cidr {
             None => max_len(addr),
             Some(l) => {
                 if l.is_empty() || l.len() > 3 || !l.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(CidrParseError(format!(
-                        "{l:?} is not a prefix length"
-                    )));
+                    return Err(CidrParseError(format!("{l:?} is not a prefix length")));
                 }
                 l.parse::<u8>()
                     .map_err(|_| CidrParseError(format!("{l:?} is not a prefix length")))?
@@ -301,10 +296,16 @@ mod tests {
             r,
             Some(vec![c("10.0.0.1/32"), c("10.0.0.2/31"), c("10.0.0.4/32")])
         );
-        let r = Cidr::from_range("0.0.0.0".parse().unwrap(), "255.255.255.255".parse().unwrap());
+        let r = Cidr::from_range(
+            "0.0.0.0".parse().unwrap(),
+            "255.255.255.255".parse().unwrap(),
+        );
         assert_eq!(r, Some(vec![c("0.0.0.0/0")]));
         let r = Cidr::from_range("::".parse().unwrap(), Ipv6Addr::from(u128::MAX).into());
         assert_eq!(r, Some(vec![c("::/0")]));
-        assert_eq!(c("10.0.0.0/24").last(), "10.0.0.255".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            c("10.0.0.0/24").last(),
+            "10.0.0.255".parse::<IpAddr>().unwrap()
+        );
     }
 }

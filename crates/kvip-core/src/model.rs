@@ -97,25 +97,26 @@ pub struct DesiredStateSpec {
 pub const MAX_NAME_LEN: usize = 253;
 
 fn parse_addr(field: &str, value: &str) -> Result<IpAddr, ModelError> {
-    value.trim().parse().map_err(|_| ModelError::InvalidAddress {
-        field: field.to_string(),
-        value: value.to_string(),
-    })
+    value
+        .trim()
+        .parse()
+        .map_err(|_| ModelError::InvalidAddress {
+            field: field.to_string(),
+            value: value.to_string(),
+        })
 }
 
 fn parse_cidr(field: &str, value: &str) -> Result<Cidr, ModelError> {
-    value.parse().map_err(|e: crate::cidr::CidrParseError| ModelError::InvalidCidr {
-        field: field.to_string(),
-        value: value.to_string(),
-        reason: e.0,
-    })
+    value
+        .parse()
+        .map_err(|e: crate::cidr::CidrParseError| ModelError::InvalidCidr {
+            field: field.to_string(),
+            value: value.to_string(),
+            reason: e.0,
+        })
 }
 
-fn check_family(
-    field: &str,
-    value: IpAddr,
-    vip: IpAddr,
-) -> Result<(), ModelError> {
+fn check_family(field: &str, value: IpAddr, vip: IpAddr) -> Result<(), ModelError> {
     let (found, expected) = (Family::of(value), Family::of(vip));
     if found != expected {
         return Err(ModelError::MixedFamily {
@@ -134,7 +135,10 @@ fn check_name(field: &str, name: &str) -> Result<(), ModelError> {
         Some("empty")
     } else if name.len() > MAX_NAME_LEN {
         Some("longer than 253 bytes")
-    } else if name.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
+    } else if name
+        .chars()
+        .any(|c| c.is_control() || c == '"' || c == '\\')
+    {
         Some("contains a control character, a quote or a backslash")
     } else {
         None
@@ -227,7 +231,9 @@ impl EgressPolicy {
         let f = |field: &str| format!("egress[{name}].{field}");
         check_usable(&f("vip"), vip)?;
         if sources.is_empty() {
-            return Err(ModelError::EmptyList { field: f("sources") });
+            return Err(ModelError::EmptyList {
+                field: f("sources"),
+            });
         }
         for s in &sources {
             check_family(&f("sources"), *s, vip)?;
@@ -249,7 +255,11 @@ impl EgressPolicy {
         {
             return Err(ModelError::EmptyList { field: f("ports") });
         }
-        let sources: Vec<IpAddr> = sources.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+        let sources: Vec<IpAddr> = sources
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let ports = ports.map(|p| p.into_iter().collect::<BTreeSet<_>>().into_iter().collect());
         Ok(EgressPolicy {
             name,
@@ -279,7 +289,11 @@ impl EgressPolicy {
         let allow = spec
             .allow
             .as_ref()
-            .map(|l| l.iter().map(|s| parse_cidr(&f("allow"), s)).collect::<Result<Vec<_>, _>>())
+            .map(|l| {
+                l.iter()
+                    .map(|s| parse_cidr(&f("allow"), s))
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .transpose()?;
         let ports = spec
             .ports
@@ -383,10 +397,7 @@ pub struct DesiredState {
 impl DesiredState {
     /// Validates a whole state: unique VIPs, unique policy names, and no source in two
     /// policies (a typed [`ModelError::SourceConflict`] naming both).
-    pub fn new(
-        mut vips: Vec<VipClaim>,
-        mut egress: Vec<EgressPolicy>,
-    ) -> Result<Self, ModelError> {
+    pub fn new(mut vips: Vec<VipClaim>, mut egress: Vec<EgressPolicy>) -> Result<Self, ModelError> {
         vips.sort();
         vips.dedup();
         let mut seen_vip: BTreeMap<IpAddr, &str> = BTreeMap::new();
@@ -553,8 +564,16 @@ mod tests {
 
     #[test]
     fn valid_state_is_canonical() {
-        let mut p = spec_policy("default/web", "198.51.100.10", &["10.244.1.6", "10.244.1.5", "10.244.1.6"]);
-        p.exclude = vec!["10.96.0.0/12".into(), "10.244.0.0/16".into(), "10.244.3.0/24".into()];
+        let mut p = spec_policy(
+            "default/web",
+            "198.51.100.10",
+            &["10.244.1.6", "10.244.1.5", "10.244.1.6"],
+        );
+        p.exclude = vec![
+            "10.96.0.0/12".into(),
+            "10.244.0.0/16".into(),
+            "10.244.3.0/24".into(),
+        ];
         p.ports = Some(vec!["udp:53".into(), "TCP:443".into()]);
         let s = state(vec![p]).expect("valid");
         let p = &s.egress()[0];
@@ -562,7 +581,10 @@ mod tests {
         assert_eq!(p.exclude().len(), 2);
         let spec = p.to_spec();
         assert_eq!(spec.ports, Some(vec!["tcp:443".into(), "udp:53".into()]));
-        assert_eq!(spec.exclude, vec!["10.96.0.0/12".to_string(), "10.244.0.0/16".into()]);
+        assert_eq!(
+            spec.exclude,
+            vec!["10.96.0.0/12".to_string(), "10.244.0.0/16".into()]
+        );
     }
 
     #[test]
@@ -587,26 +609,44 @@ mod tests {
     fn typed_errors_for_bad_input() {
         let mut p = spec_policy("x", "198.51.100.10", &["10.244.1.5"]);
         p.exclude = vec!["300.1.1.1/8".into()];
-        assert!(matches!(state(vec![p]), Err(ModelError::InvalidCidr { .. })));
+        assert!(matches!(
+            state(vec![p]),
+            Err(ModelError::InvalidCidr { .. })
+        ));
 
         let mut p = spec_policy("x", "198.51.100.10", &["10.244.1.5"]);
         p.ports = Some(vec!["tcp:0".into()]);
-        assert!(matches!(state(vec![p]), Err(ModelError::InvalidPort { .. })));
+        assert!(matches!(
+            state(vec![p]),
+            Err(ModelError::InvalidPort { .. })
+        ));
 
         let mut p = spec_policy("x", "198.51.100.10", &["10.244.1.5"]);
         p.ports = Some(vec!["tcp:70000".into()]);
-        assert!(matches!(state(vec![p]), Err(ModelError::InvalidPort { .. })));
+        assert!(matches!(
+            state(vec![p]),
+            Err(ModelError::InvalidPort { .. })
+        ));
 
         let mut p = spec_policy("x", "198.51.100.10", &["10.244.1.5"]);
         p.ports = Some(vec!["icmp:7".into()]);
-        assert!(matches!(state(vec![p]), Err(ModelError::UnknownProtocol { .. })));
+        assert!(matches!(
+            state(vec![p]),
+            Err(ModelError::UnknownProtocol { .. })
+        ));
 
         let p = spec_policy("x", "198.51.100.10", &["fd00::5"]);
-        assert!(matches!(state(vec![p]), Err(ModelError::MixedFamily { .. })));
+        assert!(matches!(
+            state(vec![p]),
+            Err(ModelError::MixedFamily { .. })
+        ));
 
         let mut p = spec_policy("x", "2001:db8::10", &["fd00::5"]);
         p.exclude = vec!["10.244.0.0/16".into()];
-        assert!(matches!(state(vec![p]), Err(ModelError::MixedFamily { .. })));
+        assert!(matches!(
+            state(vec![p]),
+            Err(ModelError::MixedFamily { .. })
+        ));
 
         let mut p = spec_policy("x", "198.51.100.10", &["10.244.1.5"]);
         p.allow = Some(vec![]);
@@ -616,7 +656,10 @@ mod tests {
         assert!(matches!(state(vec![p]), Err(ModelError::EmptyList { .. })));
 
         let p = spec_policy("x", "not-an-ip", &["10.244.1.5"]);
-        assert!(matches!(state(vec![p]), Err(ModelError::InvalidAddress { .. })));
+        assert!(matches!(
+            state(vec![p]),
+            Err(ModelError::InvalidAddress { .. })
+        ));
 
         let dup = state(vec![
             spec_policy("x", "198.51.100.10", &["10.244.1.5"]),
@@ -629,8 +672,14 @@ mod tests {
     fn duplicate_vip_on_two_interfaces() {
         let spec = DesiredStateSpec {
             vips: vec![
-                VipClaimSpec { address: "198.51.100.10".into(), interface: "eth0".into() },
-                VipClaimSpec { address: "198.51.100.10".into(), interface: "eth1".into() },
+                VipClaimSpec {
+                    address: "198.51.100.10".into(),
+                    interface: "eth0".into(),
+                },
+                VipClaimSpec {
+                    address: "198.51.100.10".into(),
+                    interface: "eth1".into(),
+                },
             ],
             egress: vec![],
         };
@@ -652,17 +701,31 @@ mod tests {
             spec_policy("b", "198.51.100.12", &["10.244.1.7", "10.244.1.8"]),
         ])
         .unwrap();
-        let changed: Vec<String> = a.changed_sources(&b).iter().map(|s| s.to_string()).collect();
+        let changed: Vec<String> = a
+            .changed_sources(&b)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(changed, vec!["10.244.1.6", "10.244.1.7", "10.244.1.8"]);
         assert!(a.changed_sources(&a).is_empty());
     }
 
     #[test]
     fn json_round_trip() {
-        let s = state(vec![spec_policy("default/web", "198.51.100.10", &["10.244.1.5"])]).unwrap();
+        let s = state(vec![spec_policy(
+            "default/web",
+            "198.51.100.10",
+            &["10.244.1.5"],
+        )])
+        .unwrap();
         let j = serde_json::to_string(&s).unwrap();
         let back: DesiredState = serde_json::from_str(&j).unwrap();
         assert_eq!(s, back);
-        assert!(serde_json::from_str::<DesiredState>(r#"{"egress":[{"name":"x","vip":"1.2.3.4","sources":["10.0.0.1"],"bogus":1}]}"#).is_err());
+        assert!(
+            serde_json::from_str::<DesiredState>(
+                r#"{"egress":[{"name":"x","vip":"1.2.3.4","sources":["10.0.0.1"],"bogus":1}]}"#
+            )
+            .is_err()
+        );
     }
 }

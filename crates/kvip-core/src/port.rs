@@ -115,7 +115,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_ports() {
-        assert!(matches!("tcp:0".parse::<PortMatch>(), Err(PortParseError::InvalidPort(..))));
+        assert!(matches!(
+            "tcp:0".parse::<PortMatch>(),
+            Err(PortParseError::InvalidPort(..))
+        ));
         assert!(matches!(
             "tcp:70000".parse::<PortMatch>(),
             Err(PortParseError::InvalidPort(..))
@@ -128,7 +131,13 @@ mod tests {
             "icmp:1".parse::<PortMatch>(),
             Err(PortParseError::UnknownProtocol(..))
         ));
-        assert!(matches!("tcp:-1".parse::<PortMatch>(), Err(PortParseError::InvalidPort(..))));
-        assert!(matches!("tcp:".parse::<PortMatch>(), Err(PortParseError::InvalidPort(..))));
+        assert!(matches!(
+            "tcp:-1".parse::<PortMatch>(),
+            Err(PortParseError::InvalidPort(..))
+        ));
+        assert!(matches!(
+            "tcp:".parse::<PortMatch>(),
+            Err(PortParseError::InvalidPort(..))
+        ));
     }
 }

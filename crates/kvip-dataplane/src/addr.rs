@@ -123,10 +123,9 @@ impl AddrManager {
             .map_err(nl)?;
         let mut out = Vec::new();
         for m in msgs {
-            let ours = m
-                .attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == self.protocol));
+            let ours = m.attributes.iter().any(
+                |a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == self.protocol),
+            );
             if !ours {
                 continue;
             }
@@ -149,7 +148,7 @@ impl AddrManager {
                 });
             }
         }
-        out.sort_by(|a, b| (a.address, a.ifindex).cmp(&(b.address, b.ifindex)));
+        out.sort_by_key(|a| (a.address, a.ifindex));
         Ok(out)
     }
 
@@ -160,7 +159,9 @@ impl AddrManager {
         let mut req = self.handle.address().add(ifindex, address, len);
         let msg = req.message_mut();
         msg.attributes
-            .push(AddressAttribute::Protocol(AddressProtocol::from(self.protocol)));
+            .push(AddressAttribute::Protocol(AddressProtocol::from(
+                self.protocol,
+            )));
         if address.is_ipv6() {
             msg.header.flags |= AddressHeaderFlags::Nodad;
             msg.attributes

@@ -84,7 +84,10 @@ async fn rule_count(v: Variant) -> Option<usize> {
 /// Picks the variant the host already uses: the one holding more rules (kube-proxy, the CNI);
 /// nf_tables when neither holds any or only it runs.
 pub async fn detect_variant() -> Result<Variant, DataplaneError> {
-    match (rule_count(Variant::Nft).await, rule_count(Variant::Legacy).await) {
+    match (
+        rule_count(Variant::Nft).await,
+        rule_count(Variant::Legacy).await,
+    ) {
         (Some(n), Some(l)) => Ok(if l > n { Variant::Legacy } else { Variant::Nft }),
         (Some(_), None) => Ok(Variant::Nft),
         (None, Some(_)) => Ok(Variant::Legacy),
@@ -123,7 +126,9 @@ impl Chains {
     }
     fn policy_id<'a>(&self, name: &'a str) -> Option<&'a str> {
         let rest = name.strip_prefix(self.prefix.as_str())?;
-        let id = rest.strip_prefix("E-").or_else(|| rest.strip_prefix("S-"))?;
+        let id = rest
+            .strip_prefix("E-")
+            .or_else(|| rest.strip_prefix("S-"))?;
         (id.len() == 10 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
     }
     fn jump_rule(&self) -> String {
@@ -140,7 +145,9 @@ fn src_spec(a: IpAddr) -> String {
 }
 
 fn quote_comment(c: &str) -> String {
-    if c.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_./:".contains(ch)) {
+    if c.chars()
+        .all(|ch| ch.is_ascii_alphanumeric() || "-_./:".contains(ch))
+    {
         c.to_string()
     } else {
         format!("\"{c}\"")
@@ -176,12 +183,18 @@ pub fn render_rules(chains: &Chains, policies: &[&EgressPolicy]) -> (Vec<String>
             None => body.push(format!("-A {e} -j {s}")),
         }
         let comment = quote_comment(&policy_comment(p.name()));
-        let target = format!("-m comment --comment {comment} -j SNAT --to-source {}", p.vip());
+        let target = format!(
+            "-m comment --comment {comment} -j SNAT --to-source {}",
+            p.vip()
+        );
         match p.ports() {
             Some(ports) => {
                 for pm in ports {
                     let proto = pm.protocol.as_str();
-                    body.push(format!("-A {s} -p {proto} -m {proto} --dport {} {target}", pm.port));
+                    body.push(format!(
+                        "-A {s} -p {proto} -m {proto} --dport {} {target}",
+                        pm.port
+                    ));
                 }
             }
             None => body.push(format!("-A {s} {target}")),
@@ -240,7 +253,11 @@ pub fn parse_nat(chains: &Chains, save: &str) -> NatView {
 /// The `iptables-restore --noflush` input that turns `current` into the rendered state:
 /// declared chains are created or flushed, refilled, stale chains flushed and deleted, and
 /// the jump placed once at the top of POSTROUTING. `None` when nothing needs to change.
-pub fn render_restore(chains: &Chains, policies: &[&EgressPolicy], current: &NatView) -> Option<String> {
+pub fn render_restore(
+    chains: &Chains,
+    policies: &[&EgressPolicy],
+    current: &NatView,
+) -> Option<String> {
     let (names, rules) = render_rules(chains, policies);
     let want_jump = !names.is_empty();
     let jump_ok = if want_jump {
@@ -257,7 +274,11 @@ pub fn render_restore(chains: &Chains, policies: &[&EgressPolicy], current: &Nat
     if jump_ok && have == want && by_chain(&current.rules) == by_chain(&rules) {
         return None;
     }
-    let stale: Vec<&String> = current.chains.iter().filter(|c| !names.contains(c)).collect();
+    let stale: Vec<&String> = current
+        .chains
+        .iter()
+        .filter(|c| !names.contains(c))
+        .collect();
     let mut out = String::from("*nat\n");
     for c in names.iter().chain(stale.iter().copied()) {
         out.push_str(&format!(":{c} - [0:0]\n"));
@@ -321,7 +342,10 @@ fn words(line: &str) -> Vec<String> {
 }
 
 fn opt<'a>(w: &'a [String], flag: &str) -> Option<&'a str> {
-    w.iter().position(|x| x == flag).and_then(|i| w.get(i + 1)).map(String::as_str)
+    w.iter()
+        .position(|x| x == flag)
+        .and_then(|i| w.get(i + 1))
+        .map(String::as_str)
 }
 
 /// Read-back: kvip's rules (of one family) into egress policies, plus stray objects.
@@ -347,12 +371,18 @@ pub fn parse_policies(chains: &Chains, view: &NatView) -> (Vec<EgressPolicy>, Ve
         let jump = opt(&w, "-j").unwrap_or_default();
         if *chain == chains.post() {
             match (opt(&w, "-s").and_then(parse_net), chains.policy_id(jump)) {
-                (Some(c), Some(id)) if c.is_host() => acc.entry(id.to_string()).or_default().sources.push(c.addr()),
+                (Some(c), Some(id)) if c.is_host() => acc
+                    .entry(id.to_string())
+                    .or_default()
+                    .sources
+                    .push(c.addr()),
                 _ => stray.push(line.clone()),
             }
             continue;
         }
-        let Some(id) = chains.policy_id(chain) else { continue };
+        let Some(id) = chains.policy_id(chain) else {
+            continue;
+        };
         let a = acc.entry(id.to_string()).or_default();
         if chain.starts_with(&format!("{}E-", chains.prefix)) {
             match (opt(&w, "-d").and_then(parse_net), jump) {
@@ -362,11 +392,16 @@ pub fn parse_policies(chains: &Chains, view: &NatView) -> (Vec<EgressPolicy>, Ve
                 _ => stray.push(line.clone()),
             }
         } else if jump == "SNAT" {
-            let name = opt(&w, "--comment").and_then(policy_from_comment).map(str::to_string);
+            let name = opt(&w, "--comment")
+                .and_then(policy_from_comment)
+                .map(str::to_string);
             let vip = opt(&w, "--to-source").and_then(|v| v.parse::<IpAddr>().ok());
             a.name = name.or(a.name.take());
             a.vip = vip.or(a.vip);
-            match (opt(&w, "-p").and_then(Protocol::parse), opt(&w, "--dport").and_then(|p| p.parse::<u16>().ok())) {
+            match (
+                opt(&w, "-p").and_then(Protocol::parse),
+                opt(&w, "--dport").and_then(|p| p.parse::<u16>().ok()),
+            ) {
                 (Some(protocol), Some(port)) => {
                     a.any_port_rule = true;
                     a.ports.push(PortMatch { protocol, port });
@@ -384,15 +419,19 @@ pub fn parse_policies(chains: &Chains, view: &NatView) -> (Vec<EgressPolicy>, Ve
             continue;
         };
         if ipt_policy_id(&name) != id {
-            stray.push(format!("policy chains {id} carry the name {name:?} of another policy"));
+            stray.push(format!(
+                "policy chains {id} carry the name {name:?} of another policy"
+            ));
             continue;
         }
         if a.sources.is_empty() {
             stray.push(format!("policy chains {id} ({name}) have no sources"));
             continue;
         }
-        if a.direct == !a.allow.is_empty() || a.any_port_rule == a.all_ports {
-            stray.push(format!("policy chains {id} ({name}) are not in the form kvip writes"));
+        if a.direct != a.allow.is_empty() || a.any_port_rule == a.all_ports {
+            stray.push(format!(
+                "policy chains {id} ({name}) are not in the form kvip writes"
+            ));
             continue;
         }
         let allow = (!a.direct).then_some(a.allow);
@@ -432,12 +471,24 @@ impl IptBackend {
     }
 
     /// Makes kvip's chains of family `f` hold exactly `policies`; writes only when they differ.
-    pub async fn apply_family(&self, f: Family, policies: &[&EgressPolicy]) -> Result<IptSync, DataplaneError> {
+    pub async fn apply_family(
+        &self,
+        f: Family,
+        policies: &[&EgressPolicy],
+    ) -> Result<IptSync, DataplaneError> {
         let view = parse_nat(&self.chains, &self.save(f).await?);
         match render_restore(&self.chains, policies, &view) {
-            None => Ok(IptSync { written: false, rules: view.rules.len() }),
+            None => Ok(IptSync {
+                written: false,
+                rules: view.rules.len(),
+            }),
             Some(input) => {
-                run_ok(self.variant.restore_cmd(f), &["--noflush"], Some(input.as_bytes())).await?;
+                run_ok(
+                    self.variant.restore_cmd(f),
+                    &["--noflush"],
+                    Some(input.as_bytes()),
+                )
+                .await?;
                 Ok(IptSync {
                     written: true,
                     rules: input.lines().filter(|l| l.starts_with("-A ")).count(),
@@ -446,7 +497,10 @@ impl IptBackend {
         }
     }
 
-    pub async fn observe_family(&self, f: Family) -> Result<(Vec<EgressPolicy>, Vec<String>), DataplaneError> {
+    pub async fn observe_family(
+        &self,
+        f: Family,
+    ) -> Result<(Vec<EgressPolicy>, Vec<String>), DataplaneError> {
         let view = parse_nat(&self.chains, &self.save(f).await?);
         let (p, mut stray) = parse_policies(&self.chains, &view);
         if !view.chains.is_empty() && view.jumps != [0] {

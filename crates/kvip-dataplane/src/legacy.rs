@@ -51,7 +51,11 @@ pub fn render_legacy_cleanup(save: &str) -> Option<(String, Vec<String>)> {
                 if line.starts_with(&format!(":{KUBE_VIP_CHAIN} ")) {
                     mangle_has_chain = true;
                 } else if let Some(rest) = line.strip_prefix("-A PREROUTING ")
-                    && rest.split_whitespace().collect::<Vec<_>>().windows(2).any(|w| w == ["-j", KUBE_VIP_CHAIN])
+                    && rest
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .windows(2)
+                        .any(|w| w == ["-j", KUBE_VIP_CHAIN])
                 {
                     mangle.push(format!("-D PREROUTING {rest}"));
                     removed.push(format!("mangle: {line}"));
@@ -111,7 +115,8 @@ pub fn kube_vip_tables(listing: &Value) -> Vec<(String, String)> {
                 .filter_map(|t| {
                     let name = t["name"].as_str()?;
                     let fam = t["family"].as_str()?;
-                    name.starts_with("kube_vip_").then(|| (fam.to_string(), name.to_string()))
+                    name.starts_with("kube_vip_")
+                        .then(|| (fam.to_string(), name.to_string()))
                 })
                 .collect()
         })
@@ -128,11 +133,15 @@ pub async fn clean_legacy() -> LegacyReport {
                 Ok(o) if o.status_ok => o.stdout,
                 _ => continue,
             };
-            let Some((input, removed)) = render_legacy_cleanup(&save) else { continue };
+            let Some((input, removed)) = render_legacy_cleanup(&save) else {
+                continue;
+            };
             match run_tool(v.restore_cmd(f), &["--noflush"], Some(input.as_bytes())).await {
-                Ok(o) if o.status_ok => report
-                    .removed
-                    .extend(removed.into_iter().map(|r| format!("{} {}: {r}", v.save_cmd(f).trim_end_matches("-save"), f))),
+                Ok(o) if o.status_ok => report.removed.extend(
+                    removed
+                        .into_iter()
+                        .map(|r| format!("{} {}: {r}", v.save_cmd(f).trim_end_matches("-save"), f)),
+                ),
                 Ok(o) => report.errors.push(format!(
                     "{}: {}",
                     v.restore_cmd(f),
@@ -152,14 +161,19 @@ pub async fn clean_legacy() -> LegacyReport {
                     .map(|(f, n)| json!({"delete": {"table": {"family": f, "name": n}}}))
                     .collect();
                 match nft_apply(&json!({ "nftables": cmds })).await {
-                    Ok(()) => report
-                        .removed
-                        .extend(tables.iter().map(|(f, n)| format!("nftables: table {f} {n}"))),
+                    Ok(()) => report.removed.extend(
+                        tables
+                            .iter()
+                            .map(|(f, n)| format!("nftables: table {f} {n}")),
+                    ),
                     Err(e) => report.errors.push(e.to_string()),
                 }
             }
         }
-        Ok(o) => report.errors.push(format!("nft list tables: {}", crate::exec::one_line(&o.stderr))),
+        Ok(o) => report.errors.push(format!(
+            "nft list tables: {}",
+            crate::exec::one_line(&o.stderr)
+        )),
         Err(crate::error::DataplaneError::ToolMissing { .. }) => {}
         Err(e) => report.errors.push(e.to_string()),
     }

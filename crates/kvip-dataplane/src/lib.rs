@@ -164,13 +164,18 @@ pub async fn resolve_backend(cfg: &Config) -> Result<RuleBackend, DataplaneError
         BackendKind::Auto => nft::nft_available().await,
     };
     if use_nft {
-        return Ok(RuleBackend::Nftables(NftBackend::new(cfg.instance.nft_table())));
+        return Ok(RuleBackend::Nftables(NftBackend::new(
+            cfg.instance.nft_table(),
+        )));
     }
     let variant = match cfg.iptables_variant {
         Some(v) => v,
         None => iptables::detect_variant().await?,
     };
-    Ok(RuleBackend::Iptables(IptBackend::new(cfg.instance.chain_prefix(), variant)))
+    Ok(RuleBackend::Iptables(IptBackend::new(
+        cfg.instance.chain_prefix(),
+        variant,
+    )))
 }
 
 impl KernelDataplane {
@@ -226,13 +231,18 @@ impl KernelDataplane {
         }
     }
 
-    async fn apply_egress(&mut self, desired: &DesiredState) -> Result<nft::EgressSync, DataplaneError> {
+    async fn apply_egress(
+        &mut self,
+        desired: &DesiredState,
+    ) -> Result<nft::EgressSync, DataplaneError> {
         match &mut self.rules {
             RuleBackend::Nftables(n) => n.apply(desired).await,
             RuleBackend::Iptables(b) => {
                 let mut sync = nft::EgressSync::default();
                 for f in [Family::V4, Family::V6] {
-                    let r = b.apply_family(f, &iptables::of_family(desired.egress(), f)).await?;
+                    let r = b
+                        .apply_family(f, &iptables::of_family(desired.egress(), f))
+                        .await?;
                     if r.written {
                         sync.mode = SyncMode::Full;
                         sync.objects_written += r.rules;
@@ -264,11 +274,14 @@ impl KernelDataplane {
                 Ok(true) => {
                     for f in [Family::V4, Family::V6] {
                         if let Err(e) = other.apply_family(f, &[]).await {
-                            warnings.push(format!("removing kvip's iptables-{} rules: {e}", v.name()));
+                            warnings
+                                .push(format!("removing kvip's iptables-{} rules: {e}", v.name()));
                         }
                     }
                 }
-                Ok(false) | Err(DataplaneError::ToolMissing { .. }) | Err(DataplaneError::ToolFailed { .. }) => {}
+                Ok(false)
+                | Err(DataplaneError::ToolMissing { .. })
+                | Err(DataplaneError::ToolFailed { .. }) => {}
                 Err(e) => warnings.push(e.to_string()),
             }
         }
@@ -281,7 +294,11 @@ impl KernelDataplane {
         warnings
     }
 
-    async fn apply_vips(&mut self, desired: &DesiredState, report: &mut ApplyReport) -> Result<(), DataplaneError> {
+    async fn apply_vips(
+        &mut self,
+        desired: &DesiredState,
+        report: &mut ApplyReport,
+    ) -> Result<(), DataplaneError> {
         let links: BTreeMap<String, addr::Link> = self
             .addrs
             .links()
@@ -290,7 +307,8 @@ impl KernelDataplane {
             .map(|l| (l.name.clone(), l))
             .collect();
         let owned = self.addrs.owned().await?;
-        let want: BTreeMap<IpAddr, &VipClaim> = desired.vips().iter().map(|v| (v.address, v)).collect();
+        let want: BTreeMap<IpAddr, &VipClaim> =
+            desired.vips().iter().map(|v| (v.address, v)).collect();
         for o in &owned {
             let keep = want
                 .get(&o.address)
@@ -304,7 +322,10 @@ impl KernelDataplane {
             let link = links
                 .get(&v.interface)
                 .ok_or_else(|| DataplaneError::InterfaceNotFound(v.interface.clone()))?;
-            if owned.iter().any(|o| o.address == v.address && o.ifindex == link.index) {
+            if owned
+                .iter()
+                .any(|o| o.address == v.address && o.ifindex == link.index)
+            {
                 continue;
             }
             match self.addrs.add(v.address, link.index).await {
@@ -402,7 +423,9 @@ impl Dataplane for KernelDataplane {
             None => match self.observe_egress().await {
                 Ok((egress, _)) => DesiredState::new(vec![], egress).unwrap_or_default(),
                 Err(e) => {
-                    report.warnings.push(format!("reading the previous state: {e}"));
+                    report
+                        .warnings
+                        .push(format!("reading the previous state: {e}"));
                     DesiredState::empty()
                 }
             },
@@ -444,7 +467,8 @@ impl Dataplane for KernelDataplane {
                 }
             })
             .collect();
-        let state = DesiredState::new(vips, egress).map_err(|e| DataplaneError::readback(e.to_string()))?;
+        let state =
+            DesiredState::new(vips, egress).map_err(|e| DataplaneError::readback(e.to_string()))?;
         Ok(Observed { state, stray })
     }
 
@@ -469,7 +493,10 @@ impl Dataplane for KernelDataplane {
             let b = IptBackend::new(prefix.clone(), v);
             for f in [Family::V4, Family::V6] {
                 match b.apply_family(f, &[]).await {
-                    Ok(s) if s.written => r.removed.push(format!("{} chains {prefix}*", v.restore_cmd(f).trim_end_matches("-restore"))),
+                    Ok(s) if s.written => r.removed.push(format!(
+                        "{} chains {prefix}*",
+                        v.restore_cmd(f).trim_end_matches("-restore")
+                    )),
                     Ok(_) | Err(DataplaneError::ToolMissing { .. }) => {}
                     Err(e) => r.errors.push(e.to_string()),
                 }
@@ -479,7 +506,9 @@ impl Dataplane for KernelDataplane {
             Ok(owned) => {
                 for o in owned {
                     match self.addrs.remove(&o).await {
-                        Ok(()) => r.removed.push(format!("address {} on {}", o.address, o.interface)),
+                        Ok(()) => r
+                            .removed
+                            .push(format!("address {} on {}", o.address, o.interface)),
                         Err(e) => r.errors.push(e.to_string()),
                     }
                 }

@@ -28,7 +28,11 @@ impl Instance {
         match name {
             None | Some("") => Ok(Instance(None)),
             Some(n) => {
-                if n.len() > 8 || !n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+                if n.len() > 8
+                    || !n
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                {
                     return Err(DataplaneError::Config(format!(
                         "instance name {n:?} must be 1 to 8 characters of a-z and 0-9"
                     )));
@@ -73,7 +77,13 @@ impl Instance {
 pub fn nft_policy_chain(policy: &str) -> String {
     let readable: String = policy
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .take(40)
         .collect();
     format!("eg_{readable}_{:08x}", fnv1a(policy) as u32)

@@ -119,8 +119,10 @@ pub fn render_full(table: &str, state: &DesiredState) -> Value {
             ]}))}}));
         }
         if let Some(ports) = p.ports() {
-            cmds.push(json!({"add": {"set": t(json!({"name": n.pt, "type": ["inet_proto", "inet_service"],
-                "elem": ports.iter().map(port_elem).collect::<Vec<_>>()}))}}));
+            cmds.push(
+                json!({"add": {"set": t(json!({"name": n.pt, "type": ["inet_proto", "inet_service"],
+                "elem": ports.iter().map(port_elem).collect::<Vec<_>>()}))}}),
+            );
             rules.push(json!({"add": {"rule": t(json!({"chain": n.chain, "expr": [
                 {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}, "right": format!("@{}", n.pt)}},
                 {"return": null}
@@ -159,7 +161,14 @@ fn structure(state: &DesiredState) -> Vec<(String, IpAddr, bool, bool)> {
     state
         .egress()
         .iter()
-        .map(|p| (p.name().to_string(), p.vip(), p.allow().is_some(), p.ports().is_some()))
+        .map(|p| {
+            (
+                p.name().to_string(),
+                p.vip(),
+                p.allow().is_some(),
+                p.ports().is_some(),
+            )
+        })
         .collect()
 }
 
@@ -170,10 +179,7 @@ pub struct DeltaCounts {
     pub removed: usize,
 }
 
-fn set_delta<T: Ord + Clone>(
-    old: &[T],
-    new: &[T],
-) -> (Vec<T>, Vec<T>) {
+fn set_delta<T: Ord + Clone>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
     let o: BTreeSet<&T> = old.iter().collect();
     let n: BTreeSet<&T> = new.iter().collect();
     (
@@ -184,7 +190,11 @@ fn set_delta<T: Ord + Clone>(
 
 /// Renders the element additions and deletions that turn `old` into `new`, as one
 /// transaction; `None` when the structure differs and a full replace is needed.
-pub fn render_delta(table: &str, old: &DesiredState, new: &DesiredState) -> Option<(Value, DeltaCounts)> {
+pub fn render_delta(
+    table: &str,
+    old: &DesiredState,
+    new: &DesiredState,
+) -> Option<(Value, DeltaCounts)> {
     if structure(old) != structure(new) {
         return None;
     }
@@ -231,14 +241,26 @@ pub fn render_delta(table: &str, old: &DesiredState, new: &DesiredState) -> Opti
         let n = policy_names(pn);
         let mut sets: Vec<(String, Vec<Value>, Vec<Value>)> = Vec::new();
         let (a, d) = set_delta(po.exclude(), pn.exclude());
-        sets.push((n.ex.clone(), a.iter().map(cidr_elem).collect(), d.iter().map(cidr_elem).collect()));
+        sets.push((
+            n.ex.clone(),
+            a.iter().map(cidr_elem).collect(),
+            d.iter().map(cidr_elem).collect(),
+        ));
         if let (Some(ao), Some(an)) = (po.allow(), pn.allow()) {
             let (a, d) = set_delta(ao, an);
-            sets.push((n.al.clone(), a.iter().map(cidr_elem).collect(), d.iter().map(cidr_elem).collect()));
+            sets.push((
+                n.al.clone(),
+                a.iter().map(cidr_elem).collect(),
+                d.iter().map(cidr_elem).collect(),
+            ));
         }
         if let (Some(xo), Some(xn)) = (po.ports(), pn.ports()) {
             let (a, d) = set_delta(xo, xn);
-            sets.push((n.pt.clone(), a.iter().map(port_elem).collect(), d.iter().map(port_elem).collect()));
+            sets.push((
+                n.pt.clone(),
+                a.iter().map(port_elem).collect(),
+                d.iter().map(port_elem).collect(),
+            ));
         }
         for (set, a, d) in sets {
             counts.added += a.len();
@@ -269,8 +291,14 @@ fn parse_addr_elem(v: &Value) -> Result<Vec<Cidr>, DataplaneError> {
         Value::String(s) => s.parse::<Cidr>().map(|c| vec![c]).map_err(|_| bad()),
         Value::Object(o) => {
             if let Some(p) = o.get("prefix") {
-                let addr: IpAddr = p["addr"].as_str().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
-                let len = p["len"].as_u64().and_then(|l| u8::try_from(l).ok()).ok_or_else(bad)?;
+                let addr: IpAddr = p["addr"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .ok_or_else(bad)?;
+                let len = p["len"]
+                    .as_u64()
+                    .and_then(|l| u8::try_from(l).ok())
+                    .ok_or_else(bad)?;
                 Cidr::new(addr, len).map(|c| vec![c]).map_err(|_| bad())
             } else if let Some(r) = o.get("range") {
                 let a: IpAddr = r[0].as_str().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
@@ -337,13 +365,18 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
                     (Some(n), Some(v)) => {
                         snat.insert(chain.to_string(), (n.to_string(), v));
                     }
-                    _ => stray.push(format!("rule in chain {chain} without kvip's comment or address")),
+                    _ => stray.push(format!(
+                        "rule in chain {chain} without kvip's comment or address"
+                    )),
                 }
             }
         }
     }
     let elems = |o: Option<&&Value>| -> Vec<Value> {
-        o.and_then(|v| v.get("elem")).and_then(Value::as_array).cloned().unwrap_or_default()
+        o.and_then(|v| v.get("elem"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
     };
     let mut sources: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for name in ["src4", "src6"] {
@@ -366,7 +399,9 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
             continue;
         };
         if nft_policy_chain(name) != *chain {
-            stray.push(format!("chain {chain} carries policy name {name:?} of another chain"));
+            stray.push(format!(
+                "chain {chain} carries policy name {name:?} of another chain"
+            ));
             continue;
         }
         let mut ex = Vec::new();
@@ -384,7 +419,12 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
             None => None,
         };
         let ports = match sets.get(&format!("{chain}_pt")) {
-            Some(s) => Some(elems(Some(s)).iter().map(parse_port_elem).collect::<Result<Vec<_>, _>>()?),
+            Some(s) => Some(
+                elems(Some(s))
+                    .iter()
+                    .map(parse_port_elem)
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
             None => None,
         };
         let Some(srcs) = sources.remove(chain) else {
@@ -397,7 +437,10 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
         }
     }
     for (chain, srcs) in sources {
-        stray.push(format!("{} sources point at missing chain {chain}", srcs.len()));
+        stray.push(format!(
+            "{} sources point at missing chain {chain}",
+            srcs.len()
+        ));
     }
     Ok(ParsedTable { egress, stray })
 }
@@ -457,7 +500,9 @@ pub async fn nft_delete_table(family: &str, table: &str) -> Result<bool, Datapla
         {"delete": {"table": {"family": family, "name": table}}}
     ]});
     // Probe first so that a missing table is not reported as a change.
-    let exists = run_tool("nft", &["list", "table", family, table], None).await?.status_ok;
+    let exists = run_tool("nft", &["list", "table", family, table], None)
+        .await?
+        .status_ok;
     if !exists {
         return Ok(false);
     }
@@ -501,7 +546,10 @@ pub struct EgressSync {
 
 impl NftBackend {
     pub fn new(table: String) -> Self {
-        NftBackend { table, applied: None }
+        NftBackend {
+            table,
+            applied: None,
+        }
     }
 
     pub fn table(&self) -> &str {
@@ -545,12 +593,18 @@ impl NftBackend {
             let removed = nft_delete_table("inet", &self.table).await?;
             self.applied = Some(desired.clone());
             return Ok(EgressSync {
-                mode: if removed { SyncMode::Full } else { SyncMode::Unchanged },
+                mode: if removed {
+                    SyncMode::Full
+                } else {
+                    SyncMode::Unchanged
+                },
                 ..EgressSync::default()
             });
         }
         let doc = render_full(&self.table, desired);
-        let objects = doc["nftables"].as_array().map_or(0, |a| a.len().saturating_sub(3));
+        let objects = doc["nftables"]
+            .as_array()
+            .map_or(0, |a| a.len().saturating_sub(3));
         nft_apply(&doc).await?;
         self.applied = Some(desired.clone());
         Ok(EgressSync {

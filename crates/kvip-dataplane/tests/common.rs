@@ -80,14 +80,22 @@ pub fn kernel_listing(ns: &Netns) -> String {
             .join("\n")
     };
     out.push_str(&ns.exec_ok("nft", &["list", "ruleset"]).unwrap_or_default());
-    for cmd in ["iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save"] {
+    for cmd in [
+        "iptables-legacy-save",
+        "ip6tables-legacy-save",
+        "iptables-nft-save",
+        "ip6tables-nft-save",
+    ] {
         if let Ok(o) = ns.exec(cmd, &[]) {
             out.push_str(&format!("== {cmd}\n"));
             out.push_str(&strip(String::from_utf8_lossy(&o.stdout).into_owned()));
             out.push('\n');
         }
     }
-    out.push_str(&ns.exec_ok("ip", &["-d", "addr", "show"]).unwrap_or_default());
+    out.push_str(
+        &ns.exec_ok("ip", &["-d", "addr", "show"])
+            .unwrap_or_default(),
+    );
     out
 }
 
@@ -95,9 +103,7 @@ pub fn kernel_listing(ns: &Netns) -> String {
 pub fn kvip_objects(ns: &Netns) -> Vec<String> {
     kernel_listing(ns)
         .lines()
-        .filter(|l| {
-            l.contains("table inet kvip") || l.contains("KVIP-") || l.contains("proto 107")
-        })
+        .filter(|l| l.contains("table inet kvip") || l.contains("KVIP-") || l.contains("proto 107"))
         .map(str::to_string)
         .collect()
 }

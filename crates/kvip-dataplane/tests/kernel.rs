@@ -15,7 +15,11 @@ use kvip_testkit::{Netns, require_kernel};
 use serde_json::json;
 
 fn of_family(s: &DesiredState, f: Family) -> Vec<EgressPolicy> {
-    s.egress().iter().filter(|p| p.family() == f).cloned().collect()
+    s.egress()
+        .iter()
+        .filter(|p| p.family() == f)
+        .cloned()
+        .collect()
 }
 
 fn pair(tag: &str) -> (Netns, Netns) {
@@ -59,9 +63,17 @@ fn nft_rejected_transaction_leaves_previous_ruleset() {
         .as_array_mut()
         .expect("array")
         .push(json!({"add": {"rule": {"family": "inet", "table": "kvip", "chain": "no_such_chain", "expr": [{"accept": null}]}}}));
-    let res = ns.block_on(|| async { nft::nft_apply(&doc).await }).expect("netns");
-    assert!(res.is_err(), "the kernel accepted a rule in a missing chain");
-    assert_eq!(ns.exec_ok("nft", &["-a", "list", "ruleset"]).expect("list"), before);
+    let res = ns
+        .block_on(|| async { nft::nft_apply(&doc).await })
+        .expect("netns");
+    assert!(
+        res.is_err(),
+        "the kernel accepted a rule in a missing chain"
+    );
+    assert_eq!(
+        ns.exec_ok("nft", &["-a", "list", "ruleset"]).expect("list"),
+        before
+    );
 }
 
 #[test]
@@ -73,18 +85,37 @@ fn iptables_rejected_commit_leaves_previous_rules() {
         with_dataplane(&ns, cfg.clone(), async |dp| dp.apply(&a).await.map(|_| ())).expect("apply");
         // Someone references one of kvip's chains from outside: deleting that chain (B does
         // not have policy a/one) must fail, and the commit with it.
-        let tool = if name == "iptables-nft" { "iptables-nft" } else { "iptables-legacy" };
+        let tool = if name == "iptables-nft" {
+            "iptables-nft"
+        } else {
+            "iptables-legacy"
+        };
         let chain = format!("KVIP-E-{}", kvip_dataplane::names::ipt_policy_id("a/one"));
-        ns.exec_ok(tool, &["-t", "nat", "-N", "FOREIGN"]).expect("foreign chain");
-        ns.exec_ok(tool, &["-t", "nat", "-A", "FOREIGN", "-j", &chain]).expect("foreign ref");
+        ns.exec_ok(tool, &["-t", "nat", "-N", "FOREIGN"])
+            .expect("foreign chain");
+        ns.exec_ok(tool, &["-t", "nat", "-A", "FOREIGN", "-j", &chain])
+            .expect("foreign ref");
         let save = format!("{tool}-save");
         let before = ns.exec_ok(&save, &["-t", "nat"]).expect("save");
-        let strip = |s: &str| s.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+        let strip = |s: &str| {
+            s.lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
         let err = with_dataplane(&ns, cfg.clone(), async |dp| dp.apply(&b).await.map(|_| ()));
-        assert!(err.is_err(), "{name}: the commit deleting a referenced chain was accepted");
-        assert_eq!(strip(&ns.exec_ok(&save, &["-t", "nat"]).expect("save")), strip(&before), "{name}");
+        assert!(
+            err.is_err(),
+            "{name}: the commit deleting a referenced chain was accepted"
+        );
+        assert_eq!(
+            strip(&ns.exec_ok(&save, &["-t", "nat"]).expect("save")),
+            strip(&before),
+            "{name}"
+        );
         // Once the reference is gone, B applies exactly.
-        ns.exec_ok(tool, &["-t", "nat", "-D", "FOREIGN", "-j", &chain]).expect("remove ref");
+        ns.exec_ok(tool, &["-t", "nat", "-D", "FOREIGN", "-j", &chain])
+            .expect("remove ref");
         let o = common::apply_and_observe(&ns, cfg.clone(), &b);
         assert_eq!(o.state, b, "{name}");
     }
@@ -101,8 +132,14 @@ fn readers_never_see_a_partial_ruleset() {
             let reader = s.spawn(|| {
                 let mut n = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let o = with_dataplane(&ns, cfg.clone(), async |dp| dp.observe().await.expect("observe"));
-                    assert!(o.stray.is_empty(), "{name}: partial state visible: {:?}", o.stray);
+                    let o = with_dataplane(&ns, cfg.clone(), async |dp| {
+                        dp.observe().await.expect("observe")
+                    });
+                    assert!(
+                        o.stray.is_empty(),
+                        "{name}: partial state visible: {:?}",
+                        o.stray
+                    );
                     // nftables: one inet table, one transaction for both families.
                     // iptables: one commit per family (separate kernel tables).
                     let ok = if name == "nftables" {
@@ -113,7 +150,11 @@ fn readers_never_see_a_partial_ruleset() {
                             got.is_empty() || got == of_family(&a, *f) || got == of_family(&b, *f)
                         })
                     };
-                    assert!(ok, "{name}: a reader saw a state that was never applied: {:?}", o.state);
+                    assert!(
+                        ok,
+                        "{name}: a reader saw a state that was never applied: {:?}",
+                        o.state
+                    );
                     n += 1;
                 }
                 n
@@ -135,13 +176,28 @@ fn readers_never_see_a_partial_ruleset() {
 fn nft_incremental_failure_falls_back_to_full_replace() {
     require_kernel!();
     let (ns, _p) = pair("inc");
-    let a = state("egress: [{name: x/y, vip: 192.0.2.10, sources: [10.244.1.1, 10.244.1.2], exclude: [10.244.0.0/16]}]");
-    let b = state("egress: [{name: x/y, vip: 192.0.2.10, sources: [10.244.1.3], exclude: [10.244.0.0/16]}]");
+    let a = state(
+        "egress: [{name: x/y, vip: 192.0.2.10, sources: [10.244.1.1, 10.244.1.2], exclude: [10.244.0.0/16]}]",
+    );
+    let b = state(
+        "egress: [{name: x/y, vip: 192.0.2.10, sources: [10.244.1.3], exclude: [10.244.0.0/16]}]",
+    );
     with_dataplane(&ns, Config::default(), async |dp| {
         dp.apply(&a).await.expect("apply");
         // Drift: an element removed by hand. The delta (delete 10.244.1.1) is refused by the
         // kernel; the dataplane must fall back to a full replace and end exact.
-        ns.exec_ok("nft", &["delete", "element", "inet", "kvip", "src4", "{ 10.244.1.1 }"]).expect("drift");
+        ns.exec_ok(
+            "nft",
+            &[
+                "delete",
+                "element",
+                "inet",
+                "kvip",
+                "src4",
+                "{ 10.244.1.1 }",
+            ],
+        )
+        .expect("drift");
         let r = dp.apply(&b).await.expect("apply");
         assert_eq!(r.mode, SyncMode::Full);
         assert_eq!(dp.observe().await.expect("observe").state, b);
@@ -170,10 +226,24 @@ vips:
     with_dataplane(&ns, cfg, async |dp| dp.apply(&s).await.map(|_| ())).expect("apply");
     std::thread::sleep(Duration::from_millis(100));
     let frames = cap.finish();
-    let mac_s = ns.exec_ok("cat", &["/sys/class/net/eth0/address"]).expect("mac");
-    let mac: Vec<u8> = mac_s.trim().split(':').map(|h| u8::from_str_radix(h, 16).expect("hex")).collect();
-    let garps: Vec<_> = frames.iter().filter_map(|f| parse_garp(f)).filter(|a| a.address == VIP4).collect();
-    let nas: Vec<_> = frames.iter().filter_map(|f| parse_unsolicited_na(f)).filter(|a| a.address == VIP6).collect();
+    let mac_s = ns
+        .exec_ok("cat", &["/sys/class/net/eth0/address"])
+        .expect("mac");
+    let mac: Vec<u8> = mac_s
+        .trim()
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+        .collect();
+    let garps: Vec<_> = frames
+        .iter()
+        .filter_map(|f| parse_garp(f))
+        .filter(|a| a.address == VIP4)
+        .collect();
+    let nas: Vec<_> = frames
+        .iter()
+        .filter_map(|f| parse_unsolicited_na(f))
+        .filter(|a| a.address == VIP6)
+        .collect();
     assert_eq!(garps.len(), 3, "gratuitous ARPs seen: {garps:?}");
     assert_eq!(nas.len(), 3, "unsolicited NAs seen: {nas:?}");
     for a in garps.iter().chain(&nas) {
@@ -191,8 +261,13 @@ fn conntrack_flush_moves_existing_flows_to_the_vip() {
         // every Kubernetes node) and the flow starts out masqueraded.
         let lab = EgressLab::new("ctf", true).expect("lab");
         let dst = SocketAddr::new(EXT4, 8080);
-        let sock = lab.pod.enter(|| UdpSocket::bind("0.0.0.0:0")).expect("netns").expect("bind");
-        sock.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        let sock = lab
+            .pod
+            .enter(|| UdpSocket::bind("0.0.0.0:0"))
+            .expect("netns")
+            .expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
         let ask = |s: &UdpSocket| -> String {
             s.send_to(b"?", dst).expect("send");
             let mut buf = [0u8; 64];
@@ -211,22 +286,40 @@ fn conntrack_flush_moves_existing_flows_to_the_vip() {
             "vips: [{address: 192.0.2.10, interface: eth0}]
 egress: [{name: d/web, vip: 192.0.2.10, sources: [10.244.1.5], exclude: [10.244.0.0/16]}]",
         );
-        let r = with_dataplane(&lab.node, cfg.clone(), async |dp| dp.apply(&s).await.expect("apply"));
+        let r = with_dataplane(&lab.node, cfg.clone(), async |dp| {
+            dp.apply(&s).await.expect("apply")
+        });
         assert_eq!(r.conntrack_flushed, 1, "{name}: {r:?}");
         // Same socket, same 5-tuple: without the flush the old untranslated entry would stay.
-        assert_eq!(ask(&sock), VIP4.to_string(), "{name}: existing flow after apply");
-        let r = with_dataplane(&lab.node, cfg.clone(), async |dp| dp.apply(&DesiredState::empty()).await.expect("apply"));
+        assert_eq!(
+            ask(&sock),
+            VIP4.to_string(),
+            "{name}: existing flow after apply"
+        );
+        let r = with_dataplane(&lab.node, cfg.clone(), async |dp| {
+            dp.apply(&DesiredState::empty()).await.expect("apply")
+        });
         assert_eq!(r.conntrack_flushed, 1, "{name}");
-        assert_eq!(ask(&sock), NODE4.to_string(), "{name}: existing flow after removal");
+        assert_eq!(
+            ask(&sock),
+            NODE4.to_string(),
+            "{name}: existing flow after removal"
+        );
         // Control: with flushing switched off the same flow keeps its stale translation,
         // which is what the flush exists to prevent.
         let off = Config {
             no_conntrack_flush: true,
             ..cfg.clone()
         };
-        let r = with_dataplane(&lab.node, off, async |dp| dp.apply(&s).await.expect("apply"));
+        let r = with_dataplane(&lab.node, off, async |dp| {
+            dp.apply(&s).await.expect("apply")
+        });
         assert_eq!(r.conntrack_flushed, 0, "{name}");
-        assert_eq!(ask(&sock), NODE4.to_string(), "{name}: unflushed flow keeps the old source");
+        assert_eq!(
+            ask(&sock),
+            NODE4.to_string(),
+            "{name}: unflushed flow keeps the old source"
+        );
     }
 }
 
@@ -260,42 +353,80 @@ fn clean_legacy_removes_kube_vip_and_nothing_else() {
     for v in ["legacy", "nft"] {
         for (rules, what) in [(FOREIGN_RULES, "foreign"), (KUBE_VIP_MANGLE, "kube-vip")] {
             let out = ns
-                .exec("sh", &["-c", &format!("printf '%s' '{rules}' | iptables-{v}-restore --noflush")])
+                .exec(
+                    "sh",
+                    &[
+                        "-c",
+                        &format!("printf '%s' '{rules}' | iptables-{v}-restore --noflush"),
+                    ],
+                )
                 .expect("restore");
-            assert!(out.status.success(), "{v} {what}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{v} {what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
-    ns.sh(
-        "nft add table ip kube_vip_v4
+    ns.sh("nft add table ip kube_vip_v4
          nft add chain ip kube_vip_v4 post '{ type nat hook postrouting priority 100; }'
          nft add table ip6 kube_vip_v6
          nft add table inet mykube_vip_v4
-         nft add table ip kubevip",
-    )
-    .expect("nft tables");
+         nft add table ip kubevip")
+        .expect("nft tables");
     let foreign = |ns: &Netns| -> String {
         let mut s = String::new();
         for v in ["legacy", "nft"] {
-            let o = ns.exec_ok(&format!("iptables-{v}-save"), &[]).expect("save");
-            s.extend(o.lines().filter(|l| !l.starts_with('#') && !l.contains("KUBE-VIP") && !l.contains("a3ViZS12aXAK=")).map(|l| format!("{}\n", l.split(" [").next().unwrap_or(l))));
+            let o = ns
+                .exec_ok(&format!("iptables-{v}-save"), &[])
+                .expect("save");
+            s.extend(
+                o.lines()
+                    .filter(|l| {
+                        !l.starts_with('#')
+                            && !l.contains("KUBE-VIP")
+                            && !l.contains("a3ViZS12aXAK=")
+                    })
+                    .map(|l| format!("{}\n", l.split(" [").next().unwrap_or(l))),
+            );
         }
-        s.extend(ns.exec_ok("nft", &["list", "tables"]).expect("nft").lines().filter(|l| !l.contains(" kube_vip_")).map(|l| format!("{l}\n")));
+        s.extend(
+            ns.exec_ok("nft", &["list", "tables"])
+                .expect("nft")
+                .lines()
+                .filter(|l| !l.contains(" kube_vip_"))
+                .map(|l| format!("{l}\n")),
+        );
         s
     };
     let foreign_before = foreign(&ns);
-    assert!(foreign_before.contains("OTHER-EGRESS") && foreign_before.contains("kube-vip-lookalike"));
-    let report = ns.block_on(|| async { kvip_dataplane::legacy::clean_legacy().await }).expect("netns");
+    assert!(
+        foreign_before.contains("OTHER-EGRESS") && foreign_before.contains("kube-vip-lookalike")
+    );
+    let report = ns
+        .block_on(|| async { kvip_dataplane::legacy::clean_legacy().await })
+        .expect("netns");
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     for v in ["legacy", "nft"] {
-        let all = ns.exec_ok(&format!("iptables-{v}-save"), &[]).expect("save");
+        let all = ns
+            .exec_ok(&format!("iptables-{v}-save"), &[])
+            .expect("save");
         assert!(!all.contains("KUBE-VIP-EGRESS"), "{v}: {all}");
         assert!(!all.contains("a3ViZS12aXAK="), "{v}: {all}");
     }
     let tables = ns.exec_ok("nft", &["list", "tables"]).expect("nft");
-    assert!(!tables.contains(" kube_vip_v4\n") && !tables.contains("kube_vip_v6"), "{tables}");
+    assert!(
+        !tables.contains(" kube_vip_v4\n") && !tables.contains("kube_vip_v6"),
+        "{tables}"
+    );
     assert_eq!(foreign(&ns), foreign_before, "foreign rules changed");
     // 2 variants × (3 kube-vip rules' chain + jump + nat rule) + 2 nft tables.
     assert_eq!(report.removed.len(), 2 * 3 + 2, "{:#?}", report.removed);
-    let again = ns.block_on(|| async { kvip_dataplane::legacy::clean_legacy().await }).expect("netns");
-    assert!(again.removed.is_empty() && again.errors.is_empty(), "second run: {again:?}");
+    let again = ns
+        .block_on(|| async { kvip_dataplane::legacy::clean_legacy().await })
+        .expect("netns");
+    assert!(
+        again.removed.is_empty() && again.errors.is_empty(),
+        "second run: {again:?}"
+    );
 }

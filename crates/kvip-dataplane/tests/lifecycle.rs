@@ -10,7 +10,12 @@ use kvip_dataplane::{Dataplane, SyncMode};
 use kvip_testkit::{Netns, require_kernel};
 use serde_json::Value;
 
-const VIPS: [&str; 4] = ["192.0.2.10", "192.0.2.11", "2001:db8:1::10", "2001:db8:1::11"];
+const VIPS: [&str; 4] = [
+    "192.0.2.10",
+    "192.0.2.11",
+    "2001:db8:1::10",
+    "2001:db8:1::11",
+];
 
 fn node() -> (Netns, Netns) {
     let node = Netns::new("lcn").expect("netns");
@@ -23,8 +28,7 @@ fn node() -> (Netns, Netns) {
 /// Objects kvip does not own: another nft table, iptables rules and a chain in the same
 /// built-in chains (both variants, both families), an unmarked address on the VIP interface.
 fn add_foreign(ns: &Netns) {
-    ns.sh(
-        "nft add table inet foreign
+    ns.sh("nft add table inet foreign
          nft add chain inet foreign post '{ type nat hook postrouting priority 100; }'
          nft add rule inet foreign post ip saddr 10.9.9.9 counter masquerade
          nft add table ip kube_proxy_like
@@ -39,20 +43,30 @@ fn add_foreign(ns: &Netns) {
            $t -t nat -A POSTROUTING -s fd00:9::/64 -j MASQUERADE
          done
          ip addr add 192.0.2.77/24 dev eth0
-         ip -6 addr add 2001:db8:1::77/64 dev eth0 nodad",
-    )
-    .expect("foreign objects");
+         ip -6 addr add 2001:db8:1::77/64 dev eth0 nodad")
+        .expect("foreign objects");
 }
 
 /// Everything in the namespace that is not kvip's, as text.
 fn foreign(ns: &Netns) -> String {
     let mut out = String::new();
-    let rs: Value = serde_json::from_str(&ns.exec_ok("nft", &["-j", "list", "ruleset"]).expect("nft"))
-        .expect("nft json");
+    let rs: Value =
+        serde_json::from_str(&ns.exec_ok("nft", &["-j", "list", "ruleset"]).expect("nft"))
+            .expect("nft json");
     for item in rs["nftables"].as_array().into_iter().flatten() {
-        let obj = item.as_object().and_then(|o| o.values().next()).cloned().unwrap_or(Value::Null);
-        let table = obj.get("table").or_else(|| obj.get("name")).and_then(Value::as_str).unwrap_or("");
-        if item.get("metainfo").is_some() || (table == "kvip" && obj.get("family") == Some(&Value::from("inet"))) {
+        let obj = item
+            .as_object()
+            .and_then(|o| o.values().next())
+            .cloned()
+            .unwrap_or(Value::Null);
+        let table = obj
+            .get("table")
+            .or_else(|| obj.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if item.get("metainfo").is_some()
+            || (table == "kvip" && obj.get("family") == Some(&Value::from("inet")))
+        {
             continue;
         }
         // Rules iptables-nft writes into its own tables are foreign too; keep everything but
@@ -64,7 +78,12 @@ fn foreign(ns: &Netns) -> String {
         out.push_str(&text);
         out.push('\n');
     }
-    for cmd in ["iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save"] {
+    for cmd in [
+        "iptables-legacy-save",
+        "ip6tables-legacy-save",
+        "iptables-nft-save",
+        "ip6tables-nft-save",
+    ] {
         let o = ns.exec(cmd, &[]).expect("save");
         for l in String::from_utf8_lossy(&o.stdout).lines() {
             if l.starts_with('#') || l.contains("KVIP-") {
@@ -75,7 +94,8 @@ fn foreign(ns: &Netns) -> String {
         }
     }
     let addrs: Value =
-        serde_json::from_str(&ns.exec_ok("ip", &["-j", "addr", "show"]).expect("ip")).expect("ip json");
+        serde_json::from_str(&ns.exec_ok("ip", &["-j", "addr", "show"]).expect("ip"))
+            .expect("ip json");
     for link in addrs.as_array().into_iter().flatten() {
         for a in link["addr_info"].as_array().into_iter().flatten() {
             let local = a["local"].as_str().unwrap_or("");
@@ -122,13 +142,25 @@ egress:
 
 fn listing(ns: &Netns, backend: &str) -> String {
     if backend == "nftables" {
-        ns.exec_ok("nft", &["-a", "list", "table", "inet", "kvip"]).unwrap_or_default()
+        ns.exec_ok("nft", &["-a", "list", "table", "inet", "kvip"])
+            .unwrap_or_default()
     } else {
-        let tool = if backend == "iptables-nft" { "nft" } else { "legacy" };
+        let tool = if backend == "iptables-nft" {
+            "nft"
+        } else {
+            "legacy"
+        };
         let mut s = String::new();
-        for cmd in [format!("iptables-{tool}-save"), format!("ip6tables-{tool}-save")] {
+        for cmd in [
+            format!("iptables-{tool}-save"),
+            format!("ip6tables-{tool}-save"),
+        ] {
             let o = ns.exec_ok(&cmd, &["-t", "nat"]).expect("save");
-            s.extend(o.lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")));
+            s.extend(
+                o.lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .map(|l| format!("{l}\n")),
+            );
         }
         s
     }
@@ -136,8 +168,16 @@ fn listing(ns: &Netns, backend: &str) -> String {
 
 fn changed_lines(a: &str, b: &str) -> Vec<String> {
     let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
-    let mut out: Vec<String> = la.iter().filter(|l| !lb.contains(l)).map(|l| format!("-{l}")).collect();
-    out.extend(lb.iter().filter(|l| !la.contains(l)).map(|l| format!("+{l}")));
+    let mut out: Vec<String> = la
+        .iter()
+        .filter(|l| !lb.contains(l))
+        .map(|l| format!("-{l}"))
+        .collect();
+    out.extend(
+        lb.iter()
+            .filter(|l| !la.contains(l))
+            .map(|l| format!("+{l}")),
+    );
     out
 }
 
@@ -150,7 +190,10 @@ fn lifecycle_matrix() {
         let foreign0 = foreign(&ns);
         let check_foreign = |step: &str| {
             let now = foreign(&ns);
-            assert_eq!(now, foreign0, "{backend}: foreign objects changed by {step}");
+            assert_eq!(
+                now, foreign0,
+                "{backend}: foreign objects changed by {step}"
+            );
         };
         let s1 = base("10.244.1.5, 10.244.1.6, 10.244.1.7");
 
@@ -172,14 +215,28 @@ fn lifecycle_matrix() {
             let l_first = listing(&ns, backend);
             let r = dp.apply(&s1).await.expect("re-apply");
             assert_eq!(r.mode, SyncMode::Unchanged, "{backend}");
-            assert!(r.vips_added.is_empty() && r.vips_removed.is_empty(), "{backend}");
-            assert_eq!(listing(&ns, backend), l_first, "{backend}: re-apply changed the kernel");
+            assert!(
+                r.vips_added.is_empty() && r.vips_removed.is_empty(),
+                "{backend}"
+            );
+            assert_eq!(
+                listing(&ns, backend),
+                l_first,
+                "{backend}: re-apply changed the kernel"
+            );
         });
         // And from a new process: the kernel content is the same as after the first apply.
         let strip_handles = |s: &str| -> String {
-            s.lines().map(|l| l.split(" # handle").next().unwrap_or(l).to_string()).collect::<Vec<_>>().join("\n")
+            s.lines()
+                .map(|l| l.split(" # handle").next().unwrap_or(l).to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
         };
-        assert_eq!(strip_handles(&listing(&ns, backend)), strip_handles(&l1), "{backend}");
+        assert_eq!(
+            strip_handles(&listing(&ns, backend)),
+            strip_handles(&l1),
+            "{backend}"
+        );
         check_foreign("re-apply");
 
         // One pod replaced: only that element changes.
@@ -194,15 +251,27 @@ fn lifecycle_matrix() {
             }
             let after = listing(&ns, backend);
             let diff = changed_lines(&before, &after);
-            assert!(diff.len() <= 2, "{backend}: one pod changed more than one element: {diff:#?}");
-            assert!(after.contains("10.244.1.8") && !after.contains("10.244.1.7"), "{backend}");
+            assert!(
+                diff.len() <= 2,
+                "{backend}: one pod changed more than one element: {diff:#?}"
+            );
+            assert!(
+                after.contains("10.244.1.8") && !after.contains("10.244.1.7"),
+                "{backend}"
+            );
             if backend == "nftables" {
                 // Every chain, set, map and rule keeps its handle: nothing was re-created.
                 let handles = |s: &str| -> Vec<String> {
-                    s.lines().filter(|l| l.contains("# handle")).map(str::to_string).collect()
+                    s.lines()
+                        .filter(|l| l.contains("# handle"))
+                        .map(str::to_string)
+                        .collect()
                 };
                 assert_eq!(handles(&before), handles(&after), "{backend}");
-                assert!(!handles(&before).is_empty(), "{backend}: listing without handles");
+                assert!(
+                    !handles(&before).is_empty(),
+                    "{backend}: listing without handles"
+                );
             }
             let o = dp.observe().await.expect("observe");
             assert_eq!(o.state, s2, "{backend}");
@@ -223,12 +292,25 @@ egress:
         let o = common::apply_and_observe(&ns, cfg.clone(), &s3);
         assert_eq!(o.state, s3, "{backend}");
         let l3 = listing(&ns, backend);
-        for gone in ["default_web", "10.244.1.5", "fd00:10:244", "2001:db8:1::10", "203.0.113.0", "other_v6"] {
-            assert!(!l3.contains(gone), "{backend}: {gone} left after removing its policy:\n{l3}");
+        for gone in [
+            "default_web",
+            "10.244.1.5",
+            "fd00:10:244",
+            "2001:db8:1::10",
+            "203.0.113.0",
+            "other_v6",
+        ] {
+            assert!(
+                !l3.contains(gone),
+                "{backend}: {gone} left after removing its policy:\n{l3}"
+            );
         }
         if backend != "nftables" {
             let web = kvip_dataplane::names::ipt_policy_id("default/web");
-            assert!(!l3.contains(&web), "{backend}: chains of default/web left:\n{l3}");
+            assert!(
+                !l3.contains(&web),
+                "{backend}: chains of default/web left:\n{l3}"
+            );
         }
         check_foreign("policy removal");
 
@@ -238,7 +320,10 @@ egress:
             assert!(r.errors.is_empty(), "{backend}: {:?}", r.errors);
             assert!(!r.removed.is_empty(), "{backend}");
             let r = dp.teardown().await;
-            assert!(r.errors.is_empty() && r.removed.is_empty(), "{backend}: second teardown {r:?}");
+            assert!(
+                r.errors.is_empty() && r.removed.is_empty(),
+                "{backend}: second teardown {r:?}"
+            );
             let o = dp.observe().await.expect("observe");
             assert!(o.state.is_empty() && o.stray.is_empty(), "{backend}: {o:?}");
         });

@@ -59,7 +59,12 @@ impl EgressLab {
         node.addr("eth0", "2001:db8:1::1/64")?;
         ext.addr("eth0", "192.0.2.100/24")?;
         ext.addr("eth0", "2001:db8:1::100/64")?;
-        for a in ["198.51.100.100/32", "203.0.113.100/32", "2001:db8:2::100/128", "2001:db8:3::100/128"] {
+        for a in [
+            "198.51.100.100/32",
+            "203.0.113.100/32",
+            "2001:db8:2::100/128",
+            "2001:db8:3::100/128",
+        ] {
             ext.addr("lo", a)?;
         }
         pod.route(&["default", "via", "10.244.1.1"])?;
@@ -75,11 +80,35 @@ impl EgressLab {
         if masquerade {
             node.exec_ok(
                 "iptables",
-                &["-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "!", "-d", "10.244.0.0/16", "-j", "MASQUERADE"],
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "POSTROUTING",
+                    "-s",
+                    "10.244.0.0/16",
+                    "!",
+                    "-d",
+                    "10.244.0.0/16",
+                    "-j",
+                    "MASQUERADE",
+                ],
             )?;
             node.exec_ok(
                 "ip6tables",
-                &["-t", "nat", "-A", "POSTROUTING", "-s", "fd00:10:244::/48", "!", "-d", "fd00:10:244::/48", "-j", "MASQUERADE"],
+                &[
+                    "-t",
+                    "nat",
+                    "-A",
+                    "POSTROUTING",
+                    "-s",
+                    "fd00:10:244::/48",
+                    "!",
+                    "-d",
+                    "fd00:10:244::/48",
+                    "-j",
+                    "MASQUERADE",
+                ],
             )?;
         }
         let mut listen = Vec::new();
@@ -109,6 +138,9 @@ impl EgressLab {
 
     /// Names of the lab's namespaces (for clean-up from a signal handler).
     pub fn namespace_names(&self) -> Vec<String> {
-        [&self.pod, &self.node, &self.ext].iter().map(|n| n.name().to_string()).collect()
+        [&self.pod, &self.node, &self.ext]
+            .iter()
+            .map(|n| n.name().to_string())
+            .collect()
     }
 }

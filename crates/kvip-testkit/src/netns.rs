@@ -8,10 +8,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum NetnsError {
     #[error("cannot run {cmd}: {source}")]
-    Spawn {
-        cmd: String,
-        source: std::io::Error,
-    },
+    Spawn { cmd: String, source: std::io::Error },
     #[error("{cmd} failed ({status}): {stderr}")]
     Failed {
         cmd: String,
@@ -63,7 +60,11 @@ impl Netns {
     /// listing of leftover namespaces; uniqueness comes from the pid and a counter.
     pub fn new(tag: &str) -> Result<Netns, NetnsError> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tag: String = tag.chars().filter(char::is_ascii_alphanumeric).take(6).collect();
+        let tag: String = tag
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(6)
+            .collect();
         let name = format!("kvt{}{}x{n}", std::process::id(), tag);
         run_ok("ip", &["netns", "add", &name])?;
         let ns = Netns { name };
@@ -96,7 +97,8 @@ impl Netns {
 
     /// Writes a sysctl inside the namespace (e.g. `net.ipv4.ip_forward`, `1`).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), NetnsError> {
-        self.exec_ok("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+        self.exec_ok("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(|_| ())
     }
 
     /// Runs `f` on a new thread that has entered this namespace, and returns its result.
@@ -150,7 +152,15 @@ impl Netns {
         self.exec_ok(
             "ip",
             &[
-                "link", "add", ifname, "type", "veth", "peer", "name", peer_ifname, "netns",
+                "link",
+                "add",
+                ifname,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer_ifname,
+                "netns",
                 &peer.name,
             ],
         )?;

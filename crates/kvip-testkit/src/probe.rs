@@ -23,17 +23,18 @@ impl Reporter {
         let mut threads = Vec::new();
         for addr in addrs {
             let addr = *addr;
-            let (tcp, udp) = ns.enter(move || {
-                let tcp = TcpListener::bind(addr)?;
-                tcp.set_nonblocking(true)?;
-                let udp = UdpSocket::bind(addr)?;
-                udp.set_read_timeout(Some(Duration::from_millis(20)))?;
-                Ok::<_, std::io::Error>((tcp, udp))
-            })?
-            .map_err(|source| NetnsError::Enter {
-                name: format!("{} (bind {addr})", ns.name()),
-                source,
-            })?;
+            let (tcp, udp) = ns
+                .enter(move || {
+                    let tcp = TcpListener::bind(addr)?;
+                    tcp.set_nonblocking(true)?;
+                    let udp = UdpSocket::bind(addr)?;
+                    udp.set_read_timeout(Some(Duration::from_millis(20)))?;
+                    Ok::<_, std::io::Error>((tcp, udp))
+                })?
+                .map_err(|source| NetnsError::Enter {
+                    name: format!("{} (bind {addr})", ns.name()),
+                    source,
+                })?;
             let s = stop.clone();
             threads.push(std::thread::spawn(move || {
                 while !s.load(Ordering::Relaxed) {

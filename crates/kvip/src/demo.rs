@@ -28,7 +28,11 @@ fn preflight() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("kvip demo needs root to create network namespaces: run it with sudo (or as root)");
     }
-    for (tool, pkg) in [("ip", "iproute2"), ("nft", "nftables"), ("iptables", "iptables")] {
+    for (tool, pkg) in [
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("iptables", "iptables"),
+    ] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
@@ -42,7 +46,10 @@ fn preflight() -> Result<()> {
 /// Deletes the lab's namespaces when the demo is interrupted (Ctrl-C or SIGTERM).
 fn cleanup_on_signal(names: Arc<Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
         rt.block_on(async {
@@ -58,7 +65,9 @@ fn cleanup_on_signal(names: Arc<Mutex<Vec<String>>>) {
         });
         if let Ok(list) = names.lock() {
             for n in list.iter() {
-                let _ = std::process::Command::new("ip").args(["netns", "del", n]).status();
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", n])
+                    .status();
             }
         }
         eprintln!("\nkvip demo: interrupted; lab removed");
@@ -76,18 +85,29 @@ fn apply(lab: &EgressLab, backend: BackendKind, s: &DesiredState) -> Result<Stri
             .await?;
             let r = dp.apply(s).await?;
             dp.wait_announcements().await;
-            let listing = if s.is_empty() { String::new() } else { dp.raw_listing().await? };
+            let listing = if s.is_empty() {
+                String::new()
+            } else {
+                dp.raw_listing().await?
+            };
             let observed = dp.observe().await?;
             if observed.state != *s || !observed.stray.is_empty() {
                 bail!("read-back differs from the applied state: {:?}", observed);
             }
-            Ok::<_, anyhow::Error>(format!("{} ({:?}, {:.1} ms)\n{listing}", r.backend, r.mode, r.duration.as_secs_f64() * 1e3))
+            Ok::<_, anyhow::Error>(format!(
+                "{} ({:?}, {:.1} ms)\n{listing}",
+                r.backend,
+                r.mode,
+                r.duration.as_secs_f64() * 1e3
+            ))
         })
         .context("entering the node namespace")?
 }
 
 fn expect_seen(lab: &EgressLab, dst: IpAddr, want: IpAddr, what: &str) -> Result<()> {
-    let seen = lab.seen_tcp(dst, 8080).with_context(|| format!("connecting to {dst}"))?;
+    let seen = lab
+        .seen_tcp(dst, 8080)
+        .with_context(|| format!("connecting to {dst}"))?;
     let mark = if seen == want { "ok" } else { "UNEXPECTED" };
     println!("   external host saw {seen:<16} {what} [{mark}]");
     if seen != want {
@@ -105,13 +125,17 @@ pub fn run(backend: BackendKind) -> Result<()> {
     if let Ok(mut n) = names.lock() {
         *n = lab.namespace_names();
     }
-    println!("   pod {POD4} / {POD6}  ->  node {NODE4} / {NODE6} (CNI-like MASQUERADE)  ->  external {EXT4} / {EXT6}");
+    println!(
+        "   pod {POD4} / {POD6}  ->  node {NODE4} / {NODE6} (CNI-like MASQUERADE)  ->  external {EXT4} / {EXT6}"
+    );
     println!("\n1. Without kvip, pod traffic leaves masqueraded to the node's address:");
     expect_seen(&lab, EXT4, NODE4, "(node address)")?;
     expect_seen(&lab, EXT6, NODE6, "(node address)")?;
 
     let state: DesiredState = serde_norway::from_str(STATE).context("demo state")?;
-    println!("\n2. kvip applies VIPs {VIP4} and {VIP6} on the node's eth0 and egress policies for the pod:");
+    println!(
+        "\n2. kvip applies VIPs {VIP4} and {VIP6} on the node's eth0 and egress policies for the pod:"
+    );
     let out = apply(&lab, backend, &state)?;
     for line in out.lines() {
         println!("   {line}");

@@ -15,7 +15,11 @@ use kvip_dataplane::{
 };
 
 #[derive(Parser)]
-#[command(name = "kvip", version, about = "Virtual IPs and egress SNAT for Kubernetes LoadBalancer Services")]
+#[command(
+    name = "kvip",
+    version,
+    about = "Virtual IPs and egress SNAT for Kubernetes LoadBalancer Services"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -87,7 +91,13 @@ enum VariantArg {
 #[derive(Args)]
 struct DataplaneOpts {
     /// Rule backend: nftables, iptables, or auto (nftables when `nft` works).
-    #[arg(long, global = true, value_enum, default_value = "auto", env = "KVIP_BACKEND")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "auto",
+        env = "KVIP_BACKEND"
+    )]
     backend: BackendArg,
     /// Instance name (1-8 of a-z0-9): table kvip_<name>, chains KVIP-<NAME>-*.
     #[arg(long, global = true, env = "KVIP_INSTANCE")]
@@ -138,7 +148,9 @@ impl DataplaneOpts {
 fn read_state(path: &PathBuf) -> Result<DesiredState> {
     let text = if path.as_os_str() == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("reading the state from stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the state from stdin")?;
         s
     } else {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?

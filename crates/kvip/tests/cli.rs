@@ -1,0 +1,424 @@
+//! The `kvip` binary against the real kernel, one namespace per test: bad input applies
+//! nothing, SIGKILL in the middle of applies is repaired by the next process, instances do
+//! not touch each other.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use kvip_testkit::{Netns, require_kernel};
+
+const KVIP: &str = env!("CARGO_BIN_EXE_kvip");
+
+fn node(tag: &str) -> (Netns, Netns) {
+    let ns = Netns::new(tag).expect("netns");
+    let peer = Netns::new(&format!("{tag}p")).expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    (ns, peer)
+}
+
+fn kvip(ns: &Netns, args: &[&str]) -> Output {
+    let mut full = vec!["netns", "exec", ns.name(), KVIP];
+    full.extend_from_slice(args);
+    Command::new("ip")
+        .args(&full)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run kvip")
+}
+
+fn write_state(dir: &tempdir::Dir, name: &str, body: &str) -> PathBuf {
+    let p = dir.path().join(name);
+    let mut f = std::fs::File::create(&p).expect("create state");
+    f.write_all(body.as_bytes()).expect("write state");
+    p
+}
+
+mod tempdir {
+    use std::path::{Path, PathBuf};
+    /// A directory removed on drop.
+    pub struct Dir(PathBuf);
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("kvip-test-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&p).expect("temp dir");
+            Dir(p)
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn listing(ns: &Netns) -> String {
+    let mut s = ns.exec_ok("nft", &["list", "ruleset"]).expect("nft");
+    s.push_str(&ns.exec_ok("ip", &["addr", "show", "eth0"]).expect("ip"));
+    for t in ["iptables-nft-save", "iptables-legacy-save"] {
+        let o = ns.exec_ok(t, &["-t", "nat"]).expect("save");
+        s.extend(
+            o.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| format!("{l}\n")),
+        );
+    }
+    s
+}
+
+const GOOD: &str = r#"
+vips: [{address: 192.0.2.10, interface: eth0}]
+egress:
+  - {name: default/web, vip: 192.0.2.10, sources: [10.244.1.5], exclude: [10.244.0.0/16]}
+"#;
+
+#[test]
+fn bad_input_is_rejected_and_applies_nothing() {
+    require_kernel!();
+    let (ns, _p) = node("bad");
+    let dir = tempdir::Dir::new("bad");
+    let good = write_state(&dir, "good.yaml", GOOD);
+    let out = kvip(
+        &ns,
+        &[
+            "dataplane",
+            "apply",
+            "--state",
+            good.to_str().expect("path"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = listing(&ns);
+    let policy = |extra: &str, sources: &str, vip: &str| {
+        format!(
+            "egress:\n  - name: bad/one\n    vip: {vip}\n    sources: {sources}\n    exclude: [10.244.0.0/16]\n{extra}"
+        )
+    };
+    let cases = [
+        (
+            "malformed CIDR",
+            policy("    allow: [300.1.1.1/8]\n", "[10.244.1.9]", "192.0.2.11"),
+            "300.1.1.1/8",
+        ),
+        (
+            "port 0",
+            policy("    ports: [\"tcp:0\"]\n", "[10.244.1.9]", "192.0.2.11"),
+            "\"0\"",
+        ),
+        (
+            "port 70000",
+            policy("    ports: [\"tcp:70000\"]\n", "[10.244.1.9]", "192.0.2.11"),
+            "70000",
+        ),
+        (
+            "unknown protocol",
+            policy("    ports: [\"icmp:7\"]\n", "[10.244.1.9]", "192.0.2.11"),
+            "icmp",
+        ),
+        (
+            "mixed families",
+            policy("", "[\"fd00::9\"]", "192.0.2.11"),
+            "fd00::9",
+        ),
+        (
+            "conflicting sources",
+            format!(
+                "{}  - {{name: bad/two, vip: 192.0.2.12, sources: [10.244.1.9], exclude: []}}\n",
+                policy("", "[10.244.1.9]", "192.0.2.11")
+            ),
+            "bad/two",
+        ),
+        (
+            "unknown field",
+            "egress:\n  - {name: x, vip: 192.0.2.11, sources: [10.244.1.9], exclud: []}\n"
+                .to_string(),
+            "exclud",
+        ),
+        (
+            "missing interface",
+            "vips: [{address: 192.0.2.11, interface: nosuch0}]\n".to_string(),
+            "nosuch0",
+        ),
+    ];
+    for (what, body, needle) in cases {
+        let p = write_state(&dir, "bad.yaml", &body);
+        let out = kvip(
+            &ns,
+            &["dataplane", "apply", "--state", p.to_str().expect("path")],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: not one line: {err}");
+        assert!(
+            err.starts_with("kvip: error: ") && err.contains(needle),
+            "{what}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert_eq!(listing(&ns), before, "{what}: the kernel changed");
+    }
+}
+
+#[test]
+fn sigkill_during_applies_then_new_state_is_exact() {
+    require_kernel!();
+    let (ns, _p) = node("kil");
+    let dir = tempdir::Dir::new("kil");
+    // States A and B hold VIPs and policies that C has none of.
+    let mut states = Vec::new();
+    for i in 0..4 {
+        let body = format!(
+            "vips: [{{address: 192.0.2.{a}, interface: eth0}}, {{address: \"2001:db8:1::{a}\", interface: eth0}}]\negress:\n  - {{name: ns/svc{i}, vip: 192.0.2.{a}, sources: [{srcs}], exclude: [10.244.0.0/16]}}\n  - {{name: ns/v6-{i}, vip: \"2001:db8:1::{a}\", sources: [\"fd00::{i}:1\"], exclude: []}}\n",
+            a = 20 + i,
+            srcs = (1..=50)
+                .map(|j| format!("10.244.{i}.{j}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        states.push(write_state(&dir, &format!("s{i}.yaml"), &body));
+    }
+    let c_body = "vips: [{address: 192.0.2.99, interface: eth0}]\negress:\n  - {name: final/c, vip: 192.0.2.99, sources: [10.244.9.9], exclude: [10.244.0.0/16], ports: [\"tcp:443\"]}\n";
+    let c = write_state(&dir, "c.yaml", c_body);
+    for (round, backend) in ["nftables", "iptables", "nftables", "iptables"]
+        .iter()
+        .enumerate()
+    {
+        let script = format!(
+            "while true; do for s in {}; do {KVIP} dataplane --backend {backend} --announce-count 0 apply --state $s >/dev/null 2>&1; done; done",
+            states
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "setsid", "sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("loop");
+        std::thread::sleep(Duration::from_millis(300 + 170 * round as u64));
+        // SIGKILL the whole loop (shell and the kvip running in it) at once: `ip netns exec`
+        // execs setsid, which execs sh as the leader of a new process group.
+        let pgid = child.id().to_string();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .status();
+        let _ = child.wait();
+        // The killed run left its state behind (VIPs included): that is what C must clean.
+        let stale = ns.exec_ok("ip", &["addr", "show", "eth0"]).expect("ip");
+        assert!(
+            (0..4).any(|i| stale.contains(&format!("192.0.2.{}/32", 20 + i))),
+            "round {round}: nothing left to recover from:\n{stale}"
+        );
+        let out = kvip(
+            &ns,
+            &[
+                "dataplane",
+                "--backend",
+                backend,
+                "apply",
+                "--state",
+                c.to_str().expect("path"),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let show = kvip(&ns, &["dataplane", "--backend", backend, "show"]);
+        assert!(show.status.success());
+        let got: kvip_core::DesiredState =
+            serde_norway::from_slice(&show.stdout).expect("show yaml");
+        let want: kvip_core::DesiredState = serde_norway::from_str(c_body).expect("state");
+        assert_eq!(got, want, "round {round} ({backend})");
+        assert!(
+            show.stderr.is_empty(),
+            "round {round}: stray {}",
+            String::from_utf8_lossy(&show.stderr)
+        );
+        // No stale VIP of A or B, no stale rule of either backend.
+        let addrs = ns.exec_ok("ip", &["addr", "show", "eth0"]).expect("ip");
+        for i in 0..4 {
+            assert!(
+                !addrs.contains(&format!("192.0.2.{}/", 20 + i)),
+                "round {round}: stale VIP\n{addrs}"
+            );
+            assert!(
+                !addrs.contains(&format!("2001:db8:1::{}/", 20 + i)),
+                "round {round}: stale VIP\n{addrs}"
+            );
+        }
+        let all = listing(&ns);
+        assert!(
+            !all.contains("ns/svc") && !all.contains("10.244.0.1 ") && !all.contains("svc"),
+            "round {round}:\n{all}"
+        );
+        let other = if *backend == "nftables" {
+            "KVIP-"
+        } else {
+            "table inet kvip"
+        };
+        assert!(
+            !all.contains(other),
+            "round {round}: other backend left objects:\n{all}"
+        );
+    }
+}
+
+#[test]
+fn instances_do_not_touch_each_other() {
+    require_kernel!();
+    let (ns, _p) = node("ins");
+    let dir = tempdir::Dir::new("ins");
+    let a = write_state(&dir, "a.yaml", GOOD);
+    let b = write_state(
+        &dir,
+        "b.yaml",
+        "vips: [{address: 192.0.2.50, interface: eth0}]\negress: [{name: blue/web, vip: 192.0.2.50, sources: [10.244.5.5], exclude: []}]\n",
+    );
+    for backend in ["nftables", "iptables"] {
+        let run = |args: &[&str]| {
+            let out = kvip(&ns, args);
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        run(&[
+            "dataplane",
+            "--backend",
+            backend,
+            "apply",
+            "--state",
+            a.to_str().expect("p"),
+        ]);
+        run(&[
+            "dataplane",
+            "--backend",
+            backend,
+            "--instance",
+            "blue",
+            "apply",
+            "--state",
+            b.to_str().expect("p"),
+        ]);
+        let blue = run(&[
+            "dataplane",
+            "--backend",
+            backend,
+            "--instance",
+            "blue",
+            "show",
+        ]);
+        let default = run(&["dataplane", "--backend", backend, "show"]);
+        assert!(
+            blue.contains("blue/web") && !blue.contains("default/web"),
+            "{backend}: {blue}"
+        );
+        assert!(
+            default.contains("default/web") && !default.contains("blue/web"),
+            "{backend}: {default}"
+        );
+        run(&["dataplane", "--backend", backend, "teardown"]);
+        let blue_after = run(&[
+            "dataplane",
+            "--backend",
+            backend,
+            "--instance",
+            "blue",
+            "show",
+        ]);
+        assert_eq!(
+            blue_after, blue,
+            "{backend}: teardown of the default instance touched blue"
+        );
+        let addrs = ns.exec_ok("ip", &["addr", "show", "eth0"]).expect("ip");
+        assert!(
+            addrs.contains("192.0.2.50/32") && !addrs.contains("192.0.2.10/32"),
+            "{backend}: {addrs}"
+        );
+        run(&[
+            "dataplane",
+            "--backend",
+            backend,
+            "--instance",
+            "blue",
+            "teardown",
+        ]);
+    }
+}
+
+#[test]
+fn show_formats_and_teardown() {
+    require_kernel!();
+    let (ns, _p) = node("shw");
+    let dir = tempdir::Dir::new("shw");
+    let a = write_state(&dir, "a.yaml", GOOD);
+    let out = kvip(
+        &ns,
+        &[
+            "dataplane",
+            "--backend",
+            "nftables",
+            "apply",
+            "--json",
+            "--state",
+            a.to_str().expect("p"),
+        ],
+    );
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert_eq!(report["mode"], "full");
+    assert_eq!(report["vips_added"], serde_json::json!(["192.0.2.10"]));
+    let nft = kvip(
+        &ns,
+        &[
+            "dataplane",
+            "--backend",
+            "nftables",
+            "show",
+            "--format",
+            "nft",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&nft.stdout).contains("snat ip to 192.0.2.10"));
+    let wrong = kvip(
+        &ns,
+        &[
+            "dataplane",
+            "--backend",
+            "nftables",
+            "show",
+            "--format",
+            "iptables",
+        ],
+    );
+    assert!(!wrong.status.success());
+    let td = kvip(&ns, &["dataplane", "teardown"]);
+    assert!(
+        td.status.success(),
+        "{}",
+        String::from_utf8_lossy(&td.stderr)
+    );
+    let removed = String::from_utf8_lossy(&td.stdout);
+    assert!(
+        removed.contains("table inet kvip") && removed.contains("192.0.2.10"),
+        "{removed}"
+    );
+    let all = listing(&ns);
+    assert!(
+        !all.contains("kvip") && !all.contains("192.0.2.10"),
+        "{all}"
+    );
+}
