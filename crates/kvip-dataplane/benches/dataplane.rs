@@ -1,0 +1,308 @@
+//! Dataplane bench: apply times and datapath cost, each against a baseline measured in the
+//! same run. Needs root (network namespaces). Run:
+//!
+//!     cargo bench -p kvip-dataplane --bench dataplane            # everything
+//!     KVIP_BENCH_SIZES=100,1000 cargo bench -p kvip-dataplane --bench dataplane
+//!
+//! Prints a Markdown report (the one in docs/benchmarks.md).
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kvip_core::{Cidr, DesiredState, EgressPolicy, VipClaim};
+use kvip_dataplane::{BackendKind, Config, Dataplane, KernelDataplane, Variant};
+use kvip_testkit::Netns;
+use kvip_testkit::lab::{EXT4, EgressLab, POD4, VIP4};
+
+const REPS: usize = 3;
+
+fn pod(i: usize) -> IpAddr {
+    // 10.128.0.0/9 holds up to 8M pods; the lab's real pod (10.244.1.5) is outside it.
+    let n = 0x0a80_0000u32 + i as u32 + 1;
+    IpAddr::V4(Ipv4Addr::from(n))
+}
+
+/// N pod addresses over N/10 policies (10 pods each), VIPs 192.0.2.x / 198.51.100.x.
+fn state(n: usize, extra_pod: Option<IpAddr>) -> DesiredState {
+    let policies = n.div_ceil(10).max(1);
+    let mut egress = Vec::new();
+    for p in 0..policies {
+        let mut sources: Vec<IpAddr> = (p * 10..((p + 1) * 10).min(n)).map(pod).collect();
+        if p == 0
+            && let Some(x) = extra_pod
+        {
+            sources.push(x);
+        }
+        if sources.is_empty() {
+            continue;
+        }
+        let vip = IpAddr::V4(Ipv4Addr::new(198, 51, 100, (p % 250) as u8 + 1));
+        let vip = if p == 0 { VIP4 } else { vip };
+        egress.push(
+            EgressPolicy::new(
+                format!("bench/svc{p}"),
+                vip,
+                sources,
+                vec!["10.244.0.0/16".parse::<Cidr>().expect("cidr"), "10.96.0.0/12".parse().expect("cidr")],
+                None,
+                None,
+            )
+            .expect("policy"),
+        );
+    }
+    DesiredState::new(vec![], egress).expect("state")
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn cfg(backend: BackendKind, variant: Option<Variant>) -> Config {
+    Config {
+        backend,
+        iptables_variant: variant,
+        no_conntrack_flush: true,
+        ..Config::default()
+    }
+}
+
+/// Full apply into a fresh namespace, and (nftables) a one-pod change after it.
+fn apply_times(n: usize, c: &Config) -> (Duration, Option<Duration>, String) {
+    let s = state(n, None);
+    let mut changed = s.egress()[0].sources().to_vec();
+    changed[0] = pod(n + 7);
+    let one = s.egress()[0].with_sources(changed).expect("policy");
+    let mut eg = s.egress().to_vec();
+    eg[0] = one;
+    let s2 = DesiredState::new(vec![], eg).expect("state");
+    let mut full = Vec::new();
+    let mut delta = Vec::new();
+    let mut listing = String::new();
+    for _ in 0..REPS {
+        let ns = Netns::new("bench").expect("netns");
+        let (f, d, l) = ns
+            .block_on(|| async {
+                let mut dp = KernelDataplane::new(c.clone()).await.expect("dataplane");
+                let t = Instant::now();
+                dp.apply(&s).await.expect("apply");
+                let f = t.elapsed();
+                let t = Instant::now();
+                let r = dp.apply(&s2).await.expect("apply");
+                let d = t.elapsed();
+                let l = if matches!(c.backend, BackendKind::Nftables) {
+                    dp.raw_listing().await.expect("listing")
+                } else {
+                    String::new()
+                };
+                (f, (r.mode == kvip_dataplane::SyncMode::Incremental).then_some(d), l)
+            })
+            .expect("netns");
+        full.push(f);
+        if let Some(d) = d {
+            delta.push(d);
+        }
+        listing = l;
+    }
+    let delta = (!delta.is_empty()).then(|| median(delta));
+    (median(full), delta, listing)
+}
+
+/// `nft -f` of the same ruleset, pre-rendered as text, into a fresh namespace: the limit.
+fn nft_file_time(listing: &str) -> Duration {
+    let path = std::env::temp_dir().join(format!("kvip-bench-{}.nft", std::process::id()));
+    std::fs::write(&path, listing).expect("write ruleset");
+    let mut v = Vec::new();
+    for _ in 0..REPS {
+        let ns = Netns::new("limit").expect("netns");
+        let p = path.clone();
+        let d = ns
+            .enter(move || {
+                let t = Instant::now();
+                let st = Command::new("nft").arg("-f").arg(&p).status().expect("nft");
+                assert!(st.success());
+                t.elapsed()
+            })
+            .expect("netns");
+        v.push(d);
+    }
+    let _ = std::fs::remove_file(&path);
+    median(v)
+}
+
+/// kube-vip 0.8's way: one iptables process per rule, a check then an append/insert, for the
+/// mark rule and the SNAT rule of each pod. Stops after `cap`; returns (pods done, time).
+fn per_rule_baseline(n: usize, cap: Duration) -> (usize, Duration) {
+    let ns = Netns::new("kvb").expect("netns");
+    ns.exec_ok("iptables", &["-t", "mangle", "-N", "KUBE-VIP-EGRESS"]).expect("chain");
+    ns.enter(|| {
+        let run = |args: &[&str]| {
+            Command::new("iptables")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        };
+        let start = Instant::now();
+        for i in 0..n {
+            let src = format!("{}/32", pod(i));
+            let mark = ["-t", "mangle", "KUBE-VIP-EGRESS", "-s", &src, "-m", "comment", "--comment", "a3ViZS12aXAK=bench", "-j", "MARK", "--set-xmark", "0x40/0x40"];
+            let snat = ["-t", "nat", "POSTROUTING", "-s", &src, "-m", "mark", "--mark", "0x40/0x40", "-m", "comment", "--comment", "a3ViZS12aXAK=bench", "-j", "SNAT", "--to-source", "192.0.2.10"];
+            for (rule, op) in [(&mark[..], "-A"), (&snat[..], "-I")] {
+                let mut check = vec![rule[0], rule[1], "-C"];
+                check.extend_from_slice(&rule[2..]);
+                if !run(&check) {
+                    let mut add = vec![rule[0], rule[1], op];
+                    add.extend_from_slice(&rule[2..]);
+                    assert!(run(&add), "baseline rule insert failed");
+                }
+            }
+            if start.elapsed() > cap {
+                return (i + 1, start.elapsed());
+            }
+        }
+        (n, start.elapsed())
+    })
+    .expect("netns")
+}
+
+/// New TCP connections per second from the lab's pod to the external host, with `n` other
+/// egress pod addresses installed before the pod's own translation.
+fn conn_rate(n: usize, how: &str) -> f64 {
+    let lab = EgressLab::new("dp", false).expect("lab");
+    match how {
+        "none" => {}
+        "kvip" => {
+            let mut s = state(n, Some(POD4));
+            let mut vips = vec![VipClaim::new(VIP4, "eth0").expect("vip")];
+            vips.dedup();
+            s = DesiredState::new(vips, s.egress().to_vec()).expect("state");
+            lab.node
+                .block_on(|| async {
+                    let mut dp = KernelDataplane::new(cfg(BackendKind::Nftables, None)).await.expect("dp");
+                    dp.apply(&s).await.expect("apply");
+                })
+                .expect("netns");
+        }
+        _ => {
+            // kube-vip-like: one rule per pod, linear, the measured pod's rule last.
+            let mut input = String::from("*nat\n");
+            for i in 0..n {
+                input.push_str(&format!("-A POSTROUTING -s {}/32 -j SNAT --to-source 198.51.100.1\n", pod(i)));
+            }
+            input.push_str(&format!("-A POSTROUTING -s {POD4}/32 -j SNAT --to-source {VIP4}\nCOMMIT\n"));
+            lab.node.exec_ok("ip", &["addr", "add", "192.0.2.10/32", "dev", "eth0"]).expect("vip");
+            lab.node
+                .enter(|| {
+                    let mut c = Command::new("iptables-restore").arg("--noflush").stdin(Stdio::piped()).spawn().expect("restore");
+                    c.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write");
+                    assert!(c.wait().expect("wait").success());
+                })
+                .expect("netns");
+        }
+    }
+    assert_eq!(lab.seen_tcp(EXT4, 8080).expect("probe"), if how == "none" { POD4 } else { VIP4 });
+    let dst = SocketAddr::new(EXT4, 9000);
+    let listener = lab.ext.enter(move || TcpListener::bind(dst)).expect("netns").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let acceptor = std::thread::spawn(move || {
+        while !s2.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_micros(50)),
+            }
+        }
+    });
+    let rate = lab
+        .pod
+        .enter(move || {
+            let mut rates = Vec::new();
+            for _ in 0..REPS {
+                let count = 1500;
+                let t = Instant::now();
+                for _ in 0..count {
+                    let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).expect("connect");
+                    // RST on close: no TIME_WAIT, so ports do not run out.
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
+                rates.push(count as f64 / t.elapsed().as_secs_f64());
+            }
+            rates.sort_by(f64::total_cmp);
+            rates[rates.len() / 2]
+        })
+        .expect("netns");
+    stop.store(true, Ordering::Relaxed);
+    let _ = acceptor.join();
+    rate
+}
+
+fn main() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the dataplane bench needs root (network namespaces)");
+        return;
+    }
+    // `cargo bench` passes --bench; `cargo test --benches` runs this too: keep that quick.
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    let sizes: Vec<usize> = std::env::var("KVIP_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![100, 1_000, 10_000, 50_000]);
+    let cap = Duration::from_secs(
+        std::env::var("KVIP_BENCH_BASELINE_CAP_S").ok().and_then(|s| s.parse().ok()).unwrap_or(120),
+    );
+    println!("## Apply time (median of {REPS}, fresh namespace each)\n");
+    println!("| N pods (N/10 policies) | kube-vip-style per-rule iptables | kvip nftables full | speed-up | `nft -f` of same ruleset | kvip / `nft -f` | one-pod change | change / full | kvip iptables-nft full | kvip iptables-legacy full |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for &n in &sizes {
+        let (full, delta, listing) = apply_times(n, &cfg(BackendKind::Nftables, None));
+        let limit = nft_file_time(&listing);
+        let (ipt_nft, _, _) = apply_times(n, &cfg(BackendKind::Iptables, Some(Variant::Nft)));
+        let (ipt_leg, _, _) = apply_times(n, &cfg(BackendKind::Iptables, Some(Variant::Legacy)));
+        let (done, base) = per_rule_baseline(n, cap);
+        let (base_s, speed) = if done == n {
+            (ms(base), format!("{:.0}×", base.as_secs_f64() / full.as_secs_f64()))
+        } else {
+            (
+                format!("≥ {} (stopped after {done} of {n} pods)", ms(base)),
+                format!("≥ {:.0}×", base.as_secs_f64() / full.as_secs_f64()),
+            )
+        };
+        let delta_s = delta.map(ms).unwrap_or_else(|| "-".into());
+        let ratio = delta.map(|d| format!("{:.1} %", 100.0 * d.as_secs_f64() / full.as_secs_f64())).unwrap_or_else(|| "-".into());
+        println!(
+            "| {n} | {base_s} | {} | {speed} | {} | {:.2}× | {delta_s} | {ratio} | {} | {} |",
+            ms(full),
+            ms(limit),
+            full.as_secs_f64() / limit.as_secs_f64(),
+            ms(ipt_nft),
+            ms(ipt_leg),
+        );
+    }
+    if std::env::var("KVIP_BENCH_SKIP_DATAPATH").is_ok() {
+        return;
+    }
+    println!("\n## Datapath: new TCP connections per second, pod → node → external host (median of {REPS} runs of 1500)\n");
+    println!("| egress pod IPs installed | kvip nftables (vmap) | vs N=0 | linear per-pod iptables | vs N=0 |");
+    println!("|---|---|---|---|---|");
+    let base = conn_rate(0, "none");
+    println!("| 0 (no rules) | {base:.0}/s | 1.00 | {base:.0}/s | 1.00 |");
+    for n in [1_000, 10_000] {
+        let k = conn_rate(n, "kvip");
+        let l = conn_rate(n, "linear");
+        println!("| {n} | {k:.0}/s | {:.2} | {l:.0}/s | {:.2} |", k / base, l / base);
+    }
+}
