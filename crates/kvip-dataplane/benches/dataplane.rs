@@ -47,7 +47,10 @@ fn state(n: usize, extra_pod: Option<IpAddr>) -> DesiredState {
                 format!("bench/svc{p}"),
                 vip,
                 sources,
-                vec!["10.244.0.0/16".parse::<Cidr>().expect("cidr"), "10.96.0.0/12".parse().expect("cidr")],
+                vec![
+                    "10.244.0.0/16".parse::<Cidr>().expect("cidr"),
+                    "10.96.0.0/12".parse().expect("cidr"),
+                ],
                 None,
                 None,
             )
@@ -103,7 +106,11 @@ fn apply_times(n: usize, c: &Config) -> (Duration, Option<Duration>, String) {
                 } else {
                     String::new()
                 };
-                (f, (r.mode == kvip_dataplane::SyncMode::Incremental).then_some(d), l)
+                (
+                    f,
+                    (r.mode == kvip_dataplane::SyncMode::Incremental).then_some(d),
+                    l,
+                )
             })
             .expect("netns");
         full.push(f);
@@ -142,7 +149,8 @@ fn nft_file_time(listing: &str) -> Duration {
 /// mark rule and the SNAT rule of each pod. Stops after `cap`; returns (pods done, time).
 fn per_rule_baseline(n: usize, cap: Duration) -> (usize, Duration) {
     let ns = Netns::new("kvb").expect("netns");
-    ns.exec_ok("iptables", &["-t", "mangle", "-N", "KUBE-VIP-EGRESS"]).expect("chain");
+    ns.exec_ok("iptables", &["-t", "mangle", "-N", "KUBE-VIP-EGRESS"])
+        .expect("chain");
     ns.enter(|| {
         let run = |args: &[&str]| {
             Command::new("iptables")
@@ -156,8 +164,40 @@ fn per_rule_baseline(n: usize, cap: Duration) -> (usize, Duration) {
         let start = Instant::now();
         for i in 0..n {
             let src = format!("{}/32", pod(i));
-            let mark = ["-t", "mangle", "KUBE-VIP-EGRESS", "-s", &src, "-m", "comment", "--comment", "a3ViZS12aXAK=bench", "-j", "MARK", "--set-xmark", "0x40/0x40"];
-            let snat = ["-t", "nat", "POSTROUTING", "-s", &src, "-m", "mark", "--mark", "0x40/0x40", "-m", "comment", "--comment", "a3ViZS12aXAK=bench", "-j", "SNAT", "--to-source", "192.0.2.10"];
+            let mark = [
+                "-t",
+                "mangle",
+                "KUBE-VIP-EGRESS",
+                "-s",
+                &src,
+                "-m",
+                "comment",
+                "--comment",
+                "a3ViZS12aXAK=bench",
+                "-j",
+                "MARK",
+                "--set-xmark",
+                "0x40/0x40",
+            ];
+            let snat = [
+                "-t",
+                "nat",
+                "POSTROUTING",
+                "-s",
+                &src,
+                "-m",
+                "mark",
+                "--mark",
+                "0x40/0x40",
+                "-m",
+                "comment",
+                "--comment",
+                "a3ViZS12aXAK=bench",
+                "-j",
+                "SNAT",
+                "--to-source",
+                "192.0.2.10",
+            ];
             for (rule, op) in [(&mark[..], "-A"), (&snat[..], "-I")] {
                 let mut check = vec![rule[0], rule[1], "-C"];
                 check.extend_from_slice(&rule[2..]);
@@ -189,7 +229,9 @@ fn conn_rate(n: usize, how: &str) -> f64 {
             s = DesiredState::new(vips, s.egress().to_vec()).expect("state");
             lab.node
                 .block_on(|| async {
-                    let mut dp = KernelDataplane::new(cfg(BackendKind::Nftables, None)).await.expect("dp");
+                    let mut dp = KernelDataplane::new(cfg(BackendKind::Nftables, None))
+                        .await
+                        .expect("dp");
                     dp.apply(&s).await.expect("apply");
                 })
                 .expect("netns");
@@ -198,22 +240,44 @@ fn conn_rate(n: usize, how: &str) -> f64 {
             // kube-vip-like: one rule per pod, linear, the measured pod's rule last.
             let mut input = String::from("*nat\n");
             for i in 0..n {
-                input.push_str(&format!("-A POSTROUTING -s {}/32 -j SNAT --to-source 198.51.100.1\n", pod(i)));
+                input.push_str(&format!(
+                    "-A POSTROUTING -s {}/32 -j SNAT --to-source 198.51.100.1\n",
+                    pod(i)
+                ));
             }
-            input.push_str(&format!("-A POSTROUTING -s {POD4}/32 -j SNAT --to-source {VIP4}\nCOMMIT\n"));
-            lab.node.exec_ok("ip", &["addr", "add", "192.0.2.10/32", "dev", "eth0"]).expect("vip");
+            input.push_str(&format!(
+                "-A POSTROUTING -s {POD4}/32 -j SNAT --to-source {VIP4}\nCOMMIT\n"
+            ));
+            lab.node
+                .exec_ok("ip", &["addr", "add", "192.0.2.10/32", "dev", "eth0"])
+                .expect("vip");
             lab.node
                 .enter(|| {
-                    let mut c = Command::new("iptables-restore").arg("--noflush").stdin(Stdio::piped()).spawn().expect("restore");
-                    c.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write");
+                    let mut c = Command::new("iptables-restore")
+                        .arg("--noflush")
+                        .stdin(Stdio::piped())
+                        .spawn()
+                        .expect("restore");
+                    c.stdin
+                        .take()
+                        .expect("stdin")
+                        .write_all(input.as_bytes())
+                        .expect("write");
                     assert!(c.wait().expect("wait").success());
                 })
                 .expect("netns");
         }
     }
-    assert_eq!(lab.seen_tcp(EXT4, 8080).expect("probe"), if how == "none" { POD4 } else { VIP4 });
+    assert_eq!(
+        lab.seen_tcp(EXT4, 8080).expect("probe"),
+        if how == "none" { POD4 } else { VIP4 }
+    );
     let dst = SocketAddr::new(EXT4, 9000);
-    let listener = lab.ext.enter(move || TcpListener::bind(dst)).expect("netns").expect("bind");
+    let listener = lab
+        .ext
+        .enter(move || TcpListener::bind(dst))
+        .expect("netns")
+        .expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
@@ -233,7 +297,8 @@ fn conn_rate(n: usize, how: &str) -> f64 {
                 let count = 1500;
                 let t = Instant::now();
                 for _ in 0..count {
-                    let s = TcpStream::connect_timeout(&dst, Duration::from_secs(2)).expect("connect");
+                    let s =
+                        TcpStream::connect_timeout(&dst, Duration::from_secs(2)).expect("connect");
                     // RST on close: no TIME_WAIT, so ports do not run out.
                     let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
                 }
@@ -262,10 +327,15 @@ fn main() {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![100, 1_000, 10_000, 50_000]);
     let cap = Duration::from_secs(
-        std::env::var("KVIP_BENCH_BASELINE_CAP_S").ok().and_then(|s| s.parse().ok()).unwrap_or(120),
+        std::env::var("KVIP_BENCH_BASELINE_CAP_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(120),
     );
     println!("## Apply time (median of {REPS}, fresh namespace each)\n");
-    println!("| N pods (N/10 policies) | kube-vip-style per-rule iptables | kvip nftables full | speed-up | `nft -f` of same ruleset | kvip / `nft -f` | one-pod change | change / full | kvip iptables-nft full | kvip iptables-legacy full |");
+    println!(
+        "| N pods (N/10 policies) | kube-vip-style per-rule iptables | kvip nftables full | speed-up | `nft -f` of same ruleset | kvip / `nft -f` | one-pod change | change / full | kvip iptables-nft full | kvip iptables-legacy full |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
         let (full, delta, listing) = apply_times(n, &cfg(BackendKind::Nftables, None));
@@ -274,7 +344,10 @@ fn main() {
         let (ipt_leg, _, _) = apply_times(n, &cfg(BackendKind::Iptables, Some(Variant::Legacy)));
         let (done, base) = per_rule_baseline(n, cap);
         let (base_s, speed) = if done == n {
-            (ms(base), format!("{:.0}×", base.as_secs_f64() / full.as_secs_f64()))
+            (
+                ms(base),
+                format!("{:.0}×", base.as_secs_f64() / full.as_secs_f64()),
+            )
         } else {
             (
                 format!("≥ {} (stopped after {done} of {n} pods)", ms(base)),
@@ -282,7 +355,9 @@ fn main() {
             )
         };
         let delta_s = delta.map(ms).unwrap_or_else(|| "-".into());
-        let ratio = delta.map(|d| format!("{:.1} %", 100.0 * d.as_secs_f64() / full.as_secs_f64())).unwrap_or_else(|| "-".into());
+        let ratio = delta
+            .map(|d| format!("{:.1} %", 100.0 * d.as_secs_f64() / full.as_secs_f64()))
+            .unwrap_or_else(|| "-".into());
         println!(
             "| {n} | {base_s} | {} | {speed} | {} | {:.2}× | {delta_s} | {ratio} | {} | {} |",
             ms(full),
@@ -295,14 +370,22 @@ fn main() {
     if std::env::var("KVIP_BENCH_SKIP_DATAPATH").is_ok() {
         return;
     }
-    println!("\n## Datapath: new TCP connections per second, pod → node → external host (median of {REPS} runs of 1500)\n");
-    println!("| egress pod IPs installed | kvip nftables (vmap) | vs N=0 | linear per-pod iptables | vs N=0 |");
+    println!(
+        "\n## Datapath: new TCP connections per second, pod → node → external host (median of {REPS} runs of 1500)\n"
+    );
+    println!(
+        "| egress pod IPs installed | kvip nftables (vmap) | vs N=0 | linear per-pod iptables | vs N=0 |"
+    );
     println!("|---|---|---|---|---|");
     let base = conn_rate(0, "none");
     println!("| 0 (no rules) | {base:.0}/s | 1.00 | {base:.0}/s | 1.00 |");
     for n in [1_000, 10_000] {
         let k = conn_rate(n, "kvip");
         let l = conn_rate(n, "linear");
-        println!("| {n} | {k:.0}/s | {:.2} | {l:.0}/s | {:.2} |", k / base, l / base);
+        println!(
+            "| {n} | {k:.0}/s | {:.2} | {l:.0}/s | {:.2} |",
+            k / base,
+            l / base
+        );
     }
 }

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::error::DataplaneError;
 use crate::exec::{one_line, run_tool};
-use crate::names::{nft_policy_chain, policy_comment, policy_from_comment};
+use crate::names::{fnv1a, nft_policy_chain, policy_comment, policy_from_comment};
 
 /// Priority of kvip's nat postrouting chain: srcnat (100) - 10.
 pub const NAT_PRIORITY: i32 = 90;
@@ -61,22 +61,49 @@ fn goto_elem(src: IpAddr, chain: &str) -> Value {
     json!([src.to_string(), {"goto": {"target": chain}}])
 }
 
-/// The names of one policy's objects.
-struct PolicyNames {
-    chain: String,
-    ex: String,
-    al: String,
-    pt: String,
+/// A named set shared by every policy with the same list: the name is derived from the
+/// content, so identical exclusion lists (typically the cluster's pod and service CIDRs) are
+/// one set however many policies use them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SharedSet {
+    name: String,
+    set_type: Value,
+    interval: bool,
+    elems: Vec<Value>,
 }
 
-fn policy_names(p: &EgressPolicy) -> PolicyNames {
-    let chain = nft_policy_chain(p.name());
-    PolicyNames {
-        ex: format!("{chain}_ex"),
-        al: format!("{chain}_al"),
-        pt: format!("{chain}_pt"),
-        chain,
+fn cidr_set(kind: &str, f: Family, list: &[Cidr]) -> SharedSet {
+    let key: Vec<String> = list.iter().map(Cidr::to_string).collect();
+    let fam = match f {
+        Family::V4 => "4",
+        Family::V6 => "6",
+    };
+    SharedSet {
+        name: format!("{kind}{fam}_{:08x}", fnv1a(&key.join(",")) as u32),
+        set_type: json!(addr_type(f)),
+        interval: true,
+        elems: list.iter().map(cidr_elem).collect(),
     }
+}
+
+fn port_set(list: &[PortMatch]) -> SharedSet {
+    let key: Vec<String> = list.iter().map(PortMatch::to_string).collect();
+    SharedSet {
+        name: format!("pt_{:08x}", fnv1a(&key.join(",")) as u32),
+        set_type: json!(["inet_proto", "inet_service"]),
+        interval: false,
+        elems: list.iter().map(port_elem).collect(),
+    }
+}
+
+/// The sets one policy's chain refers to: (exclude, allow, ports).
+fn policy_sets(p: &EgressPolicy) -> (Option<SharedSet>, Option<SharedSet>, Option<SharedSet>) {
+    let f = p.family();
+    (
+        (!p.exclude().is_empty()).then(|| cidr_set("ex", f, p.exclude())),
+        p.allow().map(|a| cidr_set("al", f, a)),
+        p.ports().map(port_set),
+    )
 }
 
 /// Renders the whole table as one transaction: the table is created (if missing), deleted
@@ -94,47 +121,51 @@ pub fn render_full(table: &str, state: &DesiredState) -> Value {
         json!({"delete": {"table": {"family": "inet", "name": table}}}),
         json!({"add": {"table": {"family": "inet", "name": table}}}),
     ];
+    let mut sets: BTreeMap<String, SharedSet> = BTreeMap::new();
     let mut rules: Vec<Value> = Vec::new();
     let mut map_elems: BTreeMap<Family, Vec<Value>> = BTreeMap::new();
     for p in state.egress() {
-        let n = policy_names(p);
-        let f = p.family();
-        let fp = fam_proto(f);
-        cmds.push(json!({"add": {"chain": t(json!({"name": n.chain}))}}));
-        let mut ex = t(json!({"name": n.ex, "type": addr_type(f), "flags": ["interval"]}));
-        if !p.exclude().is_empty() {
-            ex["elem"] = Value::Array(p.exclude().iter().map(cidr_elem).collect());
-        }
-        cmds.push(json!({"add": {"set": ex}}));
-        rules.push(json!({"add": {"rule": t(json!({"chain": n.chain, "expr": [
-            {"match": {"op": "==", "left": {"payload": {"protocol": fp, "field": "daddr"}}, "right": format!("@{}", n.ex)}},
-            {"return": null}
-        ]}))}}));
-        if let Some(allow) = p.allow() {
-            cmds.push(json!({"add": {"set": t(json!({"name": n.al, "type": addr_type(f), "flags": ["interval"],
-                "elem": allow.iter().map(cidr_elem).collect::<Vec<_>>()}))}}));
-            rules.push(json!({"add": {"rule": t(json!({"chain": n.chain, "expr": [
-                {"match": {"op": "!=", "left": {"payload": {"protocol": fp, "field": "daddr"}}, "right": format!("@{}", n.al)}},
+        let chain = nft_policy_chain(p.name());
+        let fp = fam_proto(p.family());
+        cmds.push(json!({"add": {"chain": t(json!({"name": chain}))}}));
+        let (ex, al, pt) = policy_sets(p);
+        let daddr = json!({"payload": {"protocol": fp, "field": "daddr"}});
+        if let Some(ex) = ex {
+            rules.push(json!({"add": {"rule": t(json!({"chain": chain, "expr": [
+                {"match": {"op": "==", "left": daddr, "right": format!("@{}", ex.name)}},
                 {"return": null}
             ]}))}}));
+            sets.insert(ex.name.clone(), ex);
         }
-        if let Some(ports) = p.ports() {
-            cmds.push(
-                json!({"add": {"set": t(json!({"name": n.pt, "type": ["inet_proto", "inet_service"],
-                "elem": ports.iter().map(port_elem).collect::<Vec<_>>()}))}}),
-            );
-            rules.push(json!({"add": {"rule": t(json!({"chain": n.chain, "expr": [
-                {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}, "right": format!("@{}", n.pt)}},
+        if let Some(al) = al {
+            rules.push(json!({"add": {"rule": t(json!({"chain": chain, "expr": [
+                {"match": {"op": "!=", "left": daddr, "right": format!("@{}", al.name)}},
                 {"return": null}
             ]}))}}));
+            sets.insert(al.name.clone(), al);
         }
-        rules.push(json!({"add": {"rule": t(json!({"chain": n.chain, "comment": policy_comment(p.name()), "expr": [
+        if let Some(pt) = pt {
+            rules.push(json!({"add": {"rule": t(json!({"chain": chain, "expr": [
+                {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}, "right": format!("@{}", pt.name)}},
+                {"return": null}
+            ]}))}}));
+            sets.insert(pt.name.clone(), pt);
+        }
+        rules.push(json!({"add": {"rule": t(json!({"chain": chain, "comment": policy_comment(p.name()), "expr": [
             {"snat": {"family": fp, "addr": p.vip().to_string()}}
         ]}))}}));
-        let elems = map_elems.entry(f).or_default();
+        let elems = map_elems.entry(p.family()).or_default();
         for s in p.sources() {
-            elems.push(goto_elem(*s, &n.chain));
+            elems.push(goto_elem(*s, &chain));
         }
+    }
+    for set in sets.into_values() {
+        let mut o = t(json!({"name": set.name, "type": set.set_type}));
+        if set.interval {
+            o["flags"] = json!(["interval"]);
+        }
+        o["elem"] = Value::Array(set.elems);
+        cmds.push(json!({"add": {"set": o}}));
     }
     for f in [Family::V4, Family::V6] {
         let mut m = t(json!({"name": src_map(f), "type": addr_type(f), "map": "verdict"}));
@@ -155,21 +186,14 @@ pub fn render_full(table: &str, state: &DesiredState) -> Value {
     json!({"nftables": cmds})
 }
 
-/// What distinguishes two states structurally: chains, which optional sets exist, the VIP in
-/// the translation rule. Two states with the same structure differ only in set elements.
-fn structure(state: &DesiredState) -> Vec<(String, IpAddr, bool, bool)> {
-    state
-        .egress()
-        .iter()
-        .map(|p| {
-            (
-                p.name().to_string(),
-                p.vip(),
-                p.allow().is_some(),
-                p.ports().is_some(),
-            )
-        })
-        .collect()
+/// Whether two states differ only in pod addresses (the elements of the source maps): same
+/// policies, each translating the same way.
+fn same_structure(a: &DesiredState, b: &DesiredState) -> bool {
+    a.egress().len() == b.egress().len()
+        && a.egress()
+            .iter()
+            .zip(b.egress())
+            .all(|(p, q)| p.name() == q.name() && p.same_translation(q))
 }
 
 /// Element changes of an incremental update.
@@ -179,23 +203,14 @@ pub struct DeltaCounts {
     pub removed: usize,
 }
 
-fn set_delta<T: Ord + Clone>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
-    let o: BTreeSet<&T> = old.iter().collect();
-    let n: BTreeSet<&T> = new.iter().collect();
-    (
-        n.difference(&o).map(|v| (*v).clone()).collect(),
-        o.difference(&n).map(|v| (*v).clone()).collect(),
-    )
-}
-
-/// Renders the element additions and deletions that turn `old` into `new`, as one
-/// transaction; `None` when the structure differs and a full replace is needed.
+/// Renders the source-map element deletions and additions that turn `old` into `new`, as
+/// one transaction; `None` when anything but pod addresses differs (a full replace).
 pub fn render_delta(
     table: &str,
     old: &DesiredState,
     new: &DesiredState,
 ) -> Option<(Value, DeltaCounts)> {
-    if structure(old) != structure(new) {
+    if !same_structure(old, new) {
         return None;
     }
     let mut dels: Vec<Value> = Vec::new();
@@ -204,30 +219,30 @@ pub fn render_delta(
     let elem = |name: &str, elems: Vec<Value>| -> Value {
         json!({"element": {"family": "inet", "table": table, "name": name, "elem": elems}})
     };
-    // Source maps: a key whose target changed is deleted and added in the same transaction.
-    let owners = |s: &DesiredState| -> BTreeMap<IpAddr, String> {
-        s.egress()
-            .iter()
-            .flat_map(|p| {
-                let c = nft_policy_chain(p.name());
-                p.sources().iter().map(move |a| (*a, c.clone()))
-            })
-            .collect()
-    };
-    let (before, after) = (owners(old), owners(new));
+    // Policies are in the same order in both states: compare their source lists pairwise
+    // (both sorted), so the cost follows the number of pods, not a rebuilt index.
+    let mut by_family: BTreeMap<Family, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
+    let before = old.source_owners();
+    let after = new.source_owners();
+    for (p, q) in old.egress().iter().zip(new.egress()) {
+        let chain = nft_policy_chain(q.name());
+        let entry = by_family.entry(q.family()).or_default();
+        for src in p.sources() {
+            // Gone, or now owned by another policy: delete (and re-add below if moved).
+            if after.get(src).is_none_or(|o| o.name() != p.name()) {
+                entry.0.push(json!(src.to_string()));
+            }
+        }
+        for src in q.sources() {
+            if before.get(src).is_none_or(|o| o.name() != q.name()) {
+                entry.1.push(goto_elem(*src, &chain));
+            }
+        }
+    }
     for f in [Family::V4, Family::V6] {
-        let mut d = Vec::new();
-        let mut a = Vec::new();
-        for (src, chain) in before.iter().filter(|(s, _)| Family::of(**s) == f) {
-            if after.get(src) != Some(chain) {
-                d.push(json!(src.to_string()));
-            }
-        }
-        for (src, chain) in after.iter().filter(|(s, _)| Family::of(**s) == f) {
-            if before.get(src) != Some(chain) {
-                a.push(goto_elem(*src, chain));
-            }
-        }
+        let Some((d, a)) = by_family.remove(&f) else {
+            continue;
+        };
         counts.removed += d.len();
         counts.added += a.len();
         if !d.is_empty() {
@@ -235,42 +250,6 @@ pub fn render_delta(
         }
         if !a.is_empty() {
             adds.push(json!({"add": elem(src_map(f), a)}));
-        }
-    }
-    for (po, pn) in old.egress().iter().zip(new.egress()) {
-        let n = policy_names(pn);
-        let mut sets: Vec<(String, Vec<Value>, Vec<Value>)> = Vec::new();
-        let (a, d) = set_delta(po.exclude(), pn.exclude());
-        sets.push((
-            n.ex.clone(),
-            a.iter().map(cidr_elem).collect(),
-            d.iter().map(cidr_elem).collect(),
-        ));
-        if let (Some(ao), Some(an)) = (po.allow(), pn.allow()) {
-            let (a, d) = set_delta(ao, an);
-            sets.push((
-                n.al.clone(),
-                a.iter().map(cidr_elem).collect(),
-                d.iter().map(cidr_elem).collect(),
-            ));
-        }
-        if let (Some(xo), Some(xn)) = (po.ports(), pn.ports()) {
-            let (a, d) = set_delta(xo, xn);
-            sets.push((
-                n.pt.clone(),
-                a.iter().map(port_elem).collect(),
-                d.iter().map(port_elem).collect(),
-            ));
-        }
-        for (set, a, d) in sets {
-            counts.added += a.len();
-            counts.removed += d.len();
-            if !d.is_empty() {
-                dels.push(json!({"delete": elem(&set, d)}));
-            }
-            if !a.is_empty() {
-                adds.push(json!({"add": elem(&set, a)}));
-            }
         }
     }
     dels.extend(adds);
@@ -337,6 +316,22 @@ fn parse_port_elem(v: &Value) -> Result<PortMatch, DataplaneError> {
     Ok(PortMatch { protocol, port })
 }
 
+/// What one policy chain's rules say.
+#[derive(Default)]
+struct ChainRules {
+    exclude: Option<String>,
+    allow: Option<String>,
+    ports: Option<String>,
+    snat: Option<(String, IpAddr)>,
+    unknown: usize,
+}
+
+fn set_ref(v: &Value) -> Option<String> {
+    v.as_str()
+        .and_then(|s| s.strip_prefix('@'))
+        .map(str::to_string)
+}
+
 /// Reads `nft -j list table inet <table>` output back into egress policies.
 pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
     let items = listing
@@ -345,30 +340,44 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
         .ok_or_else(|| DataplaneError::readback("nft listing has no \"nftables\" array"))?;
     let mut sets: BTreeMap<String, &Value> = BTreeMap::new();
     let mut maps: BTreeMap<String, &Value> = BTreeMap::new();
-    let mut chains: BTreeSet<String> = BTreeSet::new();
-    let mut snat: BTreeMap<String, (String, IpAddr)> = BTreeMap::new();
-    let mut stray = Vec::new();
+    let mut chains: BTreeMap<String, ChainRules> = BTreeMap::new();
     for item in items {
         if let Some(s) = item.get("set") {
             sets.insert(s["name"].as_str().unwrap_or_default().to_string(), s);
         } else if let Some(m) = item.get("map") {
             maps.insert(m["name"].as_str().unwrap_or_default().to_string(), m);
         } else if let Some(c) = item.get("chain") {
-            chains.insert(c["name"].as_str().unwrap_or_default().to_string());
+            chains
+                .entry(c["name"].as_str().unwrap_or_default().to_string())
+                .or_default();
         } else if let Some(r) = item.get("rule") {
             let chain = r["chain"].as_str().unwrap_or_default();
+            if chain == BASE_CHAIN {
+                continue;
+            }
+            let cr = chains.entry(chain.to_string()).or_default();
             let exprs = r["expr"].as_array().cloned().unwrap_or_default();
             if let Some(nat) = exprs.iter().find_map(|e| e.get("snat")) {
                 let name = r["comment"].as_str().and_then(policy_from_comment);
                 let vip = nat["addr"].as_str().and_then(|a| a.parse::<IpAddr>().ok());
                 match (name, vip) {
-                    (Some(n), Some(v)) => {
-                        snat.insert(chain.to_string(), (n.to_string(), v));
-                    }
-                    _ => stray.push(format!(
-                        "rule in chain {chain} without kvip's comment or address"
-                    )),
+                    (Some(n), Some(v)) => cr.snat = Some((n.to_string(), v)),
+                    _ => cr.unknown += 1,
                 }
+                continue;
+            }
+            let m = exprs.iter().find_map(|e| e.get("match"));
+            let (op, left, right) = match m {
+                Some(m) => (m["op"].as_str(), &m["left"], set_ref(&m["right"])),
+                None => (None, &Value::Null, None),
+            };
+            let is_daddr = left["payload"]["field"] == "daddr";
+            let is_ports = left.get("concat").is_some();
+            match (op, right) {
+                (Some("=="), Some(set)) if is_daddr => cr.exclude = Some(set),
+                (Some("!="), Some(set)) if is_daddr => cr.allow = Some(set),
+                (Some("!="), Some(set)) if is_ports => cr.ports = Some(set),
+                _ => cr.unknown += 1,
             }
         }
     }
@@ -378,6 +387,7 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
             .cloned()
             .unwrap_or_default()
     };
+    let mut stray = Vec::new();
     let mut sources: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for name in ["src4", "src6"] {
         for e in elems(maps.get(name)) {
@@ -389,12 +399,27 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
             }
         }
     }
+    let mut used_sets: BTreeSet<String> = BTreeSet::new();
+    let cidrs = |name: &Option<String>| -> Result<Option<Vec<Cidr>>, DataplaneError> {
+        let Some(n) = name else { return Ok(None) };
+        let set = sets
+            .get(n)
+            .ok_or_else(|| DataplaneError::readback(format!("rule refers to missing set {n}")))?;
+        let mut out = Vec::new();
+        for e in elems(Some(set)) {
+            out.extend(parse_addr_elem(&e)?);
+        }
+        Ok(Some(out))
+    };
     let mut egress = Vec::new();
-    for chain in &chains {
+    for (chain, cr) in &chains {
         if chain == BASE_CHAIN {
             continue;
         }
-        let Some((name, vip)) = snat.get(chain) else {
+        for s in [&cr.exclude, &cr.allow, &cr.ports].into_iter().flatten() {
+            used_sets.insert(s.clone());
+        }
+        let Some((name, vip)) = &cr.snat else {
             stray.push(format!("chain {chain} without a translation rule"));
             continue;
         };
@@ -404,23 +429,17 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
             ));
             continue;
         }
-        let mut ex = Vec::new();
-        for e in elems(sets.get(&format!("{chain}_ex"))) {
-            ex.extend(parse_addr_elem(&e)?);
+        if cr.unknown > 0 {
+            stray.push(format!(
+                "chain {chain} holds {} rule(s) kvip does not write",
+                cr.unknown
+            ));
         }
-        let allow = match sets.get(&format!("{chain}_al")) {
-            Some(s) => {
-                let mut v = Vec::new();
-                for e in elems(Some(s)) {
-                    v.extend(parse_addr_elem(&e)?);
-                }
-                Some(v)
-            }
-            None => None,
-        };
-        let ports = match sets.get(&format!("{chain}_pt")) {
-            Some(s) => Some(
-                elems(Some(s))
+        let ex = cidrs(&cr.exclude)?.unwrap_or_default();
+        let allow = cidrs(&cr.allow)?;
+        let ports = match &cr.ports {
+            Some(n) => Some(
+                elems(sets.get(n))
                     .iter()
                     .map(parse_port_elem)
                     .collect::<Result<Vec<_>, _>>()?,
@@ -441,6 +460,9 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
             "{} sources point at missing chain {chain}",
             srcs.len()
         ));
+    }
+    for s in sets.keys().filter(|s| !used_sets.contains(*s)) {
+        stray.push(format!("set {s} is not used by any policy"));
     }
     Ok(ParsedTable { egress, stray })
 }
