@@ -18,7 +18,7 @@ use kvip_dataplane::{BackendKind, Config, Dataplane, KernelDataplane, Variant};
 use kvip_testkit::Netns;
 use kvip_testkit::lab::{EXT4, EgressLab, POD4, VIP4};
 
-const REPS: usize = 3;
+const REPS: usize = 5;
 
 fn pod(i: usize) -> IpAddr {
     // 10.128.0.0/9 holds up to 8M pods; the lab's real pod (10.244.1.5) is outside it.
@@ -78,63 +78,98 @@ fn cfg(backend: BackendKind, variant: Option<Variant>) -> Config {
     }
 }
 
-/// Full apply into a fresh namespace, and (nftables) a one-pod change after it.
-fn apply_times(n: usize, c: &Config) -> (Duration, Option<Duration>, String) {
+/// What one size measures on a backend.
+struct ApplyTimes {
+    full: Duration,
+    /// One pod replaced by another (a deletion and an addition): nftables only.
+    replace_one: Option<Duration>,
+    /// One pod added: nftables only.
+    add_one: Option<Duration>,
+    /// The resulting table as `nft list` text, and kvip's JSON for it.
+    listing: String,
+    json: String,
+}
+
+/// Full apply into a fresh namespace, then (nftables) a one-pod replacement and a one-pod
+/// addition on top of it.
+fn apply_times(n: usize, c: &Config) -> ApplyTimes {
     let s = state(n, None);
-    let mut changed = s.egress()[0].sources().to_vec();
-    changed[0] = pod(n + 7);
-    let one = s.egress()[0].with_sources(changed).expect("policy");
-    let mut eg = s.egress().to_vec();
-    eg[0] = one;
-    let s2 = DesiredState::new(vec![], eg).expect("state");
-    let mut full = Vec::new();
-    let mut delta = Vec::new();
+    let with_first = |sources: Vec<IpAddr>| {
+        let mut eg = s.egress().to_vec();
+        eg[0] = eg[0].with_sources(sources).expect("policy");
+        DesiredState::new(vec![], eg).expect("state")
+    };
+    let mut replaced = s.egress()[0].sources().to_vec();
+    replaced[0] = pod(n + 7);
+    let s2 = with_first(replaced.clone());
+    replaced.push(pod(n + 8));
+    let s3 = with_first(replaced);
+    let (mut full, mut rep, mut add) = (Vec::new(), Vec::new(), Vec::new());
     let mut listing = String::new();
     for _ in 0..REPS {
         let ns = Netns::new("bench").expect("netns");
-        let (f, d, l) = ns
+        let (f, r, a, l) = ns
             .block_on(|| async {
                 let mut dp = KernelDataplane::new(c.clone()).await.expect("dataplane");
                 let t = Instant::now();
                 dp.apply(&s).await.expect("apply");
                 let f = t.elapsed();
                 let t = Instant::now();
-                let r = dp.apply(&s2).await.expect("apply");
-                let d = t.elapsed();
+                let r2 = dp.apply(&s2).await.expect("apply");
+                let r = t.elapsed();
+                let t = Instant::now();
+                let r3 = dp.apply(&s3).await.expect("apply");
+                let a = t.elapsed();
+                let incremental = |m| m == kvip_dataplane::SyncMode::Incremental;
                 let l = if matches!(c.backend, BackendKind::Nftables) {
+                    dp.apply(&s).await.expect("apply");
                     dp.raw_listing().await.expect("listing")
                 } else {
                     String::new()
                 };
                 (
                     f,
-                    (r.mode == kvip_dataplane::SyncMode::Incremental).then_some(d),
+                    incremental(r2.mode).then_some(r),
+                    incremental(r3.mode).then_some(a),
                     l,
                 )
             })
             .expect("netns");
         full.push(f);
-        if let Some(d) = d {
-            delta.push(d);
-        }
+        rep.extend(r);
+        add.extend(a);
         listing = l;
     }
-    let delta = (!delta.is_empty()).then(|| median(delta));
-    (median(full), delta, listing)
+    let med = |v: Vec<Duration>| (!v.is_empty()).then(|| median(v));
+    ApplyTimes {
+        full: median(full),
+        replace_one: med(rep),
+        add_one: med(add),
+        listing,
+        json: kvip_dataplane::nft::render_full("kvip", &s).to_json(),
+    }
 }
 
-/// `nft -f` of the same ruleset, pre-rendered as text, into a fresh namespace: the limit.
-fn nft_file_time(listing: &str) -> Duration {
-    let path = std::env::temp_dir().join(format!("kvip-bench-{}.nft", std::process::id()));
-    std::fs::write(&path, listing).expect("write ruleset");
+/// Loading a file with `nft` into a fresh namespace (`-f`, or `-j -f` for JSON).
+fn nft_file_time(content: &str, json: bool) -> Duration {
+    let path = std::env::temp_dir().join(format!(
+        "kvip-bench-{}.{}",
+        std::process::id(),
+        if json { "json" } else { "nft" }
+    ));
+    std::fs::write(&path, content).expect("write ruleset");
     let mut v = Vec::new();
     for _ in 0..REPS {
         let ns = Netns::new("limit").expect("netns");
         let p = path.clone();
         let d = ns
             .enter(move || {
+                let mut cmd = Command::new("nft");
+                if json {
+                    cmd.arg("-j");
+                }
                 let t = Instant::now();
-                let st = Command::new("nft").arg("-f").arg(&p).status().expect("nft");
+                let st = cmd.arg("-f").arg(&p).status().expect("nft");
                 assert!(st.success());
                 t.elapsed()
             })
@@ -334,15 +369,17 @@ fn main() {
     );
     println!("## Apply time (median of {REPS}, fresh namespace each)\n");
     println!(
-        "| N pods (N/10 policies) | kube-vip-style per-rule iptables | kvip nftables full | speed-up | `nft -f` of same ruleset | kvip / `nft -f` | one-pod change | change / full | kvip iptables-nft full | kvip iptables-legacy full |"
+        "| N pods (N/10 policies) | kube-vip-style per-rule iptables | kvip nftables full | speed-up | `nft -f` (text) of same ruleset | kvip / `nft -f` | `nft -j -f` of kvip's JSON | one pod replaced | replaced / full | one pod added | added / full | kvip iptables-nft full | kvip iptables-legacy full |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &sizes {
-        let (full, delta, listing) = apply_times(n, &cfg(BackendKind::Nftables, None));
-        let limit = nft_file_time(&listing);
-        let (ipt_nft, _, _) = apply_times(n, &cfg(BackendKind::Iptables, Some(Variant::Nft)));
-        let (ipt_leg, _, _) = apply_times(n, &cfg(BackendKind::Iptables, Some(Variant::Legacy)));
+        let t = apply_times(n, &cfg(BackendKind::Nftables, None));
+        let limit = nft_file_time(&t.listing, false);
+        let json = nft_file_time(&t.json, true);
+        let ipt_nft = apply_times(n, &cfg(BackendKind::Iptables, Some(Variant::Nft))).full;
+        let ipt_leg = apply_times(n, &cfg(BackendKind::Iptables, Some(Variant::Legacy))).full;
         let (done, base) = per_rule_baseline(n, cap);
+        let full = t.full;
         let (base_s, speed) = if done == n {
             (
                 ms(base),
@@ -354,15 +391,21 @@ fn main() {
                 format!("≥ {:.0}×", base.as_secs_f64() / full.as_secs_f64()),
             )
         };
-        let delta_s = delta.map(ms).unwrap_or_else(|| "-".into());
-        let ratio = delta
-            .map(|d| format!("{:.1} %", 100.0 * d.as_secs_f64() / full.as_secs_f64()))
-            .unwrap_or_else(|| "-".into());
+        let pct = |d: Option<Duration>| {
+            d.map(|d| format!("{:.1} %", 100.0 * d.as_secs_f64() / full.as_secs_f64()))
+                .unwrap_or_else(|| "-".into())
+        };
+        let opt = |d: Option<Duration>| d.map(ms).unwrap_or_else(|| "-".into());
         println!(
-            "| {n} | {base_s} | {} | {speed} | {} | {:.2}× | {delta_s} | {ratio} | {} | {} |",
+            "| {n} | {base_s} | {} | {speed} | {} | {:.2}× | {} | {} | {} | {} | {} | {} | {} |",
             ms(full),
             ms(limit),
             full.as_secs_f64() / limit.as_secs_f64(),
+            ms(json),
+            opt(t.replace_one),
+            pct(t.replace_one),
+            opt(t.add_one),
+            pct(t.add_one),
             ms(ipt_nft),
             ms(ipt_leg),
         );

@@ -160,7 +160,7 @@ pub async fn clean_legacy() -> LegacyReport {
                     .iter()
                     .map(|(f, n)| json!({"delete": {"table": {"family": f, "name": n}}}))
                     .collect();
-                match nft_apply(&json!({ "nftables": cmds })).await {
+                match nft_apply(&json!({ "nftables": cmds }).to_string()).await {
                     Ok(()) => report.removed.extend(
                         tables
                             .iter()

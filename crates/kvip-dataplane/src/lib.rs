@@ -16,6 +16,7 @@ pub mod iptables;
 pub mod legacy;
 pub mod names;
 pub mod nft;
+pub mod nftjson;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

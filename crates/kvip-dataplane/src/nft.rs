@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use crate::error::DataplaneError;
 use crate::exec::{one_line, run_tool};
 use crate::names::{fnv1a, nft_policy_chain, policy_comment, policy_from_comment};
+use crate::nftjson::{Batch, Cmd, Elem, Lhs, Obj, SetType, Stmt};
 
 /// Priority of kvip's nat postrouting chain: srcnat (100) - 10.
 pub const NAT_PRIORITY: i32 = 90;
@@ -45,20 +46,26 @@ fn src_map(f: Family) -> &'static str {
     }
 }
 
-fn cidr_elem(c: &Cidr) -> Value {
+fn cidr_elem(c: &Cidr) -> Elem {
     if c.is_host() {
-        json!(c.addr().to_string())
+        Elem::Addr(c.addr().to_string())
     } else {
-        json!({"prefix": {"addr": c.addr().to_string(), "len": c.len()}})
+        Elem::Prefix {
+            addr: c.addr().to_string(),
+            len: c.len(),
+        }
     }
 }
 
-fn port_elem(p: &PortMatch) -> Value {
-    json!({"concat": [p.protocol.as_str(), p.port]})
+fn port_elem(p: &PortMatch) -> Elem {
+    Elem::ProtoPort(p.protocol.as_str(), p.port)
 }
 
-fn goto_elem(src: IpAddr, chain: &str) -> Value {
-    json!([src.to_string(), {"goto": {"target": chain}}])
+fn goto_elem(src: IpAddr, chain: &str) -> Elem {
+    Elem::Goto {
+        key: src.to_string(),
+        chain: chain.to_string(),
+    }
 }
 
 /// A named set shared by every policy with the same list: the name is derived from the
@@ -67,9 +74,9 @@ fn goto_elem(src: IpAddr, chain: &str) -> Value {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SharedSet {
     name: String,
-    set_type: Value,
+    set_type: SetType,
     interval: bool,
-    elems: Vec<Value>,
+    elems: Vec<Elem>,
 }
 
 fn cidr_set(kind: &str, f: Family, list: &[Cidr]) -> SharedSet {
@@ -80,7 +87,7 @@ fn cidr_set(kind: &str, f: Family, list: &[Cidr]) -> SharedSet {
     };
     SharedSet {
         name: format!("{kind}{fam}_{:08x}", fnv1a(&key.join(",")) as u32),
-        set_type: json!(addr_type(f)),
+        set_type: SetType::One(addr_type(f)),
         interval: true,
         elems: list.iter().map(cidr_elem).collect(),
     }
@@ -90,7 +97,7 @@ fn port_set(list: &[PortMatch]) -> SharedSet {
     let key: Vec<String> = list.iter().map(PortMatch::to_string).collect();
     SharedSet {
         name: format!("pt_{:08x}", fnv1a(&key.join(",")) as u32),
-        set_type: json!(["inet_proto", "inet_service"]),
+        set_type: SetType::Concat(vec!["inet_proto", "inet_service"]),
         interval: false,
         elems: list.iter().map(port_elem).collect(),
     }
@@ -108,82 +115,114 @@ fn policy_sets(p: &EgressPolicy) -> (Option<SharedSet>, Option<SharedSet>, Optio
 
 /// Renders the whole table as one transaction: the table is created (if missing), deleted
 /// and created again with its full content, so the result never depends on what was there.
-pub fn render_full(table: &str, state: &DesiredState) -> Value {
-    let t = |extra: Value| -> Value {
-        let mut o = json!({"family": "inet", "table": table});
-        if let (Some(m), Value::Object(e)) = (o.as_object_mut(), extra) {
-            m.extend(e);
-        }
-        o
+pub fn render_full(table: &str, state: &DesiredState) -> Batch {
+    let tbl = || Obj::Table {
+        family: "inet",
+        name: table.to_string(),
     };
-    let mut cmds: Vec<Value> = vec![
-        json!({"add": {"table": {"family": "inet", "name": table}}}),
-        json!({"delete": {"table": {"family": "inet", "name": table}}}),
-        json!({"add": {"table": {"family": "inet", "name": table}}}),
-    ];
+    let chain_obj = |name: &str, base: bool| Obj::Chain {
+        family: "inet",
+        table: table.to_string(),
+        name: name.to_string(),
+        chain_type: base.then_some("nat"),
+        hook: base.then_some("postrouting"),
+        prio: base.then_some(NAT_PRIORITY),
+        policy: base.then_some("accept"),
+    };
+    let rule = |chain: &str, comment: Option<String>, expr: Vec<Stmt>| {
+        Cmd::Add(Obj::Rule {
+            family: "inet",
+            table: table.to_string(),
+            chain: chain.to_string(),
+            comment,
+            expr,
+        })
+    };
+    let mut cmds: Vec<Cmd> = vec![Cmd::Add(tbl()), Cmd::Delete(tbl()), Cmd::Add(tbl())];
     let mut sets: BTreeMap<String, SharedSet> = BTreeMap::new();
-    let mut rules: Vec<Value> = Vec::new();
-    let mut map_elems: BTreeMap<Family, Vec<Value>> = BTreeMap::new();
+    let mut rules: Vec<Cmd> = Vec::new();
+    let mut map_elems: BTreeMap<Family, Vec<Elem>> = BTreeMap::new();
     for p in state.egress() {
         let chain = nft_policy_chain(p.name());
         let fp = fam_proto(p.family());
-        cmds.push(json!({"add": {"chain": t(json!({"name": chain}))}}));
+        cmds.push(Cmd::Add(chain_obj(&chain, false)));
         let (ex, al, pt) = policy_sets(p);
-        let daddr = json!({"payload": {"protocol": fp, "field": "daddr"}});
-        if let Some(ex) = ex {
-            rules.push(json!({"add": {"rule": t(json!({"chain": chain, "expr": [
-                {"match": {"op": "==", "left": daddr, "right": format!("@{}", ex.name)}},
-                {"return": null}
-            ]}))}}));
-            sets.insert(ex.name.clone(), ex);
+        let daddr = || Lhs::Payload {
+            protocol: fp,
+            field: "daddr",
+        };
+        for (set, op, left) in [
+            (ex, "==", daddr()),
+            (al, "!=", daddr()),
+            (pt, "!=", Lhs::L4ProtoDport),
+        ] {
+            if let Some(set) = set {
+                rules.push(rule(
+                    &chain,
+                    None,
+                    vec![
+                        Stmt::MatchSet {
+                            op,
+                            left,
+                            set: set.name.clone(),
+                        },
+                        Stmt::Return,
+                    ],
+                ));
+                sets.insert(set.name.clone(), set);
+            }
         }
-        if let Some(al) = al {
-            rules.push(json!({"add": {"rule": t(json!({"chain": chain, "expr": [
-                {"match": {"op": "!=", "left": daddr, "right": format!("@{}", al.name)}},
-                {"return": null}
-            ]}))}}));
-            sets.insert(al.name.clone(), al);
-        }
-        if let Some(pt) = pt {
-            rules.push(json!({"add": {"rule": t(json!({"chain": chain, "expr": [
-                {"match": {"op": "!=", "left": {"concat": [{"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]}, "right": format!("@{}", pt.name)}},
-                {"return": null}
-            ]}))}}));
-            sets.insert(pt.name.clone(), pt);
-        }
-        rules.push(json!({"add": {"rule": t(json!({"chain": chain, "comment": policy_comment(p.name()), "expr": [
-            {"snat": {"family": fp, "addr": p.vip().to_string()}}
-        ]}))}}));
+        rules.push(rule(
+            &chain,
+            Some(policy_comment(p.name())),
+            vec![Stmt::Snat {
+                family: fp,
+                addr: p.vip().to_string(),
+            }],
+        ));
         let elems = map_elems.entry(p.family()).or_default();
-        for s in p.sources() {
-            elems.push(goto_elem(*s, &chain));
-        }
+        elems.extend(p.sources().iter().map(|s| goto_elem(*s, &chain)));
     }
     for set in sets.into_values() {
-        let mut o = t(json!({"name": set.name, "type": set.set_type}));
-        if set.interval {
-            o["flags"] = json!(["interval"]);
-        }
-        o["elem"] = Value::Array(set.elems);
-        cmds.push(json!({"add": {"set": o}}));
+        cmds.push(Cmd::Add(Obj::Set {
+            family: "inet",
+            table: table.to_string(),
+            name: set.name,
+            set_type: set.set_type,
+            flags: if set.interval {
+                vec!["interval"]
+            } else {
+                vec![]
+            },
+            elem: set.elems,
+        }));
     }
     for f in [Family::V4, Family::V6] {
-        let mut m = t(json!({"name": src_map(f), "type": addr_type(f), "map": "verdict"}));
-        if let Some(e) = map_elems.remove(&f)
-            && !e.is_empty()
-        {
-            m["elem"] = Value::Array(e);
-        }
-        cmds.push(json!({"add": {"map": m}}));
+        cmds.push(Cmd::Add(Obj::Map {
+            family: "inet",
+            table: table.to_string(),
+            name: src_map(f).to_string(),
+            set_type: SetType::One(addr_type(f)),
+            map: "verdict",
+            elem: map_elems.remove(&f).unwrap_or_default(),
+        }));
     }
-    cmds.push(json!({"add": {"chain": t(json!({"name": BASE_CHAIN, "type": "nat", "hook": "postrouting", "prio": NAT_PRIORITY, "policy": "accept"}))}}));
+    cmds.push(Cmd::Add(chain_obj(BASE_CHAIN, true)));
     for f in [Family::V4, Family::V6] {
-        cmds.push(json!({"add": {"rule": t(json!({"chain": BASE_CHAIN, "expr": [
-            {"vmap": {"key": {"payload": {"protocol": fam_proto(f), "field": "saddr"}}, "data": format!("@{}", src_map(f))}}
-        ]}))}}));
+        cmds.push(rule(
+            BASE_CHAIN,
+            None,
+            vec![Stmt::Vmap {
+                key: Lhs::Payload {
+                    protocol: fam_proto(f),
+                    field: "saddr",
+                },
+                map: src_map(f).to_string(),
+            }],
+        ));
     }
     cmds.extend(rules);
-    json!({"nftables": cmds})
+    Batch { cmds }
 }
 
 /// Whether two states differ only in pod addresses (the elements of the source maps): same
@@ -209,51 +248,59 @@ pub fn render_delta(
     table: &str,
     old: &DesiredState,
     new: &DesiredState,
-) -> Option<(Value, DeltaCounts)> {
+) -> Option<(Batch, DeltaCounts)> {
     if !same_structure(old, new) {
         return None;
     }
-    let mut dels: Vec<Value> = Vec::new();
-    let mut adds: Vec<Value> = Vec::new();
-    let mut counts = DeltaCounts::default();
-    let elem = |name: &str, elems: Vec<Value>| -> Value {
-        json!({"element": {"family": "inet", "table": table, "name": name, "elem": elems}})
-    };
-    // Policies are in the same order in both states: compare their source lists pairwise
-    // (both sorted), so the cost follows the number of pods, not a rebuilt index.
-    let mut by_family: BTreeMap<Family, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
-    let before = old.source_owners();
-    let after = new.source_owners();
+    // Policies pair up in order and their source lists are sorted: one merge pass per
+    // policy finds what left and what came, so the cost follows the number of pods. A pod
+    // that moved between policies is deleted from one and added to the other in the same
+    // transaction (deletions go first).
+    let mut del: BTreeMap<Family, Vec<Elem>> = BTreeMap::new();
+    let mut add: BTreeMap<Family, Vec<Elem>> = BTreeMap::new();
     for (p, q) in old.egress().iter().zip(new.egress()) {
         let chain = nft_policy_chain(q.name());
-        let entry = by_family.entry(q.family()).or_default();
-        for src in p.sources() {
-            // Gone, or now owned by another policy: delete (and re-add below if moved).
-            if after.get(src).is_none_or(|o| o.name() != p.name()) {
-                entry.0.push(json!(src.to_string()));
-            }
-        }
-        for src in q.sources() {
-            if before.get(src).is_none_or(|o| o.name() != q.name()) {
-                entry.1.push(goto_elem(*src, &chain));
+        let (a, b) = (p.sources(), q.sources());
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() || j < b.len() {
+            match (a.get(i), b.get(j)) {
+                (Some(x), Some(y)) if x == y => {
+                    i += 1;
+                    j += 1;
+                }
+                (Some(x), y) if y.is_none_or(|y| x < y) => {
+                    del.entry(Family::of(*x))
+                        .or_default()
+                        .push(Elem::Addr(x.to_string()));
+                    i += 1;
+                }
+                (_, Some(y)) => {
+                    add.entry(Family::of(*y))
+                        .or_default()
+                        .push(goto_elem(*y, &chain));
+                    j += 1;
+                }
+                _ => break,
             }
         }
     }
-    for f in [Family::V4, Family::V6] {
-        let Some((d, a)) = by_family.remove(&f) else {
-            continue;
-        };
-        counts.removed += d.len();
-        counts.added += a.len();
-        if !d.is_empty() {
-            dels.push(json!({"delete": elem(src_map(f), d)}));
-        }
-        if !a.is_empty() {
-            adds.push(json!({"add": elem(src_map(f), a)}));
-        }
+    let mut counts = DeltaCounts::default();
+    let mut cmds = Vec::new();
+    let element = |f: Family, elem: Vec<Elem>| Obj::Element {
+        family: "inet",
+        table: table.to_string(),
+        name: src_map(f).to_string(),
+        elem,
+    };
+    for (f, elems) in del {
+        counts.removed += elems.len();
+        cmds.push(Cmd::Delete(element(f, elems)));
     }
-    dels.extend(adds);
-    Some((json!({"nftables": dels}), counts))
+    for (f, elems) in add {
+        counts.added += elems.len();
+        cmds.push(Cmd::Add(element(f, elems)));
+    }
+    Some((Batch { cmds }, counts))
 }
 
 /// The table's content read back into the model, plus anything in the table kvip would not
@@ -468,9 +515,8 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
 }
 
 /// Runs `nft -j -f -` with a JSON document.
-pub async fn nft_apply(doc: &Value) -> Result<(), DataplaneError> {
-    let text = doc.to_string();
-    let out = run_tool("nft", &["-j", "-f", "-"], Some(text.as_bytes())).await?;
+pub async fn nft_apply(json: &str) -> Result<(), DataplaneError> {
+    let out = run_tool("nft", &["-j", "-f", "-"], Some(json.as_bytes())).await?;
     if !out.status_ok {
         return Err(DataplaneError::ToolFailed {
             tool: "nft".into(),
@@ -520,7 +566,8 @@ pub async fn nft_delete_table(family: &str, table: &str) -> Result<bool, Datapla
     let doc = json!({"nftables": [
         {"add": {"table": {"family": family, "name": table}}},
         {"delete": {"table": {"family": family, "name": table}}}
-    ]});
+    ]})
+    .to_string();
     // Probe first so that a missing table is not reported as a change.
     let exists = run_tool("nft", &["list", "table", family, table], None)
         .await?
@@ -592,7 +639,7 @@ impl NftBackend {
                 return Ok(EgressSync::default());
             }
             if let Some((doc, counts)) = render_delta(&self.table, old, desired) {
-                match nft_apply(&doc).await {
+                match nft_apply(&doc.to_json()).await {
                     Ok(()) => {
                         self.applied = Some(desired.clone());
                         return Ok(EgressSync {
@@ -624,10 +671,8 @@ impl NftBackend {
             });
         }
         let doc = render_full(&self.table, desired);
-        let objects = doc["nftables"]
-            .as_array()
-            .map_or(0, |a| a.len().saturating_sub(3));
-        nft_apply(&doc).await?;
+        let objects = doc.cmds.len().saturating_sub(3);
+        nft_apply(&doc.to_json()).await?;
         self.applied = Some(desired.clone());
         Ok(EgressSync {
             mode: SyncMode::Full,

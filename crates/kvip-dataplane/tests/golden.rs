@@ -55,7 +55,7 @@ egress:
 
 #[test]
 fn nft_full() {
-    let doc = render_full("kvip", &sample());
+    let doc = render_full("kvip", &sample()).to_value();
     golden(
         "nft_full.json",
         &format!("{}\n", serde_json::to_string_pretty(&doc).expect("json")),
@@ -71,6 +71,7 @@ fn nft_delta_one_pod() {
             .replace("10.244.1.6", "10.244.1.7"),
     );
     let (doc, counts) = render_delta("kvip", &before, &after).expect("same structure");
+    let doc = doc.to_value();
     assert_eq!((counts.added, counts.removed), (1, 1));
     golden(
         "nft_delta.json",
@@ -113,7 +114,7 @@ fn iptables_restore_input() {
 #[test]
 fn nft_render_parses_back() {
     let s = sample();
-    let doc = render_full("kvip", &s);
+    let doc = render_full("kvip", &s).to_value();
     // A listing holds objects, not commands: unwrap the "add" of everything after the
     // table's add/delete/add preamble.
     let items: Vec<serde_json::Value> = doc["nftables"]
@@ -126,4 +127,38 @@ fn nft_render_parses_back() {
     let parsed = parse_table(&serde_json::json!({ "nftables": items })).expect("parse");
     assert!(parsed.stray.is_empty(), "{:?}", parsed.stray);
     assert_eq!(parsed.egress, s.egress());
+}
+
+/// Writes the full rendering of a state file to a path (used by hand when profiling:
+/// `KVIP_RENDER_IN=state.json KVIP_RENDER_OUT=out.json cargo test --test golden render_file`).
+#[test]
+fn render_file() {
+    let (Ok(input), Ok(output)) = (
+        std::env::var("KVIP_RENDER_IN"),
+        std::env::var("KVIP_RENDER_OUT"),
+    ) else {
+        return;
+    };
+    let s: DesiredState =
+        serde_json::from_str(&std::fs::read_to_string(input).expect("read")).expect("state");
+    std::fs::write(output, render_full("kvip", &s).to_json()).expect("write");
+}
+
+#[test]
+fn render_timing() {
+    let Ok(input) = std::env::var("KVIP_RENDER_IN") else {
+        return;
+    };
+    let s: DesiredState =
+        serde_json::from_str(&std::fs::read_to_string(input).expect("read")).expect("state");
+    let t = std::time::Instant::now();
+    let doc = render_full("kvip", &s);
+    let a = t.elapsed();
+    let text = doc.to_json();
+    eprintln!(
+        "render {:?} to_string {:?} ({} bytes)",
+        a,
+        t.elapsed(),
+        text.len()
+    );
 }

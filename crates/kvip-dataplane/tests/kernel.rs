@@ -58,13 +58,13 @@ fn nft_rejected_transaction_leaves_previous_ruleset() {
     });
     // B's full replace (delete table, recreate everything) followed by a command the kernel
     // refuses: the whole transaction must be rejected.
-    let mut doc = nft::render_full("kvip", &b);
+    let mut doc = nft::render_full("kvip", &b).to_value();
     doc["nftables"]
         .as_array_mut()
         .expect("array")
         .push(json!({"add": {"rule": {"family": "inet", "table": "kvip", "chain": "no_such_chain", "expr": [{"accept": null}]}}}));
     let res = ns
-        .block_on(|| async { nft::nft_apply(&doc).await })
+        .block_on(|| async { nft::nft_apply(&doc.to_string()).await })
         .expect("netns");
     assert!(
         res.is_err(),
