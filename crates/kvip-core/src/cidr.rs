@@ -55,12 +55,9 @@ impl Cidr {
         self.addr
     }
 
-    pub fn len(&self) -> u8 {
+    /// The prefix length.
+    pub fn prefix_len(&self) -> u8 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     pub fn family(&self) -> Family {
@@ -252,7 +249,7 @@ mod tests {
         assert_eq!(c("10.244.0.0/16").to_string(), "10.244.0.0/16");
         assert_eq!(c("10.0.0.1").to_string(), "10.0.0.1/32");
         assert_eq!(c("2001:db8::/32").to_string(), "2001:db8::/32");
-        assert_eq!(c("::/0").len(), 0);
+        assert_eq!(c("::/0").prefix_len(), 0);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! - `E-<id>`: `-d <excluded> -j RETURN`, then `-d <allowed> -j S-<id>` (or `-j S-<id>`);
 //! - `S-<id>`: the SNAT rule(s), one per port match, carrying the policy name as comment.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::str::FromStr;
 
@@ -528,9 +528,4 @@ impl IptBackend {
 /// Policies of one family, in name order.
 pub fn of_family(policies: &[EgressPolicy], f: Family) -> Vec<&EgressPolicy> {
     policies.iter().filter(|p| p.family() == f).collect()
-}
-
-/// The set of chain names a family's rendering uses (for tests and diagnostics).
-pub fn chain_set(chains: &Chains, policies: &[&EgressPolicy]) -> BTreeSet<String> {
-    render_rules(chains, policies).0.into_iter().collect()
 }

@@ -298,15 +298,9 @@ impl KernelDataplane {
     async fn apply_vips(
         &mut self,
         desired: &DesiredState,
+        links: &BTreeMap<String, addr::Link>,
         report: &mut ApplyReport,
     ) -> Result<(), DataplaneError> {
-        let links: BTreeMap<String, addr::Link> = self
-            .addrs
-            .links()
-            .await?
-            .into_iter()
-            .map(|l| (l.name.clone(), l))
-            .collect();
         let owned = self.addrs.owned().await?;
         let want: BTreeMap<IpAddr, &VipClaim> =
             desired.vips().iter().map(|v| (v.address, v)).collect();
@@ -412,9 +406,16 @@ impl Dataplane for KernelDataplane {
             backend: self.rules.name(),
             ..ApplyReport::default()
         };
-        let links = self.addrs.links().await?;
+        // Every claimed interface must exist before anything changes.
+        let links: BTreeMap<String, addr::Link> = self
+            .addrs
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.name.clone(), l))
+            .collect();
         for v in desired.vips() {
-            if !links.iter().any(|l| l.name == v.interface) {
+            if !links.contains_key(&v.interface) {
                 return Err(DataplaneError::InterfaceNotFound(v.interface.clone()));
             }
         }
@@ -440,7 +441,7 @@ impl Dataplane for KernelDataplane {
         if first {
             report.warnings.extend(self.remove_other_backend().await);
         }
-        self.apply_vips(desired, &mut report).await?;
+        self.apply_vips(desired, &links, &mut report).await?;
         if !self.cfg.no_conntrack_flush {
             let changed = before.changed_sources(desired);
             match conntrack::flush_sources(&changed).await {

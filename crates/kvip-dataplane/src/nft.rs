@@ -52,7 +52,7 @@ fn cidr_elem(c: &Cidr) -> Elem {
     } else {
         Elem::Prefix {
             addr: c.addr().to_string(),
-            len: c.len(),
+            len: c.prefix_len(),
         }
     }
 }

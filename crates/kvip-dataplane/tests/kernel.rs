@@ -430,3 +430,61 @@ fn clean_legacy_removes_kube_vip_and_nothing_else() {
         "second run: {again:?}"
     );
 }
+
+#[test]
+fn iptables_variant_follows_the_hosts_rules() {
+    require_kernel!();
+    let (ns, _p) = pair("var");
+    let detect = || {
+        ns.block_on(|| async { kvip_dataplane::iptables::detect_variant().await })
+            .expect("netns")
+            .expect("detect")
+    };
+    assert_eq!(
+        detect(),
+        kvip_dataplane::Variant::Nft,
+        "no rules anywhere: nf_tables"
+    );
+    for i in 0..3 {
+        ns.exec_ok(
+            "iptables-legacy",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                &format!("10.9.{i}.0/24"),
+                "-j",
+                "MASQUERADE",
+            ],
+        )
+        .expect("legacy rule");
+    }
+    assert_eq!(
+        detect(),
+        kvip_dataplane::Variant::Legacy,
+        "the host's rules are legacy"
+    );
+    for i in 0..4 {
+        ns.exec_ok(
+            "iptables-nft",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                &format!("10.8.{i}.0/24"),
+                "-j",
+                "MASQUERADE",
+            ],
+        )
+        .expect("nft rule");
+    }
+    assert_eq!(
+        detect(),
+        kvip_dataplane::Variant::Nft,
+        "more rules in nf_tables"
+    );
+}

@@ -422,3 +422,93 @@ fn show_formats_and_teardown() {
         "{all}"
     );
 }
+
+/// A PATH holding every tool kvip and the tests use except `nft`.
+fn path_without_nft(dir: &tempdir::Dir) -> String {
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    for tool in [
+        "ip",
+        "iptables",
+        "ip6tables",
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables-save",
+        "ip6tables-restore",
+        "iptables-nft-save",
+        "iptables-nft-restore",
+        "ip6tables-nft-save",
+        "ip6tables-nft-restore",
+        "iptables-legacy-save",
+        "iptables-legacy-restore",
+        "ip6tables-legacy-save",
+        "ip6tables-legacy-restore",
+        "conntrack",
+        "sh",
+    ] {
+        let found = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .map(|d| PathBuf::from(d).join(tool))
+            .find(|p| p.exists());
+        if let Some(p) = found {
+            let _ = std::os::unix::fs::symlink(p, bin.join(tool));
+        }
+    }
+    bin.display().to_string()
+}
+
+#[test]
+fn without_nft_auto_uses_iptables_and_demo_says_what_to_do() {
+    require_kernel!();
+    let (ns, _p) = node("nonft");
+    let dir = tempdir::Dir::new("nonft");
+    let path = path_without_nft(&dir);
+    let state = write_state(&dir, "a.yaml", GOOD);
+    let run = |args: &[&str]| {
+        let mut full = vec!["netns", "exec", ns.name(), "env", "PATH"];
+        full.truncate(3);
+        let p = format!("PATH={path}");
+        full.extend_from_slice(&["env", &p, KVIP]);
+        full.extend_from_slice(args);
+        Command::new("ip")
+            .args(&full)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kvip")
+    };
+    let out = run(&[
+        "dataplane",
+        "apply",
+        "--json",
+        "--state",
+        state.to_str().expect("p"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    assert!(
+        report["backend"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("iptables")),
+        "{report}"
+    );
+    let out = run(&["dataplane", "--backend", "nftables", "show"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nft not found") && err.contains("apt-get install nftables"),
+        "{err}"
+    );
+    let out = run(&["demo"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("nft not found") && err.contains("apt-get install nftables"),
+        "{err}"
+    );
+    run(&["dataplane", "teardown"]);
+}
