@@ -128,37 +128,3 @@ fn nft_render_parses_back() {
     assert!(parsed.stray.is_empty(), "{:?}", parsed.stray);
     assert_eq!(parsed.egress, s.egress());
 }
-
-/// Writes the full rendering of a state file to a path (used by hand when profiling:
-/// `KVIP_RENDER_IN=state.json KVIP_RENDER_OUT=out.json cargo test --test golden render_file`).
-#[test]
-fn render_file() {
-    let (Ok(input), Ok(output)) = (
-        std::env::var("KVIP_RENDER_IN"),
-        std::env::var("KVIP_RENDER_OUT"),
-    ) else {
-        return;
-    };
-    let s: DesiredState =
-        serde_json::from_str(&std::fs::read_to_string(input).expect("read")).expect("state");
-    std::fs::write(output, render_full("kvip", &s).to_json()).expect("write");
-}
-
-#[test]
-fn render_timing() {
-    let Ok(input) = std::env::var("KVIP_RENDER_IN") else {
-        return;
-    };
-    let s: DesiredState =
-        serde_json::from_str(&std::fs::read_to_string(input).expect("read")).expect("state");
-    let t = std::time::Instant::now();
-    let doc = render_full("kvip", &s);
-    let a = t.elapsed();
-    let text = doc.to_json();
-    eprintln!(
-        "render {:?} to_string {:?} ({} bytes)",
-        a,
-        t.elapsed(),
-        text.len()
-    );
-}

@@ -464,11 +464,9 @@ fn without_nft_auto_uses_iptables_and_demo_says_what_to_do() {
     let dir = tempdir::Dir::new("nonft");
     let path = path_without_nft(&dir);
     let state = write_state(&dir, "a.yaml", GOOD);
+    let env_path = format!("PATH={path}");
     let run = |args: &[&str]| {
-        let mut full = vec!["netns", "exec", ns.name(), "env", "PATH"];
-        full.truncate(3);
-        let p = format!("PATH={path}");
-        full.extend_from_slice(&["env", &p, KVIP]);
+        let mut full = vec!["netns", "exec", ns.name(), "env", &env_path, KVIP];
         full.extend_from_slice(args);
         Command::new("ip")
             .args(&full)
