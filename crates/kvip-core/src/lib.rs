@@ -4,12 +4,15 @@
 //! validating constructors in this crate, so backends can rely on its invariants: one address
 //! family per egress policy, canonical CIDR lists, no pod egressing through two VIPs.
 
+pub mod annotations;
 pub mod cidr;
 pub mod error;
 pub mod model;
+pub mod plan;
 pub mod port;
 
 pub use cidr::Cidr;
 pub use error::ModelError;
 pub use model::{DesiredState, DesiredStateSpec, EgressPolicy, EgressPolicySpec, Family, VipClaim};
+pub use plan::{Leadership, NodeConfig, Plan, Snapshot, plan};
 pub use port::{PortMatch, Protocol};

@@ -95,3 +95,109 @@ proptest! {
         let _ = serde_json::from_str::<DesiredState>(&json);
     }
 }
+
+mod planning {
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use kvip_core::annotations as ann;
+    use kvip_core::plan::{ClusterNetworks, EndpointInfo, ServiceInfo, ServiceKey};
+    use kvip_core::{Leadership, NodeConfig, Snapshot, plan};
+    use proptest::prelude::*;
+
+    fn annotation_value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("true".to_string()),
+            Just("false".to_string()),
+            Just("tcp:443,udp:53".to_string()),
+            Just("tcp:99999".to_string()),
+            Just("300.1.1.1/8".to_string()),
+            Just("203.0.113.0/24".to_string()),
+            "\\PC{0,12}",
+        ]
+    }
+
+    fn service(i: usize) -> impl Strategy<Value = (ServiceInfo, Vec<EndpointInfo>)> {
+        (
+            0u8..4,
+            proptest::collection::vec((0usize..6, annotation_value()), 0..5),
+            proptest::collection::vec((0u8..8, 0u8..3, any::<bool>()), 0..6),
+        )
+            .prop_map(move |(vip, anns, eps)| {
+                let keys = [
+                    ann::EGRESS,
+                    ann::EGRESS_IPV6,
+                    ann::EGRESS_PORTS,
+                    ann::EGRESS_ALLOWED,
+                    ann::EGRESS_DENIED,
+                    ann::IGNORE,
+                ];
+                let mut annotations: BTreeMap<String, String> = anns
+                    .into_iter()
+                    .map(|(k, v)| (keys[k].to_string(), v))
+                    .collect();
+                annotations.insert(
+                    ann::LOADBALANCER_IPS.into(),
+                    format!("198.51.100.{}", vip + 1),
+                );
+                let s = ServiceInfo {
+                    namespace: "ns".into(),
+                    name: format!("svc{i}"),
+                    load_balancer: true,
+                    annotations,
+                    ..ServiceInfo::default()
+                };
+                let eps = eps
+                    .into_iter()
+                    .map(|(a, node, ready)| EndpointInfo {
+                        address: IpAddr::V4(Ipv4Addr::new(10, 244, 1, a)),
+                        node: Some(format!("n{node}")),
+                        ready,
+                    })
+                    .collect();
+                (s, eps)
+            })
+    }
+
+    proptest! {
+        /// Whatever the annotations and endpoints: no panic, a valid state, and only this
+        /// node's ready endpoints are translated, each through one Service.
+        #[test]
+        fn plan_is_total_and_translates_only_local_ready_pods(
+            svcs in (service(0), service(1), service(2), service(3)),
+            held in any::<bool>(),
+        ) {
+            let list = [svcs.0, svcs.1, svcs.2, svcs.3];
+            let snap = Snapshot {
+                endpoints: list
+                    .iter()
+                    .map(|(s, e)| (ServiceKey { namespace: s.namespace.clone(), name: s.name.clone() }, e.clone()))
+                    .collect(),
+                services: list.iter().map(|(s, _)| s.clone()).collect(),
+                networks: ClusterNetworks {
+                    pod: vec!["10.244.0.0/16".parse().unwrap()],
+                    service: vec!["10.96.0.0/12".parse().unwrap()],
+                    api_server: vec![],
+                },
+            };
+            let cfg = NodeConfig { node_name: "n0".into(), interface: "eth0".into(), ..NodeConfig::default() };
+            let p = plan(&snap, &Leadership::Global(held), &cfg);
+            let local_ready: Vec<IpAddr> = list
+                .iter()
+                .flat_map(|(_, e)| e.iter().filter(|e| e.ready && e.node.as_deref() == Some("n0")).map(|e| e.address))
+                .collect();
+            let mut seen = std::collections::BTreeSet::new();
+            for pol in p.desired.egress() {
+                for s in pol.sources() {
+                    prop_assert!(local_ready.contains(s));
+                    prop_assert!(seen.insert(*s), "pod {} in two policies", s);
+                }
+            }
+            if !held {
+                prop_assert!(p.desired.is_empty());
+            }
+            let egress_services = p.services.values().filter(|s| !s.egress_pods.is_empty()).count();
+            prop_assert_eq!(egress_services, p.desired.egress().len());
+        }
+    }
+}

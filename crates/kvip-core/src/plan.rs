@@ -1,0 +1,732 @@
+//! `plan()`: what this node must hold, computed from a snapshot of the cluster. A pure
+//! function — no I/O, no clock — so everything hard about it is tested with plain tests.
+//!
+//! The snapshot uses kvip's own small types rather than Kubernetes API objects, so this crate
+//! stays free of the API machinery; the agent converts watched objects into them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::annotations::{AnnotationProblem, ServiceAnnotations};
+use crate::cidr::Cidr;
+use crate::model::{DesiredState, EgressPolicy, Family, VipClaim};
+
+/// `namespace/name` of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What kvip needs of a Service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.type == LoadBalancer`.
+    pub load_balancer: bool,
+    pub load_balancer_class: Option<String>,
+    /// `spec.loadBalancerIP` (deprecated in Kubernetes, still honoured).
+    pub load_balancer_ip: Option<String>,
+    /// Addresses in `status.loadBalancer.ingress` (set by kvip or an external IPAM).
+    pub status_ips: Vec<String>,
+    /// `spec.externalTrafficPolicy == Local`.
+    pub traffic_policy_local: bool,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ServiceInfo {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// One endpoint of a Service, from its EndpointSlices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointInfo {
+    pub address: IpAddr,
+    pub node: Option<String>,
+    pub ready: bool,
+}
+
+/// The cluster's networks, with where each came from (for logs and metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterNetworks {
+    pub pod: Vec<Cidr>,
+    pub service: Vec<Cidr>,
+    /// The API server's addresses: always excluded from egress translation.
+    pub api_server: Vec<IpAddr>,
+}
+
+/// Everything `plan()` reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: Vec<ServiceInfo>,
+    pub endpoints: BTreeMap<ServiceKey, Vec<EndpointInfo>>,
+    pub networks: ClusterNetworks,
+}
+
+/// Which Services this node holds the lease of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Leadership {
+    /// One lease for every Service (`svc_election` off): held or not.
+    Global(bool),
+    /// One lease per Service (`svc_election` on): the ones held.
+    PerService(BTreeSet<ServiceKey>),
+    #[default]
+    None,
+}
+
+impl Leadership {
+    fn holds(&self, k: &ServiceKey) -> bool {
+        match self {
+            Leadership::Global(b) => *b,
+            Leadership::PerService(s) => s.contains(k),
+            Leadership::None => false,
+        }
+    }
+}
+
+/// This node's settings that `plan()` depends on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub node_name: String,
+    /// `vip_servicesinterface`, else `vip_interface`.
+    pub interface: String,
+    /// `svc_namespace`: only Services of this namespace (all when `None`).
+    pub namespace: Option<String>,
+    /// `lb_class_only`: only Services whose class is `lb_class_name`.
+    pub class_only: bool,
+    /// `lb_class_name` (kube-vip's default is `kube-vip.io/kube-vip-class`).
+    pub class_name: String,
+}
+
+/// A problem with one Service, for a Warning Event and a log line.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ServiceWarning {
+    InvalidAnnotation(AnnotationProblem),
+    EgressRefused(String),
+}
+
+impl fmt::Display for ServiceWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServiceWarning::InvalidAnnotation(p) => write!(f, "InvalidAnnotation: {p}"),
+            ServiceWarning::EgressRefused(r) => write!(f, "EgressRefused: {r}"),
+        }
+    }
+}
+
+/// What `plan()` decided for one Service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub vips: Vec<IpAddr>,
+    /// Whether this node may compete for the Service's lease: with `externalTrafficPolicy:
+    /// Local` or egress, only nodes with a ready local endpoint may.
+    pub candidate: bool,
+    /// Whether this node holds the Service (and so its VIPs).
+    pub held: bool,
+    /// Pods translated to each VIP (holder only).
+    pub egress_pods: BTreeMap<IpAddr, Vec<IpAddr>>,
+    pub lease_name: Option<String>,
+    pub warnings: Vec<ServiceWarning>,
+}
+
+/// The result of `plan()`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub desired: DesiredState,
+    pub services: BTreeMap<ServiceKey, ServicePlan>,
+}
+
+fn selected(s: &ServiceInfo, a: &ServiceAnnotations, cfg: &NodeConfig) -> bool {
+    if !s.load_balancer || a.ignore {
+        return false;
+    }
+    if cfg.namespace.as_ref().is_some_and(|n| *n != s.namespace) {
+        return false;
+    }
+    match (&s.load_balancer_class, cfg.class_only) {
+        (Some(c), _) => *c == cfg.class_name,
+        (None, only) => !only,
+    }
+}
+
+/// The Service's VIPs: the annotation, else `spec.loadBalancerIP`, else the addresses already
+/// in its status (set by an external IPAM).
+fn service_vips(
+    s: &ServiceInfo,
+    a: &ServiceAnnotations,
+    warnings: &mut Vec<ServiceWarning>,
+) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = if let Some(ips) = &a.loadbalancer_ips {
+        ips.clone()
+    } else if let Some(ip) = s
+        .load_balancer_ip
+        .as_deref()
+        .filter(|v| !v.trim().is_empty())
+    {
+        match ip.trim().parse() {
+            Ok(ip) => vec![ip],
+            Err(_) => {
+                warnings.push(ServiceWarning::InvalidAnnotation(AnnotationProblem {
+                    annotation: "spec.loadBalancerIP".into(),
+                    value: ip.into(),
+                    reason: "not an IP address".into(),
+                }));
+                vec![]
+            }
+        }
+    } else {
+        s.status_ips.iter().filter_map(|v| v.parse().ok()).collect()
+    };
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Computes what this node must hold. Bad input on one Service yields warnings for that
+/// Service only; it never fails the plan or touches another Service.
+pub fn plan(snap: &Snapshot, lead: &Leadership, cfg: &NodeConfig) -> Plan {
+    let mut services: BTreeMap<ServiceKey, ServicePlan> = BTreeMap::new();
+    let mut vips: BTreeMap<IpAddr, VipClaim> = BTreeMap::new();
+    let mut policies: Vec<EgressPolicy> = Vec::new();
+    // A pod egresses through one VIP: the first Service (in key order) claiming it wins.
+    let mut pod_owner: BTreeMap<IpAddr, ServiceKey> = BTreeMap::new();
+    let mut sorted: Vec<&ServiceInfo> = snap.services.iter().collect();
+    sorted.sort_by_key(|s| s.key());
+    for s in sorted {
+        let a = ServiceAnnotations::parse(&s.annotations);
+        if !selected(s, &a, cfg) {
+            continue;
+        }
+        let key = s.key();
+        let mut sp = ServicePlan {
+            warnings: a
+                .problems
+                .iter()
+                .cloned()
+                .map(ServiceWarning::InvalidAnnotation)
+                .collect(),
+            lease_name: a.lease_name.clone(),
+            ..ServicePlan::default()
+        };
+        sp.vips = service_vips(s, &a, &mut sp.warnings);
+        let endpoints = snap
+            .endpoints
+            .get(&key)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let local: Vec<IpAddr> = {
+            let mut v: Vec<IpAddr> = endpoints
+                .iter()
+                .filter(|e| e.ready && e.node.as_deref() == Some(cfg.node_name.as_str()))
+                .map(|e| e.address)
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let needs_local = s.traffic_policy_local || a.egress;
+        sp.candidate = !sp.vips.is_empty() && (!needs_local || !local.is_empty());
+        sp.held = sp.candidate && lead.holds(&key);
+        if sp.held {
+            for v in &sp.vips {
+                match VipClaim::new(*v, cfg.interface.clone()) {
+                    Ok(c) => {
+                        vips.entry(*v).or_insert(c);
+                    }
+                    Err(e) => {
+                        sp.warnings
+                            .push(ServiceWarning::InvalidAnnotation(AnnotationProblem {
+                                annotation: "VIP".into(),
+                                value: v.to_string(),
+                                reason: e.to_string(),
+                            }))
+                    }
+                }
+            }
+            if a.egress {
+                plan_egress(
+                    &key,
+                    &a,
+                    &sp.vips.clone(),
+                    &local,
+                    snap,
+                    &mut pod_owner,
+                    &mut policies,
+                    &mut sp,
+                );
+            }
+        }
+        services.insert(key, sp);
+    }
+    let desired = match DesiredState::new(vips.into_values().collect(), policies) {
+        Ok(d) => d,
+        // Unreachable by construction (unique VIPs, unique names, one owner per pod); keep the
+        // node safe rather than panic: hold nothing new.
+        Err(_) => DesiredState::empty(),
+    };
+    Plan { desired, services }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_egress(
+    key: &ServiceKey,
+    a: &ServiceAnnotations,
+    vips: &[IpAddr],
+    local: &[IpAddr],
+    snap: &Snapshot,
+    pod_owner: &mut BTreeMap<IpAddr, ServiceKey>,
+    policies: &mut Vec<EgressPolicy>,
+    sp: &mut ServicePlan,
+) {
+    let nets = &snap.networks;
+    if nets.pod.is_empty() || nets.service.is_empty() {
+        let missing = match (nets.pod.is_empty(), nets.service.is_empty()) {
+            (true, true) => "pod and service CIDRs",
+            (true, false) => "pod CIDR",
+            _ => "service CIDR",
+        };
+        sp.warnings.push(ServiceWarning::EgressRefused(format!(
+            "the cluster's {missing} could not be learned (set egress_podcidr / egress_servicecidr); nothing is guessed"
+        )));
+        return;
+    }
+    if a.egress_ports.as_ref().is_some_and(Vec::is_empty) {
+        sp.warnings.push(ServiceWarning::EgressRefused(
+            "no valid entry in kube-vip.io/egress-destination-ports".into(),
+        ));
+        return;
+    }
+    if a.egress_allowed.as_ref().is_some_and(Vec::is_empty) {
+        sp.warnings.push(ServiceWarning::EgressRefused(
+            "no valid entry in kube-vip.io/egress-allowed-networks".into(),
+        ));
+        return;
+    }
+    for vip in vips {
+        let f = Family::of(*vip);
+        if f == Family::V6 && !a.egress_ipv6 {
+            sp.warnings.push(ServiceWarning::EgressRefused(format!(
+                "VIP {vip} is IPv6 and kube-vip.io/egress-ipv6 is not \"true\": no egress through it"
+            )));
+            continue;
+        }
+        let of_f = |l: &[Cidr]| {
+            l.iter()
+                .filter(|c| c.family() == f)
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        let mut exclude = of_f(&nets.pod);
+        exclude.extend(of_f(&nets.service));
+        exclude.extend(
+            nets.api_server
+                .iter()
+                .filter(|x| Family::of(**x) == f)
+                .map(|x| Cidr::host(*x)),
+        );
+        exclude.extend(of_f(&a.egress_denied));
+        let allow = match &a.egress_allowed {
+            Some(l) => {
+                let l = of_f(l);
+                if l.is_empty() {
+                    sp.warnings.push(ServiceWarning::EgressRefused(format!(
+                        "kube-vip.io/egress-allowed-networks has no {} network for VIP {vip}",
+                        f.name()
+                    )));
+                    continue;
+                }
+                Some(l)
+            }
+            None => None,
+        };
+        let mut sources = Vec::new();
+        for pod in local.iter().filter(|p| Family::of(**p) == f) {
+            match pod_owner.get(pod) {
+                Some(other) if other != key => sp.warnings.push(ServiceWarning::EgressRefused(
+                    format!("pod {pod} already egresses through Service {other}"),
+                )),
+                _ => {
+                    pod_owner.insert(*pod, key.clone());
+                    sources.push(*pod);
+                }
+            }
+        }
+        if sources.is_empty() {
+            continue;
+        }
+        let name = match f {
+            Family::V4 => key.to_string(),
+            Family::V6 => format!("{key}/ipv6"),
+        };
+        match EgressPolicy::new(
+            name,
+            *vip,
+            sources.clone(),
+            exclude,
+            allow,
+            a.egress_ports.clone(),
+        ) {
+            Ok(p) => {
+                sp.egress_pods.insert(*vip, sources);
+                policies.push(p);
+            }
+            Err(e) => sp
+                .warnings
+                .push(ServiceWarning::EgressRefused(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations as ann;
+
+    fn svc(ns: &str, name: &str, ann: &[(&str, &str)]) -> ServiceInfo {
+        ServiceInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            load_balancer: true,
+            annotations: ann
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..ServiceInfo::default()
+        }
+    }
+
+    fn ep(addr: &str, node: &str) -> EndpointInfo {
+        EndpointInfo {
+            address: addr.parse().unwrap(),
+            node: Some(node.into()),
+            ready: true,
+        }
+    }
+
+    fn cfg() -> NodeConfig {
+        NodeConfig {
+            node_name: "n1".into(),
+            interface: "eth0".into(),
+            class_name: "kube-vip.io/kube-vip-class".into(),
+            ..NodeConfig::default()
+        }
+    }
+
+    fn nets() -> ClusterNetworks {
+        ClusterNetworks {
+            pod: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:10:244::/48".parse().unwrap(),
+            ],
+            service: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:96::/108".parse().unwrap(),
+            ],
+            api_server: vec!["192.0.2.1".parse().unwrap()],
+        }
+    }
+
+    fn snap(services: Vec<ServiceInfo>, eps: Vec<(&str, Vec<EndpointInfo>)>) -> Snapshot {
+        Snapshot {
+            services,
+            endpoints: eps
+                .into_iter()
+                .map(|(k, v)| {
+                    let (ns, n) = k.split_once('/').unwrap();
+                    (
+                        ServiceKey {
+                            namespace: ns.into(),
+                            name: n.into(),
+                        },
+                        v,
+                    )
+                })
+                .collect(),
+            networks: nets(),
+        }
+    }
+
+    #[test]
+    fn holder_gets_vip_and_every_local_ready_endpoint() {
+        let s = svc(
+            "default",
+            "web",
+            &[
+                (ann::LOADBALANCER_IPS, "198.51.100.10"),
+                (ann::EGRESS, "true"),
+            ],
+        );
+        let mut not_ready = ep("10.244.1.9", "n1");
+        not_ready.ready = false;
+        let sn = snap(
+            vec![s],
+            vec![(
+                "default/web",
+                vec![
+                    ep("10.244.1.5", "n1"),
+                    ep("10.244.1.6", "n1"),
+                    ep("10.244.2.5", "n2"),
+                    not_ready,
+                ],
+            )],
+        );
+        let p = plan(&sn, &Leadership::Global(true), &cfg());
+        assert_eq!(p.desired.vips().len(), 1);
+        let pol = &p.desired.egress()[0];
+        assert_eq!(pol.name(), "default/web");
+        let srcs: Vec<String> = pol.sources().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            srcs,
+            vec!["10.244.1.5", "10.244.1.6"],
+            "every local ready endpoint, not only the first"
+        );
+        let ex: Vec<String> = pol.exclude().iter().map(ToString::to_string).collect();
+        assert_eq!(ex, vec!["10.96.0.0/12", "10.244.0.0/16", "192.0.2.1/32"]);
+        // Not the holder: nothing.
+        let p = plan(&sn, &Leadership::Global(false), &cfg());
+        assert!(p.desired.is_empty());
+    }
+
+    #[test]
+    fn no_cidrs_refuses_egress_but_keeps_the_vip() {
+        let s = svc(
+            "default",
+            "web",
+            &[
+                (ann::LOADBALANCER_IPS, "198.51.100.10"),
+                (ann::EGRESS, "true"),
+            ],
+        );
+        let mut sn = snap(vec![s], vec![("default/web", vec![ep("10.244.1.5", "n1")])]);
+        sn.networks = ClusterNetworks::default();
+        let p = plan(&sn, &Leadership::Global(true), &cfg());
+        assert_eq!(p.desired.vips().len(), 1);
+        assert!(p.desired.egress().is_empty());
+        let w = &p.services.values().next().unwrap().warnings;
+        assert!(
+            matches!(&w[0], ServiceWarning::EgressRefused(r) if r.contains("nothing is guessed")),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn bad_annotations_affect_only_their_service() {
+        let good = svc(
+            "a",
+            "good",
+            &[
+                (ann::LOADBALANCER_IPS, "198.51.100.10"),
+                (ann::EGRESS, "true"),
+            ],
+        );
+        let bad = svc(
+            "b",
+            "bad",
+            &[
+                (ann::LOADBALANCER_IPS, "198.51.100.11,2001:db8::11"),
+                (ann::EGRESS, "true"),
+                (ann::EGRESS_PORTS, "tcp:99999,udp:53"),
+                (ann::EGRESS_DENIED, "300.1.1.1/8"),
+            ],
+        );
+        let sn = snap(
+            vec![good, bad],
+            vec![
+                ("a/good", vec![ep("10.244.1.5", "n1")]),
+                (
+                    "b/bad",
+                    vec![ep("10.244.1.6", "n1"), ep("fd00:10:244:1::6", "n1")],
+                ),
+            ],
+        );
+        let p = plan(&sn, &Leadership::Global(true), &cfg());
+        let good = &p.services[&ServiceKey {
+            namespace: "a".into(),
+            name: "good".into(),
+        }];
+        assert!(good.warnings.is_empty());
+        let bad = &p.services[&ServiceKey {
+            namespace: "b".into(),
+            name: "bad".into(),
+        }];
+        let text: Vec<String> = bad.warnings.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|w| w.contains("tcp:99999")), "{text:?}");
+        assert!(text.iter().any(|w| w.contains("300.1.1.1/8")), "{text:?}");
+        assert!(
+            text.iter()
+                .any(|w| w.contains("2001:db8::11") && w.contains("egress-ipv6")),
+            "{text:?}"
+        );
+        // Both Services still get their IPv4 egress (the bad one with the valid parts).
+        assert_eq!(p.desired.egress().len(), 2);
+        let b = p.desired.policy("b/bad").unwrap();
+        assert_eq!(b.ports().map(<[_]>::len), Some(1));
+    }
+
+    #[test]
+    fn local_policy_and_egress_need_a_local_endpoint_to_compete() {
+        let mut s = svc("d", "x", &[(ann::LOADBALANCER_IPS, "198.51.100.10")]);
+        s.traffic_policy_local = true;
+        let sn = snap(vec![s.clone()], vec![("d/x", vec![ep("10.244.2.5", "n2")])]);
+        let p = plan(&sn, &Leadership::Global(true), &cfg());
+        let sp = p.services.values().next().unwrap();
+        assert!(!sp.candidate && !sp.held);
+        assert!(
+            p.desired.is_empty(),
+            "a holder without a local endpoint holds nothing"
+        );
+        s.traffic_policy_local = false;
+        let sn = snap(vec![s], vec![]);
+        assert!(
+            plan(&sn, &Leadership::Global(true), &cfg())
+                .services
+                .values()
+                .next()
+                .unwrap()
+                .candidate
+        );
+    }
+
+    #[test]
+    fn selection_by_class_namespace_and_ignore() {
+        let mut a = svc("x", "a", &[(ann::LOADBALANCER_IPS, "198.51.100.1")]);
+        a.load_balancer_class = Some("other".into());
+        let b = svc(
+            "x",
+            "b",
+            &[
+                (ann::LOADBALANCER_IPS, "198.51.100.2"),
+                (ann::IGNORE, "true"),
+            ],
+        );
+        let c = svc("y", "c", &[(ann::LOADBALANCER_IPS, "198.51.100.3")]);
+        let mut d = svc("x", "d", &[(ann::LOADBALANCER_IPS, "198.51.100.4")]);
+        d.load_balancer_class = Some("kube-vip.io/kube-vip-class".into());
+        let mut e = svc("x", "e", &[(ann::LOADBALANCER_IPS, "198.51.100.5")]);
+        e.load_balancer = false;
+        let sn = snap(vec![a, b, c, d, e], vec![]);
+        let names = |cfg: &NodeConfig| -> Vec<String> {
+            plan(&sn, &Leadership::Global(true), cfg)
+                .services
+                .keys()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(names(&cfg()), vec!["x/d", "y/c"]);
+        let mut only = cfg();
+        only.class_only = true;
+        assert_eq!(names(&only), vec!["x/d"]);
+        let mut ns = cfg();
+        ns.namespace = Some("y".into());
+        assert_eq!(names(&ns), vec!["y/c"]);
+    }
+
+    #[test]
+    fn a_pod_in_two_egress_services_egresses_through_the_first() {
+        let a = svc(
+            "a",
+            "one",
+            &[
+                (ann::LOADBALANCER_IPS, "198.51.100.1"),
+                (ann::EGRESS, "true"),
+            ],
+        );
+        let b = svc(
+            "b",
+            "two",
+            &[
+                (ann::LOADBALANCER_IPS, "198.51.100.2"),
+                (ann::EGRESS, "true"),
+            ],
+        );
+        let sn = snap(
+            vec![b, a],
+            vec![
+                ("a/one", vec![ep("10.244.1.5", "n1")]),
+                (
+                    "b/two",
+                    vec![ep("10.244.1.5", "n1"), ep("10.244.1.6", "n1")],
+                ),
+            ],
+        );
+        let p = plan(&sn, &Leadership::Global(true), &cfg());
+        assert_eq!(p.desired.policy("a/one").unwrap().sources().len(), 1);
+        let two = p.desired.policy("b/two").unwrap();
+        assert_eq!(two.sources(), &["10.244.1.6".parse::<IpAddr>().unwrap()]);
+        let w = &p.services[&ServiceKey {
+            namespace: "b".into(),
+            name: "two".into(),
+        }]
+            .warnings;
+        assert!(w.iter().any(|w| {
+            w.to_string()
+                .contains("already egresses through Service a/one")
+        }));
+    }
+
+    #[test]
+    fn vip_sources_in_order_and_per_service_leadership() {
+        let mut s = svc("d", "x", &[]);
+        s.load_balancer_ip = Some("198.51.100.7".into());
+        s.status_ips = vec!["198.51.100.8".into()];
+        let mut t = svc("d", "y", &[]);
+        t.status_ips = vec!["198.51.100.9".into()];
+        let sn = snap(vec![s, t], vec![]);
+        let held: BTreeSet<ServiceKey> = [ServiceKey {
+            namespace: "d".into(),
+            name: "y".into(),
+        }]
+        .into();
+        let p = plan(&sn, &Leadership::PerService(held), &cfg());
+        let x = &p.services[&ServiceKey {
+            namespace: "d".into(),
+            name: "x".into(),
+        }];
+        assert_eq!(x.vips, vec!["198.51.100.7".parse::<IpAddr>().unwrap()]);
+        assert!(!x.held);
+        let addrs: Vec<String> = p
+            .desired
+            .vips()
+            .iter()
+            .map(|v| v.address.to_string())
+            .collect();
+        assert_eq!(addrs, vec!["198.51.100.9"]);
+    }
+
+    #[test]
+    fn dual_stack_egress() {
+        let s = svc(
+            "d",
+            "x",
+            &[
+                (ann::LOADBALANCER_IPS, "198.51.100.10,2001:db8::10"),
+                (ann::EGRESS, "true"),
+                (ann::EGRESS_IPV6, "true"),
+            ],
+        );
+        let sn = snap(
+            vec![s],
+            vec![(
+                "d/x",
+                vec![ep("10.244.1.5", "n1"), ep("fd00:10:244:1::5", "n1")],
+            )],
+        );
+        let p = plan(&sn, &Leadership::Global(true), &cfg());
+        let names: Vec<&str> = p.desired.egress().iter().map(|p| p.name()).collect();
+        assert_eq!(names, vec!["d/x", "d/x/ipv6"]);
+        assert_eq!(p.desired.vips().len(), 2);
+    }
+}
