@@ -6,6 +6,7 @@
 
 pub mod annotations;
 pub mod cidr;
+pub mod config;
 pub mod error;
 pub mod model;
 pub mod plan;

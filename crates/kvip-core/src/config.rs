@@ -1,0 +1,462 @@
+//! The agent's configuration from kube-vip's environment variables.
+//!
+//! Each variable is read in its lowercase spelling (`vip_interface`, as kube-vip documents
+//! it) and its UPPERCASE one (`VIP_INTERFACE`); both set to different values is an error, not
+//! a silent pick. A kube-vip feature kvip does not implement, switched on, is an error naming
+//! the variable — never ignored. Pure: the caller passes the environment as a map.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::cidr::Cidr;
+
+/// One supported variable: name (lowercase), default, meaning.
+pub struct OptionDoc {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+/// Every variable kvip reads, in the order `docs/configuration.md` lists them.
+pub const OPTIONS: &[OptionDoc] = &[
+    OptionDoc {
+        name: "vip_interface",
+        default: "(the interface of the default route)",
+        meaning: "interface VIPs are added to",
+    },
+    OptionDoc {
+        name: "vip_servicesinterface",
+        default: "vip_interface",
+        meaning: "interface for Service VIPs, when different",
+    },
+    OptionDoc {
+        name: "vip_arp",
+        default: "false",
+        meaning: "announce VIPs with gratuitous ARP / unsolicited NA (layer 2 mode)",
+    },
+    OptionDoc {
+        name: "svc_enable",
+        default: "true",
+        meaning: "handle Services of type LoadBalancer (kvip's only mode; false is an error)",
+    },
+    OptionDoc {
+        name: "svc_election",
+        default: "false",
+        meaning: "one lease per Service instead of one for all",
+    },
+    OptionDoc {
+        name: "vip_leaderelection",
+        default: "true",
+        meaning: "elect a holder through Leases (off: every node holds every VIP; for single-node clusters)",
+    },
+    OptionDoc {
+        name: "svc_leasename",
+        default: "plndr-svcs-lock",
+        meaning: "name of the global lease",
+    },
+    OptionDoc {
+        name: "vip_leaseduration",
+        default: "5",
+        meaning: "lease duration, seconds",
+    },
+    OptionDoc {
+        name: "vip_renewdeadline",
+        default: "3",
+        meaning: "a holder that cannot renew within this many seconds drops its VIPs",
+    },
+    OptionDoc {
+        name: "vip_retryperiod",
+        default: "1",
+        meaning: "seconds between lease attempts",
+    },
+    OptionDoc {
+        name: "svc_namespace",
+        default: "(all namespaces)",
+        meaning: "only Services of this namespace",
+    },
+    OptionDoc {
+        name: "vip_nodename",
+        default: "NODE_NAME",
+        meaning: "this node's name (required, from one of the two)",
+    },
+    OptionDoc {
+        name: "lb_class_only",
+        default: "false",
+        meaning: "only Services whose loadBalancerClass is lb_class_name",
+    },
+    OptionDoc {
+        name: "lb_class_name",
+        default: "kube-vip.io/kube-vip-class",
+        meaning: "the loadBalancerClass kvip answers to",
+    },
+    OptionDoc {
+        name: "egress_podcidr",
+        default: "(discovered)",
+        meaning: "pod CIDRs, comma-separated; when set, not discovered",
+    },
+    OptionDoc {
+        name: "egress_servicecidr",
+        default: "(discovered)",
+        meaning: "service CIDRs, comma-separated; when set, not discovered",
+    },
+    OptionDoc {
+        name: "egress_withnftables",
+        default: "(auto: nftables when nft works)",
+        meaning: "true: nftables backend; false: iptables backend",
+    },
+    OptionDoc {
+        name: "egress_clean",
+        default: "false",
+        meaning: "remove kube-vip's leftover egress rules at start",
+    },
+    OptionDoc {
+        name: "instance_name",
+        default: "(none)",
+        meaning: "a second kvip on the same nodes: its own table, chains and address mark",
+    },
+    OptionDoc {
+        name: "prometheus_server",
+        default: ":2112",
+        meaning: "address of /metrics, /healthz and /readyz",
+    },
+    OptionDoc {
+        name: "k8s_config_file",
+        default: "(in-cluster, then KUBECONFIG)",
+        meaning: "kubeconfig file",
+    },
+];
+
+/// kube-vip features kvip does not implement: switched on, they stop the agent.
+pub const UNSUPPORTED: &[&str] = &[
+    "bgp_enable",
+    "cp_enable",
+    "vip_wireguard",
+    "vip_routingtable",
+    "dhcp_mode",
+    "enable_upnp",
+    "vip_ddns",
+    "enable_endpointslices_v6",
+    "enable_service_security",
+    "egress_withipvs",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    #[error("{lower}={lower_value:?} and {upper}={upper_value:?} disagree: set one of them")]
+    Conflict {
+        lower: String,
+        upper: String,
+        lower_value: String,
+        upper_value: String,
+    },
+    #[error("{var}={value:?}: {reason}")]
+    Invalid {
+        var: String,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "{var}={value:?}: kvip does not implement this kube-vip feature yet; unset it or set it to false"
+    )]
+    Unsupported { var: String, value: String },
+    #[error("{0} is not set")]
+    Missing(String),
+}
+
+/// The agent's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub vip_interface: Option<String>,
+    pub services_interface: Option<String>,
+    pub arp: bool,
+    pub svc_election: bool,
+    pub leader_election: bool,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
+    pub namespace: Option<String>,
+    pub node_name: String,
+    pub lb_class_only: bool,
+    pub lb_class_name: String,
+    pub egress_pod_cidr: Option<Vec<Cidr>>,
+    pub egress_service_cidr: Option<Vec<Cidr>>,
+    pub egress_with_nftables: Option<bool>,
+    pub egress_clean: bool,
+    pub instance_name: Option<String>,
+    pub prometheus_server: String,
+    pub kubeconfig: Option<String>,
+}
+
+struct Env<'a>(&'a BTreeMap<String, String>);
+
+impl Env<'_> {
+    /// The value of `name` in either spelling; an error when both are set and differ.
+    fn get(&self, name: &str) -> Result<Option<String>, ConfigError> {
+        let upper = name.to_ascii_uppercase();
+        let lo = self.0.get(name).map(|v| v.trim().to_string());
+        let up = self.0.get(&upper).map(|v| v.trim().to_string());
+        match (lo, up) {
+            (Some(l), Some(u)) if l != u => Err(ConfigError::Conflict {
+                lower: name.to_string(),
+                upper,
+                lower_value: l,
+                upper_value: u,
+            }),
+            (Some(v), _) | (None, Some(v)) => Ok(Some(v).filter(|v| !v.is_empty())),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name)? {
+            None => Ok(default),
+            Some(v) => parse_bool(&v).ok_or_else(|| ConfigError::Invalid {
+                var: name.into(),
+                value: v,
+                reason: "expected true or false".into(),
+            }),
+        }
+    }
+
+    fn seconds(&self, name: &str, default: u64) -> Result<Duration, ConfigError> {
+        match self.get(name)? {
+            None => Ok(Duration::from_secs(default)),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if (1..=3600).contains(&n) => Ok(Duration::from_secs(n)),
+                _ => Err(ConfigError::Invalid {
+                    var: name.into(),
+                    value: v,
+                    reason: "expected whole seconds from 1 to 3600".into(),
+                }),
+            },
+        }
+    }
+
+    fn cidrs(&self, name: &str) -> Result<Option<Vec<Cidr>>, ConfigError> {
+        let Some(v) = self.get(name)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for item in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            out.push(item.parse::<Cidr>().map_err(|e| ConfigError::Invalid {
+                var: name.into(),
+                value: item.into(),
+                reason: e.0,
+            })?);
+        }
+        if out.is_empty() {
+            return Err(ConfigError::Invalid {
+                var: name.into(),
+                value: v,
+                reason: "no CIDR in the list".into(),
+            });
+        }
+        Ok(Some(out))
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+impl AgentConfig {
+    /// Reads the configuration from the environment (as a map of variables).
+    pub fn from_env(vars: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError> {
+        let env = Env(vars);
+        for name in UNSUPPORTED {
+            if let Some(v) = env.get(name)?
+                && parse_bool(&v) != Some(false)
+            {
+                return Err(ConfigError::Unsupported {
+                    var: name.to_string(),
+                    value: v,
+                });
+            }
+        }
+        if !env.bool("svc_enable", true)? {
+            return Err(ConfigError::Invalid {
+                var: "svc_enable".into(),
+                value: "false".into(),
+                reason:
+                    "kvip serves LoadBalancer Services only; there is nothing to do with it off"
+                        .into(),
+            });
+        }
+        let node_name = match env.get("vip_nodename")? {
+            Some(n) => n,
+            None => vars
+                .get("NODE_NAME")
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| ConfigError::Missing("vip_nodename (or NODE_NAME)".into()))?,
+        };
+        let lease_duration = env.seconds("vip_leaseduration", 5)?;
+        let renew_deadline = env.seconds("vip_renewdeadline", 3)?;
+        let retry_period = env.seconds("vip_retryperiod", 1)?;
+        if renew_deadline >= lease_duration || retry_period >= renew_deadline {
+            return Err(ConfigError::Invalid {
+                var: "vip_leaseduration/vip_renewdeadline/vip_retryperiod".into(),
+                value: format!(
+                    "{}/{}/{}",
+                    lease_duration.as_secs(),
+                    renew_deadline.as_secs(),
+                    retry_period.as_secs()
+                ),
+                reason: "need lease duration > renew deadline > retry period, so a holder drops its VIPs before anyone else may take them".into(),
+            });
+        }
+        let instance_name = env.get("instance_name")?;
+        if let Some(i) = &instance_name
+            && (i.len() > 8
+                || !i
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        {
+            return Err(ConfigError::Invalid {
+                var: "instance_name".into(),
+                value: i.clone(),
+                reason: "1 to 8 characters of a-z and 0-9".into(),
+            });
+        }
+        let egress_with_nftables = match env.get("egress_withnftables")? {
+            None => None,
+            Some(v) => Some(parse_bool(&v).ok_or_else(|| ConfigError::Invalid {
+                var: "egress_withnftables".into(),
+                value: v,
+                reason: "expected true or false".into(),
+            })?),
+        };
+        Ok(AgentConfig {
+            vip_interface: env.get("vip_interface")?,
+            services_interface: env.get("vip_servicesinterface")?,
+            arp: env.bool("vip_arp", false)?,
+            svc_election: env.bool("svc_election", false)?,
+            leader_election: env.bool("vip_leaderelection", true)?,
+            lease_name: env
+                .get("svc_leasename")?
+                .unwrap_or_else(|| "plndr-svcs-lock".into()),
+            lease_duration,
+            renew_deadline,
+            retry_period,
+            namespace: env.get("svc_namespace")?,
+            node_name,
+            lb_class_only: env.bool("lb_class_only", false)?,
+            lb_class_name: env
+                .get("lb_class_name")?
+                .unwrap_or_else(|| "kube-vip.io/kube-vip-class".into()),
+            egress_pod_cidr: env.cidrs("egress_podcidr")?,
+            egress_service_cidr: env.cidrs("egress_servicecidr")?,
+            egress_with_nftables,
+            egress_clean: env.bool("egress_clean", false)?,
+            instance_name,
+            prometheus_server: env
+                .get("prometheus_server")?
+                .unwrap_or_else(|| ":2112".into()),
+            kubeconfig: env.get("k8s_config_file")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_both_spellings() {
+        let c = AgentConfig::from_env(&env(&[("NODE_NAME", "n1")])).unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.lease_name, "plndr-svcs-lock");
+        assert_eq!(c.lease_duration, Duration::from_secs(5));
+        assert!(c.leader_election && !c.svc_election && !c.arp);
+        let c = AgentConfig::from_env(&env(&[
+            ("vip_nodename", "n2"),
+            ("VIP_INTERFACE", "eth1"),
+            ("svc_election", "true"),
+            ("EGRESS_PODCIDR", "10.244.0.0/16, fd00:10:244::/48"),
+            ("egress_servicecidr", "10.96.0.0/12"),
+            ("vip_arp", "true"),
+            ("VIP_ARP", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(c.node_name, "n2");
+        assert_eq!(c.vip_interface.as_deref(), Some("eth1"));
+        assert!(c.svc_election && c.arp);
+        assert_eq!(c.egress_pod_cidr.map(|v| v.len()), Some(2));
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let e = AgentConfig::from_env(&env(&[
+            ("NODE_NAME", "n"),
+            ("vip_interface", "eth0"),
+            ("VIP_INTERFACE", "eth1"),
+        ]))
+        .unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Conflict { .. }) && e.to_string().contains("VIP_INTERFACE")
+        );
+        let e =
+            AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("bgp_enable", "true")])).unwrap_err();
+        assert_eq!(
+            e,
+            ConfigError::Unsupported {
+                var: "bgp_enable".into(),
+                value: "true".into()
+            }
+        );
+        assert!(
+            AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("BGP_ENABLE", "false")])).is_ok()
+        );
+        let e = AgentConfig::from_env(&env(&[
+            ("NODE_NAME", "n"),
+            ("egress_podcidr", "10.0.0.0/33"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("egress_podcidr") && e.to_string().contains("10.0.0.0/33"));
+        let e = AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_leaseduration", "3")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("renew deadline"));
+        assert_eq!(
+            AgentConfig::from_env(&env(&[])).unwrap_err(),
+            ConfigError::Missing("vip_nodename (or NODE_NAME)".into())
+        );
+        let e = AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("svc_enable", "false")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("svc_enable"));
+        let e = AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_arp", "sometimes")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("vip_arp"));
+    }
+
+    #[test]
+    fn every_option_is_documented() {
+        let doc = include_str!("../../../docs/configuration.md");
+        for o in OPTIONS {
+            assert!(
+                doc.contains(&format!("`{}`", o.name)),
+                "docs/configuration.md lacks {}",
+                o.name
+            );
+        }
+        for u in UNSUPPORTED {
+            assert!(
+                doc.contains(&format!("`{u}`")),
+                "docs/configuration.md lacks {u}"
+            );
+        }
+    }
+}
