@@ -146,7 +146,9 @@ fn apply_times(n: usize, c: &Config) -> ApplyTimes {
         replace_one: med(rep),
         add_one: med(add),
         listing,
-        json: kvip_dataplane::nft::render_full("kvip", &s).to_json(),
+        json: kvip_dataplane::nft::render_full("kvip", &s)
+            .expect("render")
+            .to_json(),
     }
 }
 

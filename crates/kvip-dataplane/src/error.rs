@@ -26,6 +26,15 @@ pub enum DataplaneError {
     ReadBack(String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error(
+        "egress policies {first:?} and {second:?} map to the same {kind} name {name}: rename one of them"
+    )]
+    NameCollision {
+        kind: &'static str,
+        name: String,
+        first: String,
+        second: String,
+    },
     #[error(transparent)]
     Model(#[from] kvip_core::ModelError),
 }

@@ -129,7 +129,7 @@ impl Chains {
         let id = rest
             .strip_prefix("E-")
             .or_else(|| rest.strip_prefix("S-"))?;
-        (id.len() == 10 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+        (id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
     }
     fn jump_rule(&self) -> String {
         format!("-A POSTROUTING -j {}", self.post())
@@ -156,15 +156,27 @@ fn quote_comment(c: &str) -> String {
 
 /// The rules of kvip's chains for one family, in the exact form `iptables-save` prints them,
 /// so what is in the kernel can be compared line by line. Returns (chains, rules).
-pub fn render_rules(chains: &Chains, policies: &[&EgressPolicy]) -> (Vec<String>, Vec<String>) {
+pub fn render_rules(
+    chains: &Chains,
+    policies: &[&EgressPolicy],
+) -> Result<(Vec<String>, Vec<String>), DataplaneError> {
     if policies.is_empty() {
-        return (Vec::new(), Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
+    let mut owner: BTreeMap<String, &str> = BTreeMap::new();
     let mut names = vec![chains.post()];
     let mut post = Vec::new();
     let mut body = Vec::new();
     for p in policies {
         let id = ipt_policy_id(p.name());
+        if let Some(first) = owner.insert(id.clone(), p.name()) {
+            return Err(DataplaneError::NameCollision {
+                kind: "iptables chain",
+                name: chains.e(&id),
+                first: first.to_string(),
+                second: p.name().to_string(),
+            });
+        }
         let (e, s) = (chains.e(&id), chains.s(&id));
         names.push(e.clone());
         names.push(s.clone());
@@ -201,7 +213,7 @@ pub fn render_rules(chains: &Chains, policies: &[&EgressPolicy]) -> (Vec<String>
         }
     }
     post.extend(body);
-    (names, post)
+    Ok((names, post))
 }
 
 /// What `iptables-save -t nat` shows of kvip's objects.
@@ -257,8 +269,8 @@ pub fn render_restore(
     chains: &Chains,
     policies: &[&EgressPolicy],
     current: &NatView,
-) -> Option<String> {
-    let (names, rules) = render_rules(chains, policies);
+) -> Result<Option<String>, DataplaneError> {
+    let (names, rules) = render_rules(chains, policies)?;
     let want_jump = !names.is_empty();
     let jump_ok = if want_jump {
         current.jumps == [0]
@@ -272,7 +284,7 @@ pub fn render_restore(
     // iptables-save lists chains in its own order (legacy sorts them): compare rule lists
     // chain by chain, where order matters.
     if jump_ok && have == want && by_chain(&current.rules) == by_chain(&rules) {
-        return None;
+        return Ok(None);
     }
     let stale: Vec<&String> = current
         .chains
@@ -299,7 +311,7 @@ pub fn render_restore(
         out.push_str(&format!("-X {c}\n"));
     }
     out.push_str("COMMIT\n");
-    Some(out)
+    Ok(Some(out))
 }
 
 fn by_chain(rules: &[String]) -> BTreeMap<&str, Vec<&str>> {
@@ -477,7 +489,7 @@ impl IptBackend {
         policies: &[&EgressPolicy],
     ) -> Result<IptSync, DataplaneError> {
         let view = parse_nat(&self.chains, &self.save(f).await?);
-        match render_restore(&self.chains, policies, &view) {
+        match render_restore(&self.chains, policies, &view)? {
             None => Ok(IptSync {
                 written: false,
                 rules: view.rules.len(),

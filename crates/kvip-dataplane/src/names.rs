@@ -86,12 +86,13 @@ pub fn nft_policy_chain(policy: &str) -> String {
         })
         .take(40)
         .collect();
-    format!("eg_{readable}_{:08x}", fnv1a(policy) as u32)
+    format!("eg_{readable}_{:016x}", fnv1a(policy))
 }
 
-/// The iptables chain suffix of an egress policy (ten hex digits of its name's hash).
+/// The iptables chain suffix of an egress policy: twelve hex digits (48 bits) of its name's
+/// hash, the most that fits iptables' 28-character chain names with an instance prefix.
 pub fn ipt_policy_id(policy: &str) -> String {
-    format!("{:010x}", fnv1a(policy) & 0xff_ffff_ffff)
+    format!("{:012x}", fnv1a(policy) & 0xffff_ffff_ffff)
 }
 
 /// The comment that carries a policy's name on its translation rule.

@@ -86,7 +86,7 @@ fn cidr_set(kind: &str, f: Family, list: &[Cidr]) -> SharedSet {
         Family::V6 => "6",
     };
     SharedSet {
-        name: format!("{kind}{fam}_{:08x}", fnv1a(&key.join(",")) as u32),
+        name: format!("{kind}{fam}_{:016x}", fnv1a(&key.join(","))),
         set_type: SetType::One(addr_type(f)),
         interval: true,
         elems: list.iter().map(cidr_elem).collect(),
@@ -96,7 +96,7 @@ fn cidr_set(kind: &str, f: Family, list: &[Cidr]) -> SharedSet {
 fn port_set(list: &[PortMatch]) -> SharedSet {
     let key: Vec<String> = list.iter().map(PortMatch::to_string).collect();
     SharedSet {
-        name: format!("pt_{:08x}", fnv1a(&key.join(",")) as u32),
+        name: format!("pt_{:016x}", fnv1a(&key.join(","))),
         set_type: SetType::Concat(vec!["inet_proto", "inet_service"]),
         interval: false,
         elems: list.iter().map(port_elem).collect(),
@@ -115,7 +115,8 @@ fn policy_sets(p: &EgressPolicy) -> (Option<SharedSet>, Option<SharedSet>, Optio
 
 /// Renders the whole table as one transaction: the table is created (if missing), deleted
 /// and created again with its full content, so the result never depends on what was there.
-pub fn render_full(table: &str, state: &DesiredState) -> Batch {
+/// Fails (rather than merging two policies' objects) if two names hash to one object name.
+pub fn render_full(table: &str, state: &DesiredState) -> Result<Batch, DataplaneError> {
     let tbl = || Obj::Table {
         family: "inet",
         name: table.to_string(),
@@ -142,8 +143,18 @@ pub fn render_full(table: &str, state: &DesiredState) -> Batch {
     let mut sets: BTreeMap<String, SharedSet> = BTreeMap::new();
     let mut rules: Vec<Cmd> = Vec::new();
     let mut map_elems: BTreeMap<Family, Vec<Elem>> = BTreeMap::new();
+    let mut chain_owner: BTreeMap<String, &str> = BTreeMap::new();
+    let mut set_owner: BTreeMap<String, &str> = BTreeMap::new();
     for p in state.egress() {
         let chain = nft_policy_chain(p.name());
+        if let Some(first) = chain_owner.insert(chain.clone(), p.name()) {
+            return Err(DataplaneError::NameCollision {
+                kind: "chain",
+                name: chain,
+                first: first.to_string(),
+                second: p.name().to_string(),
+            });
+        }
         let fp = fam_proto(p.family());
         cmds.push(Cmd::Add(chain_obj(&chain, false)));
         let (ex, al, pt) = policy_sets(p);
@@ -157,6 +168,21 @@ pub fn render_full(table: &str, state: &DesiredState) -> Batch {
             (pt, "!=", Lhs::L4ProtoDport),
         ] {
             if let Some(set) = set {
+                if let Some(existing) = sets.get(&set.name)
+                    && *existing != set
+                {
+                    return Err(DataplaneError::NameCollision {
+                        kind: "set",
+                        name: set.name.clone(),
+                        first: set_owner
+                            .get(&set.name)
+                            .copied()
+                            .unwrap_or_default()
+                            .to_string(),
+                        second: p.name().to_string(),
+                    });
+                }
+                set_owner.entry(set.name.clone()).or_insert(p.name());
                 rules.push(rule(
                     &chain,
                     None,
@@ -222,7 +248,7 @@ pub fn render_full(table: &str, state: &DesiredState) -> Batch {
         ));
     }
     cmds.extend(rules);
-    Batch { cmds }
+    Ok(Batch { cmds })
 }
 
 /// Whether two states differ only in pod addresses (the elements of the source maps): same
@@ -670,7 +696,7 @@ impl NftBackend {
                 ..EgressSync::default()
             });
         }
-        let doc = render_full(&self.table, desired);
+        let doc = render_full(&self.table, desired)?;
         let objects = doc.cmds.len().saturating_sub(3);
         nft_apply(&doc.to_json()).await?;
         self.applied = Some(desired.clone());

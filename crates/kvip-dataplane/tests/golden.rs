@@ -55,7 +55,7 @@ egress:
 
 #[test]
 fn nft_full() {
-    let doc = render_full("kvip", &sample()).to_value();
+    let doc = render_full("kvip", &sample()).expect("render").to_value();
     golden(
         "nft_full.json",
         &format!("{}\n", serde_json::to_string_pretty(&doc).expect("json")),
@@ -99,12 +99,14 @@ fn iptables_restore_input() {
         &of_family(s.egress(), Family::V4),
         &NatView::default(),
     )
+    .expect("render")
     .expect("v4 input");
     let v6 = render_restore(
         &chains,
         &of_family(s.egress(), Family::V6),
         &NatView::default(),
     )
+    .expect("render")
     .expect("v6 input");
     golden("iptables_v4.rules", &v4);
     golden("ip6tables_v6.rules", &v6);
@@ -114,7 +116,7 @@ fn iptables_restore_input() {
 #[test]
 fn nft_render_parses_back() {
     let s = sample();
-    let doc = render_full("kvip", &s).to_value();
+    let doc = render_full("kvip", &s).expect("render").to_value();
     // A listing holds objects, not commands: unwrap the "add" of everything after the
     // table's add/delete/add preamble.
     let items: Vec<serde_json::Value> = doc["nftables"]
