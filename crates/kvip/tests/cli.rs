@@ -274,6 +274,8 @@ fn sigkill_during_applies_then_new_state_is_exact() {
     }
 }
 
+/// The second instance has a name of the maximum length (8), so its iptables chain names are
+/// at the 28-character limit.
 #[test]
 fn instances_do_not_touch_each_other() {
     require_kernel!();
@@ -308,7 +310,7 @@ fn instances_do_not_touch_each_other() {
             "--backend",
             backend,
             "--instance",
-            "blue",
+            "bluegree",
             "apply",
             "--state",
             b.to_str().expect("p"),
@@ -318,7 +320,7 @@ fn instances_do_not_touch_each_other() {
             "--backend",
             backend,
             "--instance",
-            "blue",
+            "bluegree",
             "show",
         ]);
         let default = run(&["dataplane", "--backend", backend, "show"]);
@@ -336,7 +338,7 @@ fn instances_do_not_touch_each_other() {
             "--backend",
             backend,
             "--instance",
-            "blue",
+            "bluegree",
             "show",
         ]);
         assert_eq!(
@@ -353,7 +355,7 @@ fn instances_do_not_touch_each_other() {
             "--backend",
             backend,
             "--instance",
-            "blue",
+            "bluegree",
             "teardown",
         ]);
     }
