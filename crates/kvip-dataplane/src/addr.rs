@@ -169,7 +169,36 @@ impl AddrManager {
         }
         req.execute().await.map_err(|e| {
             DataplaneError::Netlink(format!("adding {address} to interface {ifindex}: {e}"))
-        })
+        })?;
+        // A kernel without address protocols (IFA_PROTO, Linux 6.1) accepts the address but
+        // drops the mark: kvip could then never find it again after a restart. Refuse that
+        // loudly instead of leaking addresses, and take back the one just added.
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .set_address_filter(address)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl)?;
+        let marked = msgs.iter().any(|m| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == self.protocol))
+        });
+        if !marked {
+            for m in msgs {
+                let _ = self.handle.address().del(m).execute().await;
+            }
+            return Err(DataplaneError::KernelUnsupported(
+                "this kernel does not keep address protocols (IFA_PROTO, Linux 6.1 or later): \
+                 kvip cannot mark its VIPs as its own, so it does not add them"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Removes one of kvip's addresses.

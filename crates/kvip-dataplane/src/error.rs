@@ -24,6 +24,8 @@ pub enum DataplaneError {
     InterfaceNotFound(String),
     #[error("cannot read kvip's kernel state back: {0}")]
     ReadBack(String),
+    #[error("{0}")]
+    KernelUnsupported(String),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error(
