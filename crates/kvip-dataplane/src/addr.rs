@@ -184,9 +184,9 @@ impl AddrManager {
             .await
             .map_err(nl)?;
         let marked = msgs.iter().any(|m| {
-            m.attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == self.protocol))
+            m.attributes.iter().any(
+                |a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == self.protocol),
+            )
         });
         if !marked {
             for m in msgs {
