@@ -468,6 +468,8 @@ pub struct IptBackend {
 pub struct IptSync {
     pub written: bool,
     pub rules: usize,
+    /// kvip's rules of this family before the write (all replaced by it).
+    pub removed: usize,
 }
 
 impl IptBackend {
@@ -493,6 +495,7 @@ impl IptBackend {
             None => Ok(IptSync {
                 written: false,
                 rules: view.rules.len(),
+                removed: 0,
             }),
             Some(input) => {
                 run_ok(
@@ -504,6 +507,7 @@ impl IptBackend {
                 Ok(IptSync {
                     written: true,
                     rules: input.lines().filter(|l| l.starts_with("-A ")).count(),
+                    removed: view.rules.len(),
                 })
             }
         }

@@ -97,6 +97,8 @@ pub struct ApplyReport {
     pub mode: SyncMode,
     /// Rules, chains, sets and maps written (full replace).
     pub objects_written: usize,
+    /// Objects the full replace removed (the previous content of kvip's table or chains).
+    pub objects_removed: usize,
     pub elements_added: usize,
     pub elements_removed: usize,
     pub vips_added: Vec<IpAddr>,
@@ -247,10 +249,8 @@ impl KernelDataplane {
                     if r.written {
                         sync.mode = SyncMode::Full;
                         sync.objects_written += r.rules;
+                        sync.objects_removed += r.removed;
                     }
-                }
-                if sync.mode == SyncMode::Full {
-                    sync.elements_added = desired.source_count();
                 }
                 Ok(sync)
             }
@@ -438,6 +438,16 @@ impl Dataplane for KernelDataplane {
         report.objects_written = sync.objects_written;
         report.elements_added = sync.elements_added;
         report.elements_removed = sync.elements_removed;
+        if sync.mode == SyncMode::Full {
+            // A full replace removes the previous content and writes every element anew.
+            report.elements_added = desired.source_count();
+            report.elements_removed = before.source_count();
+            if matches!(self.rules, RuleBackend::Nftables(_)) {
+                report.objects_removed = nft::object_count(&before);
+            } else {
+                report.objects_removed = sync.objects_removed;
+            }
+        }
         if first {
             report.warnings.extend(self.remove_other_backend().await);
         }

@@ -540,6 +540,14 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
     Ok(ParsedTable { egress, stray })
 }
 
+/// How many objects (chains, rules, sets, maps) kvip's table holds for `state`.
+pub fn object_count(state: &DesiredState) -> usize {
+    if state.egress().is_empty() {
+        return 0;
+    }
+    render_full("kvip", state).map_or(0, |b| b.cmds.len().saturating_sub(3))
+}
+
 /// Runs `nft -j -f -` with a JSON document.
 pub async fn nft_apply(json: &str) -> Result<(), DataplaneError> {
     let out = run_tool("nft", &["-j", "-f", "-"], Some(json.as_bytes())).await?;
@@ -635,6 +643,7 @@ pub struct NftBackend {
 pub struct EgressSync {
     pub mode: SyncMode,
     pub objects_written: usize,
+    pub objects_removed: usize,
     pub elements_added: usize,
     pub elements_removed: usize,
 }
@@ -671,6 +680,7 @@ impl NftBackend {
                         return Ok(EgressSync {
                             mode: SyncMode::Incremental,
                             objects_written: 0,
+                            objects_removed: 0,
                             elements_added: counts.added,
                             elements_removed: counts.removed,
                         });
@@ -703,8 +713,7 @@ impl NftBackend {
         Ok(EgressSync {
             mode: SyncMode::Full,
             objects_written: objects,
-            elements_added: desired.source_count(),
-            elements_removed: 0,
+            ..EgressSync::default()
         })
     }
 

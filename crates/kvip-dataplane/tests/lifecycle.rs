@@ -289,8 +289,19 @@ egress:
     exclude: [10.244.0.0/16]
 "#,
         );
-        let o = common::apply_and_observe(&ns, cfg.clone(), &s3);
+        let (r, o) = with_dataplane(&ns, cfg.clone(), async |dp| {
+            let r = dp.apply(&s3).await.expect("apply");
+            (r, dp.observe().await.expect("observe"))
+        });
         assert_eq!(o.state, s3, "{backend}");
+        assert_eq!(r.mode, SyncMode::Full, "{backend}");
+        assert_eq!(
+            (r.elements_added, r.elements_removed),
+            (2, 7),
+            "{backend}: {r:?}"
+        );
+        assert!(r.objects_removed > r.objects_written, "{backend}: {r:?}");
+        assert_eq!(r.vips_removed.len(), 1, "{backend}: the IPv6 VIP goes");
         let l3 = listing(&ns, backend);
         for gone in [
             "default_web",

@@ -196,10 +196,11 @@ async fn dataplane(opts: &DataplaneOpts, action: &DataplaneAction) -> Result<()>
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "applied with {}: {:?}, {} objects written, elements +{} -{}, VIPs +{} -{}, conntrack flushed for {} pods, {:.1} ms",
+                    "applied with {}: {:?}, objects +{} -{}, elements +{} -{}, VIPs +{} -{}, conntrack flushed for {} pods, {:.1} ms",
                     r.backend,
                     r.mode,
                     r.objects_written,
+                    r.objects_removed,
                     r.elements_added,
                     r.elements_removed,
                     r.vips_added.len(),
