@@ -112,6 +112,11 @@ impl Elector {
             .is_some_and(|t| now.mono.saturating_sub(t) < self.t.renew_deadline)
     }
 
+    /// Until when (monotonic) this node may count itself leader without another renewal.
+    pub fn leader_until(&self) -> Option<Duration> {
+        self.last_renew.map(|t| t + self.t.renew_deadline)
+    }
+
     fn record(&self, prev: Option<&LeaseRecord>, now: Now, keep_acquire: bool) -> LeaseRecord {
         let transitions = match prev {
             Some(p) if p.holder != self.me => p.transitions.saturating_add(1),

@@ -3,6 +3,7 @@
 //! Every namespace gets a name unique to this process (`kvt<pid>x<n>`), so tests run in
 //! parallel without seeing each other, and is deleted when its handle is dropped.
 
+pub mod apiserver;
 pub mod capture;
 pub mod lab;
 pub mod netns;

@@ -1,0 +1,249 @@
+//! Lease election against the API server. Reads and writes go through [`LeaseLock`]; every
+//! decision is [`Elector`]'s. Leadership is published on a watch channel and withdrawn at the
+//! renew deadline even while an API call hangs.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::PostParams;
+use kvip_core::lease::{Action, Elector, LeaseRecord, Now, Timings};
+use thiserror::Error;
+use tokio::sync::watch;
+
+#[derive(Debug, Error)]
+pub enum ElectionError {
+    /// Another writer changed the Lease first (409).
+    #[error("lease {0} was changed by another node")]
+    Conflict(String),
+    #[error("lease {0}: the API did not answer in time")]
+    Timeout(String),
+    #[error("lease {name}: {source}")]
+    Api {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// One Lease object, read and written with resourceVersion guards.
+#[derive(Clone)]
+pub struct LeaseLock {
+    api: Api<Lease>,
+    name: String,
+}
+
+fn micros(t: &Option<MicroTime>) -> i64 {
+    t.as_ref().map_or(0, |m| m.0.as_microsecond())
+}
+
+fn micro_time(us: i64) -> Option<MicroTime> {
+    Timestamp::from_microsecond(us).ok().map(MicroTime)
+}
+
+fn to_record(l: &Lease) -> LeaseRecord {
+    let spec = l.spec.clone().unwrap_or_default();
+    LeaseRecord {
+        holder: spec.holder_identity.unwrap_or_default(),
+        lease_duration_seconds: spec.lease_duration_seconds.unwrap_or(0).max(0) as u32,
+        acquire_time_us: micros(&spec.acquire_time),
+        renew_time_us: micros(&spec.renew_time),
+        transitions: spec.lease_transitions.unwrap_or(0).max(0) as u32,
+        resource_version: l.metadata.resource_version.clone().unwrap_or_default(),
+    }
+}
+
+impl LeaseLock {
+    pub fn new(client: kube::Client, namespace: &str, name: &str) -> LeaseLock {
+        LeaseLock {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn to_lease(&self, r: &LeaseRecord) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                resource_version: (!r.resource_version.is_empty())
+                    .then(|| r.resource_version.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(r.holder.clone()),
+                lease_duration_seconds: Some(r.lease_duration_seconds as i32),
+                acquire_time: micro_time(r.acquire_time_us),
+                renew_time: micro_time(r.renew_time_us),
+                lease_transitions: Some(r.transitions as i32),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    fn err(&self, e: kube::Error) -> ElectionError {
+        match &e {
+            kube::Error::Api(s) if s.code == 409 => ElectionError::Conflict(self.name.clone()),
+            _ => ElectionError::Api {
+                name: self.name.clone(),
+                source: e,
+            },
+        }
+    }
+
+    /// The Lease, or `None` when it does not exist.
+    pub async fn read(&self) -> Result<Option<LeaseRecord>, ElectionError> {
+        self.api
+            .get_opt(&self.name)
+            .await
+            .map(|o| o.as_ref().map(to_record))
+            .map_err(|e| self.err(e))
+    }
+
+    pub async fn create(&self, r: &LeaseRecord) -> Result<LeaseRecord, ElectionError> {
+        self.api
+            .create(&PostParams::default(), &self.to_lease(r))
+            .await
+            .map(|l| to_record(&l))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Replaces the Lease if its resourceVersion is still `r.resource_version` (409 otherwise).
+    pub async fn replace(&self, r: &LeaseRecord) -> Result<LeaseRecord, ElectionError> {
+        self.api
+            .replace(&self.name, &PostParams::default(), &self.to_lease(r))
+            .await
+            .map(|l| to_record(&l))
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// One node's participation in one Lease's election.
+pub struct Election {
+    lock: LeaseLock,
+    elector: Elector,
+    timings: Timings,
+    start: Instant,
+}
+
+fn wall_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl Election {
+    pub fn new(lock: LeaseLock, identity: &str, timings: Timings) -> Election {
+        Election {
+            lock,
+            elector: Elector::new(identity, timings),
+            timings,
+            start: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono: self.start.elapsed(),
+            wall_us: wall_us(),
+        }
+    }
+
+    fn publish(&self, leader: &watch::Sender<bool>) {
+        let l = self.elector.is_leader(self.now());
+        leader.send_if_modified(|v| std::mem::replace(v, l) != l);
+    }
+
+    /// Awaits `fut` (at most a retry period), withdrawing leadership at the renew deadline if
+    /// it is still pending then.
+    async fn guarded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, ElectionError>>,
+        leader: &watch::Sender<bool>,
+    ) -> Result<T, ElectionError> {
+        let timed_out = || ElectionError::Timeout(self.lock.name.clone());
+        let fut = tokio::time::timeout(self.timings.retry_period, fut);
+        tokio::pin!(fut);
+        if let Some(until) = self.elector.leader_until() {
+            let deadline = tokio::time::Instant::from_std(self.start + until);
+            tokio::select! {
+                out = &mut fut => return out.unwrap_or_else(|_| Err(timed_out())),
+                _ = tokio::time::sleep_until(deadline) => {
+                    leader.send_replace(false);
+                }
+            }
+        }
+        fut.await.unwrap_or_else(|_| Err(timed_out()))
+    }
+
+    /// Runs until `stop` turns true: competes while `candidate` is true, publishes on `leader`
+    /// whether this node may hold the Service's VIPs. On stop, a holder releases the Lease
+    /// (empty holder) so the next node takes over at once.
+    pub async fn run(
+        mut self,
+        candidate: watch::Receiver<bool>,
+        leader: watch::Sender<bool>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let read = self.guarded(self.lock.read(), &leader).await;
+            match read {
+                Ok(r) => self.elector.observe(r, self.now()),
+                Err(e) => {
+                    tracing::debug!(lease = self.lock.name(), error = %e, "reading the lease")
+                }
+            }
+            let action = self.elector.next_action(self.now(), *candidate.borrow());
+            let sent = self.now();
+            let result = match &action {
+                Action::Create(r) => Some(self.guarded(self.lock.create(r), &leader).await),
+                Action::Replace(r) => Some(self.guarded(self.lock.replace(r), &leader).await),
+                Action::Wait(_) => None,
+            };
+            match result {
+                Some(Ok(stored)) => self.elector.written(stored, sent),
+                Some(Err(e)) => {
+                    tracing::debug!(lease = self.lock.name(), error = %e, "writing the lease");
+                    self.elector.write_failed();
+                }
+                None => {}
+            }
+            self.publish(&leader);
+            // Sleep a retry period, but wake to withdraw leadership at the deadline and at
+            // once on stop.
+            let next = tokio::time::Instant::now() + self.timings.retry_period;
+            let deadline = self
+                .elector
+                .leader_until()
+                .map(|u| tokio::time::Instant::from_std(self.start + u));
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = async {
+                    match deadline {
+                        Some(d) if d < next => tokio::time::sleep_until(d).await,
+                        _ => std::future::pending::<()>().await,
+                    }
+                } => self.publish(&leader),
+                _ = stop.changed() => {}
+            }
+        }
+        leader.send_replace(false);
+        if let Some(r) = self.elector.release() {
+            let out = tokio::time::timeout(self.timings.retry_period, self.lock.replace(&r)).await;
+            if !matches!(out, Ok(Ok(_))) {
+                tracing::warn!(
+                    lease = self.lock.name(),
+                    "could not release the lease; it will expire"
+                );
+            }
+        }
+    }
+}
