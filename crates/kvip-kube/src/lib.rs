@@ -1,6 +1,9 @@
 //! kvip-kube: kvip's side of the Kubernetes API. Today: Lease-based election with
-//! resourceVersion-guarded writes, driven by the pure [`kvip_core::lease::Elector`].
+//! resourceVersion-guarded writes, driven by the pure [`kvip_core::lease::Elector`], and the
+//! watches (reflector stores) that feed [`kvip_core::plan`].
 
+pub mod cluster;
 pub mod election;
 
+pub use cluster::ClusterCache;
 pub use election::{Election, ElectionError, LeaseLock};

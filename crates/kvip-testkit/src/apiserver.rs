@@ -1,8 +1,10 @@
 //! An in-process Kubernetes API server for tests: the real kube client talks to it over HTTP
 //! on loopback. It keeps objects as JSON with a cluster-wide resourceVersion, answers get,
-//! list, create, replace (409 when the resourceVersion moved) and delete with Kubernetes'
-//! Status errors, records every call, and injects faults (403 per resource, 500 for a while,
-//! stalls).
+//! list and watch (from a resourceVersion, with label and field selectors, bookmarks, and an
+//! ERROR 410 event for a version older than the retained history), create, replace (409 when
+//! the resourceVersion moved) and delete with Kubernetes' Status errors, records every call,
+//! and injects faults (403 per resource, 500 for a while, stalls, dropped watches, expired
+//! history).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,7 +16,9 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
+use tokio::sync::{broadcast, watch};
 
 /// Where an object lives: API group/version ("v1" for the core group), resource, namespace
 /// ("" for cluster-scoped), name.
@@ -29,10 +33,22 @@ pub struct Call {
     pub namespace: String,
 }
 
+/// A change, as watches report it.
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    kind: &'static str,
+    key: Key,
+    object: Value,
+}
+
 #[derive(Default)]
 struct Inner {
     objects: BTreeMap<Key, Value>,
     resource_version: u64,
+    /// Every change, oldest first; versions up to `compacted` are no longer served.
+    log: Vec<Change>,
+    compacted: u64,
     calls: Vec<Call>,
     /// Resources (e.g. "pods") answered with 403.
     denied: Vec<String>,
@@ -40,10 +56,30 @@ struct Inner {
     stall: Duration,
 }
 
+struct Shared {
+    inner: Mutex<Inner>,
+    changes: broadcast::Sender<Change>,
+    /// Bumped to end every open watch.
+    watch_epoch: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn record(&self, g: &mut Inner, kind: &'static str, key: Key, object: Value) {
+        let c = Change {
+            rv: g.resource_version,
+            kind,
+            key,
+            object,
+        };
+        g.log.push(c.clone());
+        let _ = self.changes.send(c);
+    }
+}
+
 /// A running test API server; stops when dropped.
 pub struct ApiServer {
     addr: SocketAddr,
-    inner: Arc<Mutex<Inner>>,
+    shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -91,12 +127,227 @@ fn parse_path(path: &str) -> Option<Target> {
     })
 }
 
-fn kind_of(obj: &Value) -> String {
-    obj["kind"].as_str().unwrap_or("Object").to_string()
+/// A label selector term: key, value (none: exists), equal (`=`) or not (`!=`).
+type LabelTerm = (String, Option<String>, bool);
+
+/// Query parameters the server understands.
+#[derive(Default, Clone)]
+struct Query {
+    watch: bool,
+    resource_version: Option<u64>,
+    labels: Vec<LabelTerm>,
+    fields: Vec<(String, String)>,
+    timeout: Option<Duration>,
+    bookmarks: bool,
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_query(q: Option<&str>) -> Query {
+    let mut out = Query::default();
+    for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "watch" => out.watch = v == "true" || v == "1",
+            "resourceVersion" => out.resource_version = v.parse().ok(),
+            "timeoutSeconds" => out.timeout = v.parse().ok().map(Duration::from_secs),
+            "allowWatchBookmarks" => out.bookmarks = v == "true",
+            "labelSelector" => {
+                for term in v.split(',').filter(|t| !t.is_empty()) {
+                    let term = term.trim();
+                    if let Some((a, b)) = term.split_once("!=") {
+                        out.labels.push((a.into(), Some(b.into()), false));
+                    } else if let Some((a, b)) = term.split_once('=') {
+                        out.labels
+                            .push((a.into(), Some(b.trim_start_matches('=').into()), true));
+                    } else {
+                        out.labels.push((term.into(), None, true));
+                    }
+                }
+            }
+            "fieldSelector" => {
+                for term in v.split(',').filter(|t| !t.is_empty()) {
+                    if let Some((a, b)) = term.split_once('=') {
+                        out.fields
+                            .push((a.into(), b.trim_start_matches('=').into()));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn selected(q: &Query, obj: &Value) -> bool {
+    let labels = &obj["metadata"]["labels"];
+    let labels_ok = q.labels.iter().all(|(k, v, eq)| match v {
+        None => !labels[k.as_str()].is_null(),
+        Some(v) => (labels[k.as_str()].as_str() == Some(v.as_str())) == *eq,
+    });
+    let fields_ok = q.fields.iter().all(|(k, v)| match k.as_str() {
+        "metadata.name" => obj["metadata"]["name"].as_str() == Some(v.as_str()),
+        "metadata.namespace" => obj["metadata"]["namespace"].as_str() == Some(v.as_str()),
+        _ => false,
+    });
+    labels_ok && fields_ok
+}
+
+fn watch_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": kind, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+/// What one open watch still has to send.
+struct WatchState {
+    queue: std::collections::VecDeque<Bytes>,
+    live: broadcast::Receiver<Change>,
+    epoch: watch::Receiver<u64>,
+    deadline: tokio::time::Instant,
+    filter: Box<dyn Fn(&Change) -> bool + Send>,
+    bookmark: Option<(String, String)>,
+    last_rv: u64,
+    done: bool,
+}
+
+async fn next_chunk(
+    mut st: WatchState,
+) -> Option<(Result<Bytes, std::convert::Infallible>, WatchState)> {
+    loop {
+        if let Some(b) = st.queue.pop_front() {
+            return Some((Ok(b), st));
+        }
+        if st.done {
+            return None;
+        }
+        let tick = tokio::time::sleep(Duration::from_millis(500));
+        tokio::select! {
+            c = st.live.recv() => match c {
+                Ok(c) => {
+                    if c.rv > st.last_rv && (st.filter)(&c) {
+                        st.last_rv = c.rv;
+                        st.queue.push_back(watch_line(c.kind, &c.object));
+                    } else {
+                        st.last_rv = st.last_rv.max(c.rv);
+                    }
+                }
+                // Lagging behind or server gone: end; the client watches again.
+                Err(_) => st.done = true,
+            },
+            _ = st.epoch.changed() => st.done = true,
+            _ = tokio::time::sleep_until(st.deadline) => st.done = true,
+            _ = tick => {
+                if let Some((kind, gv)) = &st.bookmark {
+                    let obj = json!({"kind": kind, "apiVersion": gv,
+                        "metadata": {"resourceVersion": st.last_rv.to_string()}});
+                    st.queue.push_back(watch_line("BOOKMARK", &obj));
+                }
+            }
+        }
+    }
+}
+
+fn kind_for(resource: &str) -> String {
+    match resource {
+        "services" => "Service",
+        "endpointslices" => "EndpointSlice",
+        "nodes" => "Node",
+        "leases" => "Lease",
+        "pods" => "Pod",
+        "configmaps" => "ConfigMap",
+        "events" => "Event",
+        other => other,
+    }
+    .to_string()
+}
+
+/// A watch: the retained changes after the requested version, then live ones, until its
+/// timeout, a dropped watch or the server's end. A version older than the retained history
+/// gets an ERROR event with a 410 Status, as from a real API server.
+fn watch_response(shared: &Arc<Shared>, t: &Target, q: Query) -> Response {
+    let live = shared.changes.subscribe();
+    let epoch = shared.watch_epoch.subscribe();
+    let (backlog, expired, current) = {
+        let Ok(g) = shared.inner.lock() else {
+            return status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "poisoned".into(),
+            );
+        };
+        let from = q.resource_version.unwrap_or(g.resource_version);
+        let backlog: Vec<Change> = g.log.iter().filter(|c| c.rv > from).cloned().collect();
+        (backlog, from < g.compacted, from)
+    };
+    if expired {
+        let gone = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "too old resource version", "reason": "Expired", "code": 410
+        });
+        return (
+            StatusCode::OK,
+            axum::body::Body::from(watch_line("ERROR", &gone)),
+        )
+            .into_response();
+    }
+    let (gv, resource, ns) = (
+        t.group_version.clone(),
+        t.resource.clone(),
+        t.namespace.clone(),
+    );
+    let q2 = q.clone();
+    let filter = move |c: &Change| -> bool {
+        c.key.0 == gv
+            && c.key.1 == resource
+            && (ns.is_empty() || c.key.2 == ns)
+            && selected(&q2, &c.object)
+    };
+    let mut last_rv = current;
+    let mut queue = std::collections::VecDeque::new();
+    for c in backlog {
+        last_rv = last_rv.max(c.rv);
+        if filter(&c) {
+            queue.push_back(watch_line(c.kind, &c.object));
+        }
+    }
+    let st = WatchState {
+        queue,
+        live,
+        epoch,
+        deadline: tokio::time::Instant::now() + q.timeout.unwrap_or(Duration::from_secs(290)),
+        filter: Box::new(filter),
+        bookmark: q
+            .bookmarks
+            .then(|| (kind_for(&t.resource), t.group_version.clone())),
+        last_rv,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(st, next_chunk).boxed();
+    (StatusCode::OK, axum::body::Body::from_stream(stream)).into_response()
 }
 
 async fn handle(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(shared): State<Arc<Shared>>,
     method: Method,
     uri: Uri,
     body: Bytes,
@@ -108,8 +359,10 @@ async fn handle(
             format!("no route {}", uri.path()),
         );
     };
+    let q = parse_query(uri.query());
     let verb = match (&method, t.name.is_some()) {
         (&Method::GET, true) => "get",
+        (&Method::GET, false) if q.watch => "watch",
         (&Method::GET, false) => "list",
         (&Method::POST, _) => "create",
         (&Method::PUT, _) => "update",
@@ -122,7 +375,7 @@ async fn handle(
         None => t.resource.clone(),
     };
     let stall = {
-        let Ok(mut g) = inner.lock() else {
+        let Ok(mut g) = shared.inner.lock() else {
             return status(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "InternalError",
@@ -135,35 +388,38 @@ async fn handle(
             resource: resource.clone(),
             namespace: t.namespace.clone(),
         });
+        if g.fail_until.is_some_and(|u| Instant::now() < u) {
+            return status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "injected failure".into(),
+            );
+        }
+        if g.denied.contains(&t.resource) {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "{} is forbidden: cannot {verb} resource {resource:?} in namespace {:?}",
+                    t.resource, t.namespace
+                ),
+            );
+        }
         g.stall
     };
     if !stall.is_zero() {
         tokio::time::sleep(stall).await;
     }
-    let Ok(mut g) = inner.lock() else {
+    if verb == "watch" {
+        return watch_response(&shared, &t, q);
+    }
+    let Ok(mut g) = shared.inner.lock() else {
         return status(
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalError",
             "poisoned".into(),
         );
     };
-    if g.fail_until.is_some_and(|u| Instant::now() < u) {
-        return status(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            "injected failure".into(),
-        );
-    }
-    if g.denied.contains(&t.resource) {
-        return status(
-            StatusCode::FORBIDDEN,
-            "Forbidden",
-            format!(
-                "{} is forbidden: cannot {verb} resource {resource:?} in namespace {:?}",
-                t.resource, t.namespace
-            ),
-        );
-    }
     let key = |name: &str| -> Key {
         (
             t.group_version.clone(),
@@ -188,16 +444,16 @@ async fn handle(
             let items: Vec<Value> = g
                 .objects
                 .iter()
-                .filter(|((gv, r, ns, _), _)| {
+                .filter(|((gv, r, ns, _), o)| {
                     *gv == t.group_version
                         && *r == t.resource
                         && (t.namespace.is_empty() || *ns == t.namespace)
+                        && selected(&q, o)
                 })
                 .map(|(_, o)| o.clone())
                 .collect();
-            let kind = items.first().map(kind_of).unwrap_or_default();
             let body = json!({
-                "kind": format!("{kind}List"), "apiVersion": t.group_version,
+                "kind": format!("{}List", kind_for(&t.resource)), "apiVersion": t.group_version,
                 "metadata": {"resourceVersion": g.resource_version.to_string()}, "items": items
             });
             (StatusCode::OK, axum::Json(body)).into_response()
@@ -247,6 +503,18 @@ async fn handle(
                         ),
                     );
                 }
+                // The status subresource changes only status; the object itself keeps it.
+                if let Some(sub) = &t.subresource
+                    && sub == "status"
+                {
+                    let mut merged = cur.clone();
+                    merged["status"] = obj["status"].clone();
+                    merged["metadata"]["resourceVersion"] =
+                        obj["metadata"]["resourceVersion"].clone();
+                    obj = merged;
+                } else if let Some(st) = cur.get("status") {
+                    obj["status"] = st.clone();
+                }
             }
             g.resource_version += 1;
             let rv = g.resource_version.to_string();
@@ -261,7 +529,13 @@ async fn handle(
                     .unwrap_or_else(|| format!("uid-{rv}"));
                 meta.insert("uid".into(), json!(uid));
             }
-            g.objects.insert(k, obj.clone());
+            g.objects.insert(k.clone(), obj.clone());
+            let kind = if existing.is_some() {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            shared.record(&mut g, kind, k, obj.clone());
             let code = if verb == "create" {
                 StatusCode::CREATED
             } else {
@@ -271,9 +545,12 @@ async fn handle(
         }
         "delete" => {
             let name = t.name.clone().unwrap_or_default();
-            match g.objects.remove(&key(&name)) {
-                Some(o) => {
+            let k = key(&name);
+            match g.objects.remove(&k) {
+                Some(mut o) => {
                     g.resource_version += 1;
+                    o["metadata"]["resourceVersion"] = json!(g.resource_version.to_string());
+                    shared.record(&mut g, "DELETED", k, o.clone());
                     (StatusCode::OK, axum::Json(o)).into_response()
                 }
                 None => status(
@@ -294,12 +571,18 @@ async fn handle(
 impl ApiServer {
     /// Starts a server on 127.0.0.1 (a free port) on its own thread.
     pub fn start() -> std::io::Result<ApiServer> {
-        let inner = Arc::new(Mutex::new(Inner::default()));
+        let (changes, _) = broadcast::channel(4096);
+        let (watch_epoch, _) = watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner::default()),
+            changes,
+            watch_epoch,
+        });
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let state = inner.clone();
+        let state = shared.clone();
         let thread = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -321,7 +604,7 @@ impl ApiServer {
         });
         Ok(ApiServer {
             addr,
-            inner,
+            shared,
             stop: Some(tx),
             thread: Some(thread),
         })
@@ -333,7 +616,7 @@ impl ApiServer {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.shared.inner.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut g)
     }
 
@@ -350,6 +633,23 @@ impl ApiServer {
     /// Answers requests for `resource` (e.g. "pods") with 403, like a missing RBAC rule.
     pub fn deny(&self, resource: &str) {
         self.with(|g| g.denied.push(resource.to_string()));
+    }
+
+    /// Ends every open watch (clients must watch again).
+    pub fn drop_watches(&self) {
+        self.shared.watch_epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Forgets the change history, as if it had been compacted after changes elsewhere: the
+    /// resourceVersion moves on, a watch from any earlier version gets 410 Gone, and every open
+    /// watch ends, so clients must list again.
+    pub fn expire_history(&self) {
+        self.with(|g| {
+            g.resource_version += 1;
+            g.compacted = g.resource_version;
+            g.log.clear();
+        });
+        self.drop_watches();
     }
 
     /// Every call made so far.

@@ -1,0 +1,213 @@
+//! The watches behind the snapshot, through the real kube client against the test API server:
+//! changes arrive, and keep arriving after dropped watches, expired history and a 500 outage.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use kvip_core::plan::{ClusterNetworks, ServiceKey};
+use kvip_kube::ClusterCache;
+use kvip_testkit::apiserver::ApiServer;
+use serde_json::json;
+use tokio::sync::watch;
+
+fn client(server: &ApiServer) -> kube::Client {
+    kube::Client::try_from(kube::Config::new(server.url().parse().expect("url"))).expect("client")
+}
+
+fn service() -> Service {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default",
+                     "annotations": {"kube-vip.io/egress": "true", "kube-vip.io/loadbalancerIPs": "198.51.100.10"}},
+        "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]}
+    }))
+    .expect("service")
+}
+
+fn slice(pods: &[(&str, &str, Option<bool>)]) -> EndpointSlice {
+    let endpoints: Vec<serde_json::Value> = pods
+        .iter()
+        .map(|(ip, node, ready)| {
+            let mut e = json!({"addresses": [ip], "nodeName": node});
+            if let Some(r) = ready {
+                e["conditions"] = json!({"ready": r});
+            }
+            e
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-abc", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "endpoints": endpoints
+    }))
+    .expect("slice")
+}
+
+fn key() -> ServiceKey {
+    ServiceKey {
+        namespace: "default".into(),
+        name: "web".into(),
+    }
+}
+
+/// The endpoint addresses the snapshot holds for default/web.
+fn addresses(cache: &ClusterCache) -> Vec<IpAddr> {
+    let s = cache.snapshot(ClusterNetworks::default());
+    let mut v: Vec<IpAddr> = s
+        .endpoints
+        .get(&key())
+        .map(|e| e.iter().map(|e| e.address).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not seen within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Replaces the slice with new pods (reads it first for its resourceVersion).
+async fn set_pods(slices: &Api<EndpointSlice>, pods: &[(&str, &str, Option<bool>)]) {
+    let cur = slices.get("web-abc").await.expect("get slice");
+    let mut next = slice(pods);
+    next.metadata.resource_version = cur.metadata.resource_version;
+    slices
+        .replace("web-abc", &PostParams::default(), &next)
+        .await
+        .expect("replace slice");
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("ip")
+}
+
+#[tokio::test]
+async fn snapshot_follows_the_api_through_faults() {
+    let server = ApiServer::start().expect("api server");
+    let c = client(&server);
+    let services: Api<Service> = Api::namespaced(c.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(c.clone(), "default");
+    let (dirty_tx, dirty_rx) = watch::channel(0u64);
+    let cache = ClusterCache::start(c.clone(), None, dirty_tx);
+    tokio::time::timeout(Duration::from_secs(5), cache.ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+
+    services
+        .create(&PostParams::default(), &service())
+        .await
+        .expect("create service");
+    slices
+        .create(
+            &PostParams::default(),
+            &slice(&[("10.244.1.5", "n1", Some(true)), ("10.244.2.5", "n2", None)]),
+        )
+        .await
+        .expect("create slice");
+    until("service and endpoints", Duration::from_secs(5), || {
+        addresses(&cache).len() == 2
+    })
+    .await;
+    let snap = cache.snapshot(ClusterNetworks::default());
+    let svc = &snap.services[0];
+    assert!(svc.load_balancer && svc.traffic_policy_local);
+    assert_eq!(
+        svc.annotations
+            .get("kube-vip.io/egress")
+            .map(String::as_str),
+        Some("true")
+    );
+    let eps = &snap.endpoints[&key()];
+    assert!(
+        eps.iter().all(|e| e.ready),
+        "an unknown ready condition counts as ready"
+    );
+    assert_eq!(
+        eps.iter()
+            .find(|e| e.address == ip("10.244.1.5"))
+            .and_then(|e| e.node.clone())
+            .as_deref(),
+        Some("n1")
+    );
+    assert!(*dirty_rx.borrow() > 0, "changes mark the state dirty");
+
+    // The endpoint pod is replaced (kube-vip's cause 2): the snapshot follows.
+    set_pods(&slices, &[("10.244.1.7", "n1", Some(true))]).await;
+    until("replaced pod", Duration::from_secs(5), || {
+        addresses(&cache) == vec![ip("10.244.1.7")]
+    })
+    .await;
+
+    server.drop_watches();
+    set_pods(&slices, &[("10.244.1.8", "n1", Some(false))]).await;
+    until("after dropped watches", Duration::from_secs(10), || {
+        addresses(&cache) == vec![ip("10.244.1.8")]
+    })
+    .await;
+
+    let lists = |server: &ApiServer| {
+        server
+            .calls()
+            .iter()
+            .filter(|c| c.verb == "list" && c.resource == "endpointslices")
+            .count()
+    };
+    let lists_before = lists(&server);
+    server.expire_history();
+    set_pods(&slices, &[("10.244.1.9", "n1", Some(true))]).await;
+    until(
+        "after expired history (410)",
+        Duration::from_secs(10),
+        || addresses(&cache) == vec![ip("10.244.1.9")],
+    )
+    .await;
+    assert!(
+        lists(&server) > lists_before,
+        "a 410 makes the watcher list again"
+    );
+
+    server.fail_for(Duration::from_millis(1500));
+    server.drop_watches();
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    set_pods(&slices, &[("10.244.1.10", "n1", Some(true))]).await;
+    until("after 500s", Duration::from_secs(15), || {
+        addresses(&cache) == vec![ip("10.244.1.10")]
+    })
+    .await;
+
+    services
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete service");
+    until("service deleted", Duration::from_secs(5), || {
+        cache
+            .snapshot(ClusterNetworks::default())
+            .services
+            .is_empty()
+    })
+    .await;
+    let watched: std::collections::BTreeSet<(String, String)> = server
+        .calls()
+        .into_iter()
+        .filter(|c| c.verb == "watch" || c.verb == "list")
+        .map(|c| (c.verb, c.resource))
+        .collect();
+    assert!(
+        watched.contains(&("watch".into(), "endpointslices".into())),
+        "{watched:?}"
+    );
+    assert!(
+        watched.contains(&("list".into(), "services".into())),
+        "{watched:?}"
+    );
+}
