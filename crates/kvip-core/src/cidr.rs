@@ -109,6 +109,28 @@ impl Cidr {
         out
     }
 
+    /// The smallest single network per family that covers every network of `list` (one
+    /// entry for IPv4, one for IPv6, for the families present). Used to summarise per-node pod
+    /// ranges into the cluster's pod network.
+    pub fn covering(list: &[Cidr]) -> Vec<Cidr> {
+        let mut out = Vec::new();
+        for fam in [Family::V4, Family::V6] {
+            let nets: Vec<&Cidr> = list.iter().filter(|c| c.family() == fam).collect();
+            let Some(first) = nets.first() else { continue };
+            let mut cover = **first;
+            for n in &nets[1..] {
+                while !cover.contains_net(n) {
+                    cover = Cidr::containing(cover.addr, cover.len.saturating_sub(1));
+                    if cover.len == 0 {
+                        break;
+                    }
+                }
+            }
+            out.push(cover);
+        }
+        out
+    }
+
     /// The minimal list of networks covering exactly the inclusive range `first..=last`
     /// (both of one family). Used to read interval sets back from the kernel.
     pub fn from_range(first: IpAddr, last: IpAddr) -> Option<Vec<Cidr>> {
@@ -282,6 +304,21 @@ mod tests {
         ]);
         let s: Vec<String> = out.iter().map(Cidr::to_string).collect();
         assert_eq!(s, vec!["10.0.0.0/8", "192.0.2.0/24", "2001:db8::/32"]);
+    }
+
+    #[test]
+    fn covering_summarises_per_family() {
+        let out = Cidr::covering(&[
+            c("10.244.0.0/24"),
+            c("10.244.1.0/24"),
+            c("10.244.7.0/24"),
+            c("fd00:10:244:1::/64"),
+            c("fd00:10:244:2::/64"),
+        ]);
+        let s: Vec<String> = out.iter().map(Cidr::to_string).collect();
+        assert_eq!(s, vec!["10.244.0.0/21", "fd00:10:244::/62"]);
+        assert_eq!(Cidr::covering(&[c("10.1.0.0/16")]), vec![c("10.1.0.0/16")]);
+        assert!(Cidr::covering(&[]).is_empty());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! watches (reflector stores) that feed [`kvip_core::plan`].
 
 pub mod cluster;
+pub mod discovery;
 pub mod election;
 
 pub use cluster::ClusterCache;
