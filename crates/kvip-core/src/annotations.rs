@@ -56,12 +56,13 @@ pub struct ServiceAnnotations {
     pub problems: Vec<AnnotationProblem>,
 }
 
+/// kube-vip's boolean annotations: an empty value is false.
 fn flag(value: &str) -> Option<bool> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "true" | "yes" | "1" => Some(true),
-        "false" | "no" | "0" | "" => Some(false),
-        _ => None,
+    let v = value.trim();
+    if v.is_empty() {
+        return Some(false);
     }
+    crate::config::parse_bool(v)
 }
 
 fn list(value: &str) -> impl Iterator<Item = &str> {

@@ -258,7 +258,8 @@ impl Env<'_> {
     }
 }
 
-fn parse_bool(v: &str) -> Option<bool> {
+/// true/false, 1/0, yes/no, on/off, any case.
+pub(crate) fn parse_bool(v: &str) -> Option<bool> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Some(true),
         "false" | "0" | "no" | "off" => Some(false),
