@@ -670,10 +670,15 @@ impl NftBackend {
     /// leaves the previous ruleset in place (one transaction) and forces a full replace next.
     pub async fn apply(&mut self, desired: &DesiredState) -> Result<EgressSync, DataplaneError> {
         if let Some(old) = &self.applied {
-            if old == desired {
+            // Only egress policies live in the table; VIP changes are not its business.
+            if old.egress() == desired.egress() {
                 return Ok(EgressSync::default());
             }
             if let Some((doc, counts)) = render_delta(&self.table, old, desired) {
+                if doc.is_empty() {
+                    self.applied = Some(desired.clone());
+                    return Ok(EgressSync::default());
+                }
                 match nft_apply(&doc.to_json()).await {
                     Ok(()) => {
                         self.applied = Some(desired.clone());

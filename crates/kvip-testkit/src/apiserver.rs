@@ -80,6 +80,7 @@ impl Shared {
 pub struct ApiServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    listen: tokio::sync::mpsc::UnboundedSender<std::net::TcpListener>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -582,6 +583,9 @@ impl ApiServer {
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (listen_tx, mut listen_rx) =
+            tokio::sync::mpsc::unbounded_channel::<std::net::TcpListener>();
+        let _ = listen_tx.send(std_listener);
         let state = shared.clone();
         let thread = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -591,13 +595,19 @@ impl ApiServer {
                 return;
             };
             rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
-                    return;
-                };
                 let app = Router::new().fallback(handle).with_state(state);
+                let serve_all = async {
+                    // Every listener handed over (loopback, and those opened inside network
+                    // namespaces) is served by the same app and store.
+                    while let Some(l) = listen_rx.recv().await {
+                        if let Ok(listener) = tokio::net::TcpListener::from_std(l) {
+                            tokio::spawn(axum::serve(listener, app.clone()).into_future());
+                        }
+                    }
+                };
                 // Stop at once (open client connections are cut when the runtime goes).
                 tokio::select! {
-                    _ = axum::serve(listener, app) => {}
+                    _ = serve_all => {}
                     _ = rx => {}
                 }
             });
@@ -605,9 +615,27 @@ impl ApiServer {
         Ok(ApiServer {
             addr,
             shared,
+            listen: listen_tx,
             stop: Some(tx),
             thread: Some(thread),
         })
+    }
+
+    /// Also listens on 127.0.0.1 inside `ns` (each network namespace has its own loopback),
+    /// so processes there reach the server; returns that URL.
+    pub fn listen_in(&self, ns: &crate::Netns) -> std::io::Result<String> {
+        let l = ns
+            .enter(|| -> std::io::Result<std::net::TcpListener> {
+                let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let url = format!("http://{}", l.local_addr()?);
+        self.listen
+            .send(l)
+            .map_err(|_| std::io::Error::other("the test API server has stopped"))?;
+        Ok(url)
     }
 
     /// `http://127.0.0.1:<port>`

@@ -1,5 +1,6 @@
 //! kvip: virtual IPs and egress SNAT for Kubernetes LoadBalancer Services.
 
+mod agent;
 mod demo;
 
 use std::io::Read;
@@ -34,6 +35,9 @@ enum Command {
         #[command(subcommand)]
         action: DataplaneAction,
     },
+    /// Run the node agent. Configured with kube-vip's environment variables (see
+    /// docs/configuration.md), in either spelling.
+    Run,
     /// Build a network-namespace lab and show egress through a VIP with real packets.
     Demo {
         /// Rule backend for the demo.
@@ -250,16 +254,32 @@ async fn dataplane(opts: &DataplaneOpts, action: &DataplaneAction) -> Result<()>
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The agent logs what it does; the one-shot commands only what went wrong.
+    let default_level = if matches!(cli.command, Command::Run) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     let result = match &cli.command {
         Command::Demo { backend } => demo::run(backend.kind()),
+        Command::Run => kvip_core::config::AgentConfig::from_env(&std::env::vars().collect())
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the runtime")?
+                    .block_on(agent::run(cfg))
+            }),
         Command::Dataplane { opts, action } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

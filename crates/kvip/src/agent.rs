@@ -1,0 +1,248 @@
+//! `kvip run`: the node agent. Watches Services and EndpointSlices, takes part in the Lease
+//! election, and after every change (debounced) recomputes the whole desired state with the
+//! pure `plan()` and makes the kernel equal to it. On SIGTERM or SIGINT it stops renewing,
+//! removes everything it owns from the kernel, releases the Lease and exits.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kvip_core::config::AgentConfig;
+use kvip_core::lease::Timings;
+use kvip_core::plan::ClusterNetworks;
+use kvip_core::{Leadership, NodeConfig, plan};
+use kvip_dataplane::{AnnounceConfig, BackendKind, Config, Dataplane, Instance, KernelDataplane};
+use kvip_kube::{ClusterCache, Election, LeaseLock, discovery};
+use tokio::sync::watch;
+
+const DEBOUNCE: Duration = Duration::from_millis(50);
+const RESYNC: Duration = Duration::from_secs(30);
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// The client, and the API server's URL.
+async fn client(cfg: &AgentConfig) -> Result<(kube::Client, String)> {
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("k8s_config_file {path}"))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("k8s_config_file {path}"))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster configuration and no usable KUBECONFIG")?,
+    };
+    let url = config.cluster_url.to_string();
+    Ok((
+        kube::Client::try_from(config).context("creating the Kubernetes client")?,
+        url,
+    ))
+}
+
+/// The agent's own namespace: `POD_NAMESPACE`, else the service account's, else kube-system.
+fn own_namespace() -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE).ok())
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "kube-system".into())
+}
+
+/// The API server's address, when the client talks to it by IP: always excluded from egress.
+fn api_server_addresses(client_url: &str) -> Vec<IpAddr> {
+    let host = client_url
+        .split("://")
+        .nth(1)
+        .unwrap_or(client_url)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let host = host
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(h, _)| h);
+    host.trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .into_iter()
+        .collect()
+}
+
+async fn shutdown_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    if cfg.svc_election {
+        bail!(
+            "svc_election=true: per-Service leases are not implemented yet; unset it (one lease for all Services is used)"
+        );
+    }
+    let interface = cfg
+        .services_interface
+        .clone()
+        .or_else(|| cfg.vip_interface.clone())
+        .context("vip_interface is not set (kvip does not pick an interface by itself yet)")?;
+    let (client, api_url) = client(&cfg).await?;
+    let mut dp = KernelDataplane::new(Config {
+        instance: Instance::new(cfg.instance_name.as_deref())?,
+        backend: match cfg.egress_with_nftables {
+            Some(true) => BackendKind::Nftables,
+            Some(false) => BackendKind::Iptables,
+            None => BackendKind::Auto,
+        },
+        iptables_variant: None,
+        no_conntrack_flush: false,
+        announce: AnnounceConfig {
+            count: if cfg.arp { 3 } else { 0 },
+            ..AnnounceConfig::default()
+        },
+    })
+    .await?;
+    if cfg.egress_clean {
+        let r = kvip_dataplane::legacy::clean_legacy().await;
+        for line in &r.removed {
+            tracing::info!(removed = %line, "kube-vip leftover removed");
+        }
+        for e in &r.errors {
+            tracing::warn!(error = %e, "kube-vip clean-up");
+        }
+    }
+    let found = discovery::discover(
+        &client,
+        cfg.egress_pod_cidr.clone(),
+        cfg.egress_service_cidr.clone(),
+    )
+    .await;
+    for d in &found.denied {
+        tracing::warn!(permission = %d, "CIDR discovery: missing permission");
+    }
+    let networks = ClusterNetworks {
+        pod: found.pod.map(|p| p.0).unwrap_or_default(),
+        service: found.service.map(|s| s.0).unwrap_or_default(),
+        api_server: api_server_addresses(&api_url),
+    };
+    let node = NodeConfig {
+        node_name: cfg.node_name.clone(),
+        interface,
+        namespace: cfg.namespace.clone(),
+        class_only: cfg.lb_class_only,
+        class_name: cfg.lb_class_name.clone(),
+    };
+
+    let (dirty_tx, mut dirty) = watch::channel(0u64);
+    let cache = ClusterCache::start(client.clone(), cfg.namespace.as_deref(), dirty_tx);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (leader_tx, mut leader) = watch::channel(!cfg.leader_election);
+    // Without election this node always leads; the sender stays alive so the loop below does
+    // not see a closed channel.
+    let mut always_leader = None;
+    let election = if cfg.leader_election {
+        let lock = LeaseLock::new(client.clone(), &own_namespace(), &cfg.lease_name);
+        let (_cand_tx, cand_rx) = watch::channel(true);
+        let timings = Timings {
+            lease_duration: cfg.lease_duration,
+            renew_deadline: cfg.renew_deadline,
+            retry_period: cfg.retry_period,
+        };
+        let task = tokio::spawn(
+            Election::new(lock, &cfg.node_name, timings).run(cand_rx, leader_tx, stop_rx),
+        );
+        Some((task, _cand_tx))
+    } else {
+        always_leader = Some(leader_tx);
+        None
+    };
+    tokio::time::timeout(Duration::from_secs(30), cache.ready())
+        .await
+        .context("the first list of Services and EndpointSlices did not complete in 30 s")?
+        .context("watches stopped")?;
+    tracing::info!(node = %node.node_name, interface = %node.interface, backend = dp.backend().name(), "kvip agent started");
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut warned: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    loop {
+        let leading = *leader.borrow_and_update();
+        let snapshot = cache.snapshot(networks.clone());
+        let p = plan(&snapshot, &Leadership::Global(leading), &node);
+        for (key, sp) in &p.services {
+            let now: Vec<String> = sp.warnings.iter().map(ToString::to_string).collect();
+            if warned.get(&key.to_string()) != Some(&now) {
+                for w in &now {
+                    tracing::warn!(service = %key, "{w}");
+                }
+                warned.insert(key.to_string(), now);
+            }
+        }
+        match dp.apply(&p.desired).await {
+            Ok(r) => {
+                if r.mode != kvip_dataplane::SyncMode::Unchanged
+                    || !r.vips_added.is_empty()
+                    || !r.vips_removed.is_empty()
+                {
+                    tracing::info!(
+                        leader = leading, mode = ?r.mode, pods = p.desired.source_count(),
+                        vips_added = ?r.vips_added, vips_removed = ?r.vips_removed,
+                        ms = r.duration.as_secs_f64() * 1e3, "synced"
+                    );
+                }
+                for w in &r.warnings {
+                    tracing::warn!("{w}");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sync failed; the next sync replaces everything");
+                dp.invalidate();
+            }
+        }
+        // Wait for a change (or the resync timer), then let a burst of changes settle.
+        tokio::select! {
+            _ = dirty.changed() => {}
+            _ = leader.changed() => {}
+            _ = tokio::time::sleep(RESYNC) => {
+                // Drift: someone changed kvip's objects by hand. Replace everything if so.
+                match dp.observe().await {
+                    Ok(o) if o.state == p.desired && o.stray.is_empty() => {}
+                    Ok(o) => {
+                        tracing::warn!(stray = ?o.stray, "kernel state drifted from the desired state; repairing");
+                        dp.invalidate();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading kvip's kernel state back");
+                        dp.invalidate();
+                    }
+                }
+            }
+            r = &mut shutdown => {
+                r?;
+                break;
+            }
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+    }
+
+    tracing::info!("shutting down: releasing the lease and removing kvip's kernel state");
+    let _ = stop_tx.send(true);
+    if let Some((task, _cand)) = election {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    drop(cache);
+    drop(always_leader);
+    let r = dp.teardown().await;
+    for e in &r.errors {
+        tracing::error!(error = %e, "teardown");
+    }
+    if !r.errors.is_empty() {
+        bail!("teardown left errors: {}", r.errors.join("; "));
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! The real `kvip run` process in a node namespace against the test API server: a Service's
+//! VIP and egress appear, follow endpoint changes (kube-vip's cause 2), go with the annotation
+//! or the Service, and SIGTERM leaves nothing behind and releases the Lease (cause 3).
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use kvip_testkit::apiserver::ApiServer;
+use kvip_testkit::{Netns, require_kernel};
+use serde_json::json;
+
+const KVIP: &str = env!("CARGO_BIN_EXE_kvip");
+
+fn service(egress: bool) -> Service {
+    let mut ann = json!({"kube-vip.io/loadbalancerIPs": "192.0.2.10"});
+    if egress {
+        ann["kube-vip.io/egress"] = json!("true");
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default", "annotations": ann},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}
+    }))
+    .expect("service")
+}
+
+fn slice(pod: &str) -> EndpointSlice {
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [pod], "nodeName": "n1", "conditions": {"ready": true}}]
+    }))
+    .expect("slice")
+}
+
+struct Agent {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Agent {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn start_agent(ns: &Netns, url: &str, tag: &str) -> Agent {
+    let dir = std::env::temp_dir();
+    let kubeconfig = dir.join(format!(
+        "kvip-agent-{tag}-{}.kubeconfig",
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&kubeconfig).expect("kubeconfig");
+    write!(
+        f,
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
+    )
+    .expect("write kubeconfig");
+    let log = dir.join(format!("kvip-agent-{tag}-{}.log", std::process::id()));
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "env", "-i"])
+        .arg(format!(
+            "PATH={}",
+            std::env::var("PATH").unwrap_or_default()
+        ))
+        .args([
+            "NODE_NAME=n1",
+            "vip_interface=eth0",
+            "vip_arp=true",
+            "egress_podcidr=10.244.0.0/16",
+            "EGRESS_SERVICECIDR=10.96.0.0/12",
+            "vip_leaseduration=3",
+            "vip_renewdeadline=2",
+            "vip_retryperiod=1",
+            "POD_NAMESPACE=kube-system",
+        ])
+        .arg(format!("k8s_config_file={}", kubeconfig.display()))
+        .args([KVIP, "run"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start kvip run");
+    Agent { child, log }
+}
+
+fn until(what: &str, agent: &Agent, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not within {limit:?}\nagent log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn rules(ns: &Netns) -> String {
+    ns.exec_ok("nft", &["list", "ruleset"]).unwrap_or_default()
+}
+
+fn has_vip(ns: &Netns) -> bool {
+    ns.exec_ok("ip", &["addr", "show", "eth0"])
+        .unwrap_or_default()
+        .contains("192.0.2.10/32")
+}
+
+#[test]
+fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
+    require_kernel!();
+    let ns = Netns::new("agt").expect("netns");
+    let peer = Netns::new("agtp").expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let server = ApiServer::start().expect("api server");
+    let url = server.listen_in(&ns).expect("listen in the node namespace");
+    let mut agent = start_agent(&ns, &url, "a");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _in_runtime = rt.enter();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
+        .expect("client");
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(true))
+            .await
+            .expect("service");
+        slices
+            .create(&PostParams::default(), &slice("10.244.1.5"))
+            .await
+            .expect("slice");
+    });
+    until("VIP and egress", &agent, Duration::from_secs(15), || {
+        has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto")
+    });
+    let r = rules(&ns);
+    assert!(
+        r.contains("10.96.0.0/12") && r.contains("10.244.0.0/16"),
+        "configured CIDRs excluded:\n{r}"
+    );
+
+    // The endpoint pod is replaced while the leader stays (kube-vip's cause 2).
+    rt.block_on(async {
+        let cur = slices.get("web-1").await.expect("get");
+        let mut next = slice("10.244.1.7");
+        next.metadata.resource_version = cur.metadata.resource_version;
+        slices
+            .replace("web-1", &PostParams::default(), &next)
+            .await
+            .expect("replace");
+    });
+    until("replaced pod", &agent, Duration::from_secs(5), || {
+        let r = rules(&ns);
+        r.contains("10.244.1.7 : goto") && !r.contains("10.244.1.5")
+    });
+
+    // Egress annotation removed: egress goes, the VIP stays.
+    rt.block_on(async {
+        let cur = services.get("web").await.expect("get");
+        let mut next = service(false);
+        next.metadata.resource_version = cur.metadata.resource_version;
+        services
+            .replace("web", &PostParams::default(), &next)
+            .await
+            .expect("replace");
+    });
+    until("egress removed", &agent, Duration::from_secs(5), || {
+        !rules(&ns).contains("table inet kvip")
+    });
+    assert!(has_vip(&ns), "the VIP stays without egress");
+
+    // Service deleted: the VIP goes.
+    rt.block_on(async {
+        services
+            .delete("web", &DeleteParams::default())
+            .await
+            .expect("delete");
+    });
+    until("VIP removed", &agent, Duration::from_secs(5), || {
+        !has_vip(&ns)
+    });
+
+    // Back, then SIGTERM: nothing of kvip's left, the Lease released, exit 0 (cause 3).
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(true))
+            .await
+            .expect("service");
+    });
+    until(
+        "VIP and egress again",
+        &agent,
+        Duration::from_secs(5),
+        || has_vip(&ns) && rules(&ns).contains("10.244.1.7 : goto"),
+    );
+    let lease = server
+        .object(
+            "coordination.k8s.io/v1",
+            "leases",
+            "kube-system",
+            "plndr-svcs-lock",
+        )
+        .expect("lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "n1");
+    let pid = agent.child.id().to_string();
+    let start = Instant::now();
+    // `ip netns exec` execs `env`, which execs kvip: the child's pid is kvip's.
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let status = loop {
+        if let Some(s) = agent.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no exit within 10 s:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}:\n{}", agent.log());
+    assert!(!rules(&ns).contains("kvip"), "rules left:\n{}", rules(&ns));
+    assert!(!has_vip(&ns), "VIP left");
+    let lease = server
+        .object(
+            "coordination.k8s.io/v1",
+            "leases",
+            "kube-system",
+            "plndr-svcs-lock",
+        )
+        .expect("lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "", "lease released");
+}
