@@ -59,6 +59,10 @@ impl Drop for Agent {
 }
 
 fn start_agent(ns: &Netns, url: &str, tag: &str) -> Agent {
+    start_agent_as(ns, url, tag, "n1")
+}
+
+fn start_agent_as(ns: &Netns, url: &str, tag: &str, node: &str) -> Agent {
     let dir = std::env::temp_dir();
     let kubeconfig = dir.join(format!(
         "kvip-agent-{tag}-{}.kubeconfig",
@@ -77,8 +81,8 @@ fn start_agent(ns: &Netns, url: &str, tag: &str) -> Agent {
             "PATH={}",
             std::env::var("PATH").unwrap_or_default()
         ))
+        .arg(format!("NODE_NAME={node}"))
         .args([
-            "NODE_NAME=n1",
             "vip_interface=eth0",
             "vip_arp=true",
             "egress_podcidr=10.244.0.0/16",
@@ -250,4 +254,157 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
         )
         .expect("lease");
     assert_eq!(lease["spec"]["holderIdentity"], "", "lease released");
+}
+
+fn holders(nodes: &[Netns]) -> Vec<usize> {
+    (0..nodes.len()).filter(|i| has_vip(&nodes[*i])).collect()
+}
+
+/// Three agents, one per node namespace, one global Lease: exactly one node holds the VIP;
+/// SIGKILL of the holder hands it over within lease duration + retry period (+ the debounce and
+/// a sync); the killed node, restarted, removes its stale VIP; SIGTERM hands over in under 2 s.
+#[test]
+fn three_agents_one_holder_and_failover() {
+    require_kernel!();
+    let server = ApiServer::start().expect("api server");
+    let mut nodes = Vec::new();
+    let mut peers = Vec::new();
+    for i in 0..3 {
+        let ns = Netns::new(&format!("fo{i}")).expect("netns");
+        let peer = Netns::new(&format!("fo{i}p")).expect("netns");
+        ns.veth("eth0", &peer, "eth0").expect("veth");
+        nodes.push(ns);
+        peers.push(peer);
+    }
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| server.listen_in(n).expect("listen"))
+        .collect();
+    let mut agents: Vec<Option<Agent>> = (0..3)
+        .map(|i| {
+            Some(start_agent_as(
+                &nodes[i],
+                &urls[i],
+                &format!("fo{i}"),
+                &format!("n{i}"),
+            ))
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _in_runtime = rt.enter();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
+        .expect("client");
+    let services: Api<Service> = Api::namespaced(client, "default");
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(false))
+            .await
+            .expect("service");
+    });
+    let log = |agents: &[Option<Agent>]| -> String {
+        agents
+            .iter()
+            .flatten()
+            .map(Agent::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let wait_for = |what: &str,
+                    agents: &[Option<Agent>],
+                    limit: Duration,
+                    f: &dyn Fn(&[usize]) -> bool|
+     -> Duration {
+        let start = Instant::now();
+        loop {
+            let h = holders(&nodes);
+            if f(&h) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{what}: holders {h:?} after {limit:?}\n{}",
+                log(agents)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("a first holder", &agents, Duration::from_secs(15), &|h| {
+        h.len() == 1
+    });
+    // Stable: exactly one holder throughout.
+    let start = Instant::now();
+    let first = holders(&nodes)[0];
+    while start.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            holders(&nodes),
+            vec![first],
+            "exactly one holder\n{}",
+            log(&agents)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // SIGKILL the holder: its VIP stays on its (dead) node; another node takes over.
+    if let Some(a) = agents[first].as_mut() {
+        Command::new("kill")
+            .args(["-KILL", &a.child.id().to_string()])
+            .status()
+            .expect("kill");
+        let _ = a.child.wait();
+    }
+    let took = wait_for(
+        "takeover after SIGKILL",
+        &agents,
+        Duration::from_secs(10),
+        &|h| h.iter().any(|i| *i != first),
+    );
+    assert!(
+        took <= Duration::from_millis(3000 + 1000 + 1500),
+        "takeover after SIGKILL took {took:?}"
+    );
+    let second = *holders(&nodes)
+        .iter()
+        .find(|i| **i != first)
+        .expect("second holder");
+
+    // The killed node comes back: its first sync removes the stale VIP (it does not lead).
+    agents[first] = Some(start_agent_as(
+        &nodes[first],
+        &urls[first],
+        &format!("fo{first}b"),
+        &format!("n{first}"),
+    ));
+    wait_for(
+        "stale VIP removed",
+        &agents,
+        Duration::from_secs(10),
+        &|h| h == [second],
+    );
+
+    // SIGTERM the holder: it releases the Lease, another takes over in under 2 s.
+    let start = Instant::now();
+    if let Some(a) = agents[second].as_mut() {
+        Command::new("kill")
+            .args(["-TERM", &a.child.id().to_string()])
+            .status()
+            .expect("kill");
+    }
+    let took = wait_for(
+        "takeover after SIGTERM",
+        &agents,
+        Duration::from_secs(10),
+        &|h| h.len() == 1 && h[0] != second,
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "takeover after SIGTERM took {took:?}"
+    );
+    if let Some(a) = agents[second].as_mut() {
+        let status = a.child.wait().expect("wait");
+        assert!(status.success(), "exit status {status}");
+    }
+    assert!(start.elapsed() < Duration::from_secs(10));
 }
