@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod discovery;
 pub mod election;
+pub mod publish;
 
 pub use cluster::ClusterCache;
 pub use election::{Election, ElectionError, LeaseLock};

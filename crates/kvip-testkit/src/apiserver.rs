@@ -219,6 +219,28 @@ fn watch_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            if let Some(t) = target.as_object_mut() {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        Value::Null => {}
+        other => *target = other.clone(),
+    }
+}
+
 /// What one open watch still has to send.
 struct WatchState {
     queue: std::collections::VecDeque<Bytes>,
@@ -458,6 +480,42 @@ async fn handle(
                 "metadata": {"resourceVersion": g.resource_version.to_string()}, "items": items
             });
             (StatusCode::OK, axum::Json(body)).into_response()
+        }
+        "patch" => {
+            // JSON merge patch (RFC 7386), what `kubectl patch --type merge` and kube's
+            // `Patch::Merge` send. On the status subresource only status changes; on the
+            // object, everything but status.
+            let name = t.name.clone().unwrap_or_default();
+            let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "body is not JSON".into(),
+                );
+            };
+            let k = key(&name);
+            let Some(cur) = g.objects.get(&k).cloned() else {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("{} {name:?} not found", t.resource),
+                );
+            };
+            let mut obj = cur;
+            if t.subresource.as_deref() == Some("status") {
+                merge_patch(&mut obj["status"], &patch["status"]);
+            } else {
+                let mut p = patch.clone();
+                if let Some(m) = p.as_object_mut() {
+                    m.remove("status");
+                }
+                merge_patch(&mut obj, &p);
+            }
+            g.resource_version += 1;
+            obj["metadata"]["resourceVersion"] = json!(g.resource_version.to_string());
+            g.objects.insert(k.clone(), obj.clone());
+            shared.record(&mut g, "MODIFIED", k, obj.clone());
+            (StatusCode::OK, axum::Json(obj)).into_response()
         }
         "create" | "update" => {
             let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {

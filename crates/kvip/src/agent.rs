@@ -13,6 +13,7 @@ use kvip_core::lease::Timings;
 use kvip_core::plan::ClusterNetworks;
 use kvip_core::{Leadership, NodeConfig, plan};
 use kvip_dataplane::{AnnounceConfig, BackendKind, Config, Dataplane, Instance, KernelDataplane};
+use kvip_kube::publish::{self, HolderView};
 use kvip_kube::{ClusterCache, Election, LeaseLock, discovery};
 use tokio::sync::watch;
 
@@ -78,6 +79,36 @@ async fn shutdown_signal() -> Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+/// Writes, for each Service this node holds, its VIPs into the status and kube-vip's
+/// annotations (only what differs). Failures are logged; the next sync tries again.
+async fn publish_held(
+    client: &kube::Client,
+    snapshot: &kvip_core::Snapshot,
+    p: &kvip_core::Plan,
+    node: &str,
+) {
+    for (key, sp) in p.services.iter().filter(|(_, sp)| sp.held) {
+        let Some(svc) = snapshot.services.iter().find(|s| s.key() == *key) else {
+            continue;
+        };
+        let first_pod = |v6: bool| {
+            sp.egress_pods
+                .iter()
+                .filter(|(vip, _)| vip.is_ipv6() == v6)
+                .find_map(|(_, pods)| pods.first().copied())
+        };
+        let view = HolderView {
+            node: node.to_string(),
+            vips: sp.vips.clone(),
+            active4: first_pod(false),
+            active6: first_pod(true),
+        };
+        if let Err(e) = publish::publish(client, svc, &view).await {
+            tracing::warn!(service = %key, error = %e, "writing the Service's status and annotations");
+        }
+    }
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
@@ -185,6 +216,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
         match dp.apply(&p.desired).await {
             Ok(r) => {
+                publish_held(&client, &snapshot, &p, &node.node_name).await;
                 if r.mode != kvip_dataplane::SyncMode::Unchanged
                     || !r.vips_added.is_empty()
                     || !r.vips_removed.is_empty()

@@ -156,6 +156,22 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
         has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto")
     });
     let r = rules(&ns);
+    // The holder writes the VIP into the Service's status and kube-vip's annotations.
+    let published = |pod: &str| {
+        server
+            .object("v1", "services", "default", "web")
+            .is_some_and(|svc| {
+                svc["status"]["loadBalancer"]["ingress"] == json!([{"ip": "192.0.2.10"}])
+                    && svc["metadata"]["annotations"]["kube-vip.io/vipHost"] == "n1"
+                    && svc["metadata"]["annotations"]["kube-vip.io/active-endpoint"] == pod
+            })
+    };
+    until(
+        "status and annotations",
+        &agent,
+        Duration::from_secs(5),
+        || published("10.244.1.5"),
+    );
     assert!(
         r.contains("10.96.0.0/12") && r.contains("10.244.0.0/16"),
         "configured CIDRs excluded:\n{r}"
@@ -175,6 +191,12 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
         let r = rules(&ns);
         r.contains("10.244.1.7 : goto") && !r.contains("10.244.1.5")
     });
+    until(
+        "active endpoint follows",
+        &agent,
+        Duration::from_secs(5),
+        || published("10.244.1.7"),
+    );
 
     // Egress annotation removed: egress goes, the VIP stays.
     rt.block_on(async {
