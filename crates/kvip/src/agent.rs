@@ -14,6 +14,8 @@ use kvip_core::plan::ClusterNetworks;
 use kvip_core::{Leadership, NodeConfig, plan};
 use kvip_dataplane::{AnnounceConfig, BackendKind, Config, Dataplane, Instance, KernelDataplane};
 use kvip_kube::publish::{self, HolderView};
+
+use crate::metrics::{self, Metrics, ModeLabel, SourceLabel};
 use kvip_kube::{ClusterCache, Election, LeaseLock, discovery};
 use tokio::sync::watch;
 
@@ -156,6 +158,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     for d in &found.denied {
         tracing::warn!(permission = %d, "CIDR discovery: missing permission");
     }
+    let m = Metrics::new();
+    let metrics_server =
+        metrics::serve(metrics::listen_address(&cfg.prometheus_server)?, m.clone()).await?;
+    for (kind, v) in [("pod", &found.pod), ("service", &found.service)] {
+        let source = v.as_ref().map_or("none", |(_, s)| s.as_str());
+        m.cidr_source
+            .get_or_create(&SourceLabel {
+                kind: kind.into(),
+                source: source.into(),
+            })
+            .set(1);
+    }
     let networks = ClusterNetworks {
         pod: found.pod.map(|p| p.0).unwrap_or_default(),
         service: found.service.map(|s| s.0).unwrap_or_default(),
@@ -201,8 +215,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut warned: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut was_leading = false;
     loop {
         let leading = *leader.borrow_and_update();
+        if leading != was_leading {
+            m.leader_transitions.inc();
+            tracing::info!(leader = leading, "leadership changed");
+            was_leading = leading;
+        }
         let snapshot = cache.snapshot(networks.clone());
         let p = plan(&snapshot, &Leadership::Global(leading), &node);
         for (key, sp) in &p.services {
@@ -216,6 +236,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
         match dp.apply(&p.desired).await {
             Ok(r) => {
+                m.sync_seconds
+                    .get_or_create(&ModeLabel {
+                        mode: format!("{:?}", r.mode).to_lowercase(),
+                    })
+                    .observe(r.duration.as_secs_f64());
+                m.vips_held.set(p.desired.vips().len() as i64);
+                m.egress_pods.set(p.desired.source_count() as i64);
+                m.ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 publish_held(&client, &snapshot, &p, &node.node_name).await;
                 if r.mode != kvip_dataplane::SyncMode::Unchanged
                     || !r.vips_added.is_empty()
@@ -232,6 +260,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 }
             }
             Err(e) => {
+                m.sync_errors.inc();
                 tracing::error!(error = %e, "sync failed; the next sync replaces everything");
                 dp.invalidate();
             }
@@ -245,6 +274,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 match dp.observe().await {
                     Ok(o) if o.state == p.desired && o.stray.is_empty() => {}
                     Ok(o) => {
+                        m.drift_repairs.inc();
                         tracing::warn!(stray = ?o.stray, "kernel state drifted from the desired state; repairing");
                         dp.invalidate();
                     }
@@ -263,6 +293,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
 
     tracing::info!("shutting down: releasing the lease and removing kvip's kernel state");
+    metrics_server.abort();
     let _ = stop_tx.send(true);
     if let Some((task, _cand)) = election {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

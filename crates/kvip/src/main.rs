@@ -2,6 +2,7 @@
 
 mod agent;
 mod demo;
+mod metrics;
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -172,6 +172,30 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
         Duration::from_secs(5),
         || published("10.244.1.5"),
     );
+    let metrics = http_get(&ns, "/metrics");
+    for line in [
+        "kvip_vips_held 1",
+        "kvip_egress_pods 1",
+        "kvip_leader_transitions_total 1",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "/metrics lacks {line:?}:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("kvip_cidr_source{kind=\"pod\",source=\"config\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kvip_sync_duration_seconds_count{mode=\"full\"}"),
+        "{metrics}"
+    );
+    assert!(
+        http_get(&ns, "/readyz").starts_with("HTTP/1.0 200"),
+        "ready after the first sync"
+    );
+    assert!(http_get(&ns, "/healthz").starts_with("HTTP/1.0 200"));
     assert!(
         r.contains("10.96.0.0/12") && r.contains("10.244.0.0/16"),
         "configured CIDRs excluded:\n{r}"
@@ -276,6 +300,22 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
         )
         .expect("lease");
     assert_eq!(lease["spec"]["holderIdentity"], "", "lease released");
+}
+
+/// A plain HTTP GET from inside `ns` (the agent's metrics server listens there).
+fn http_get(ns: &Netns, path: &str) -> String {
+    use std::io::Read;
+    let path = path.to_string();
+    ns.enter(move || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:2112")?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .expect("netns")
+    .unwrap_or_default()
 }
 
 fn holders(nodes: &[Netns]) -> Vec<usize> {

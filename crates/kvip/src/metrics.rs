@@ -1,0 +1,155 @@
+//! `/metrics` (Prometheus text), `/healthz` and `/readyz` on `prometheus_server`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub kind: String,
+    pub source: String,
+}
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub sync_seconds: Family<ModeLabel, Histogram>,
+    pub sync_errors: Counter,
+    pub drift_repairs: Counter,
+    pub vips_held: Gauge,
+    pub egress_pods: Gauge,
+    pub leader_transitions: Counter,
+    pub cidr_source: Family<SourceLabel, Gauge>,
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("kvip");
+        let sync_seconds = Family::<ModeLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        let m = Metrics {
+            sync_seconds,
+            sync_errors: Counter::default(),
+            drift_repairs: Counter::default(),
+            vips_held: Gauge::default(),
+            egress_pods: Gauge::default(),
+            leader_transitions: Counter::default(),
+            cidr_source: Family::default(),
+            ready: AtomicBool::new(false),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sync_duration_seconds",
+            "Time to make the kernel equal the desired state, by sync mode",
+            m.sync_seconds.clone(),
+        );
+        registry.register(
+            "sync_errors",
+            "Syncs that failed (the next one replaces everything)",
+            m.sync_errors.clone(),
+        );
+        registry.register(
+            "drift_repairs",
+            "Resyncs that found kvip's kernel state changed by hand and repaired it",
+            m.drift_repairs.clone(),
+        );
+        registry.register(
+            "vips_held",
+            "VIP addresses this node holds",
+            m.vips_held.clone(),
+        );
+        registry.register(
+            "egress_pods",
+            "Pod addresses translated to a VIP on this node",
+            m.egress_pods.clone(),
+        );
+        registry.register(
+            "leader_transitions",
+            "Times this node gained or lost the lease",
+            m.leader_transitions.clone(),
+        );
+        registry.register(
+            "cidr_source",
+            "Where each cluster CIDR came from (1 = in use)",
+            m.cidr_source.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.render() {
+        Ok(body) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")
+    }
+}
+
+/// kube-vip's form `:2112` means every address; `host:port` otherwise.
+pub fn listen_address(s: &str) -> Result<SocketAddr> {
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_string()
+    };
+    full.parse()
+        .with_context(|| format!("prometheus_server={s:?} is not host:port"))
+}
+
+/// Serves the endpoints until the task is dropped.
+pub async fn serve(addr: SocketAddr, m: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (prometheus_server)"))?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(m);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    }))
+}
