@@ -738,6 +738,19 @@ impl ApiServer {
         self.drop_watches();
     }
 
+    /// Every object of a resource in a namespace.
+    pub fn objects(&self, group_version: &str, resource: &str, namespace: &str) -> Vec<Value> {
+        self.with(|g| {
+            g.objects
+                .iter()
+                .filter(|((gv, r, ns, _), _)| {
+                    gv == group_version && r == resource && ns == namespace
+                })
+                .map(|(_, o)| o.clone())
+                .collect()
+        })
+    }
+
     /// Every call made so far.
     pub fn calls(&self) -> Vec<Call> {
         self.with(|g| g.calls.clone())

@@ -8,9 +8,11 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kvip_core::config::AgentConfig;
 use kvip_core::lease::Timings;
-use kvip_core::plan::ClusterNetworks;
+use kvip_core::plan::{ClusterNetworks, ServiceKey, ServiceWarning};
 use kvip_core::{Leadership, NodeConfig, plan};
 use kvip_dataplane::{AnnounceConfig, BackendKind, Config, Dataplane, Instance, KernelDataplane};
 use kvip_kube::publish::{self, HolderView};
@@ -81,6 +83,115 @@ async fn shutdown_signal() -> Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+/// Events on Services, published on change only (and aggregated into series by the
+/// recorder), so a steady state emits nothing.
+struct ServiceEvents {
+    recorder: Recorder,
+    /// Per Service: held, translated pods, warnings, as last reported.
+    last: BTreeMap<ServiceKey, (bool, usize, Vec<String>)>,
+}
+
+impl ServiceEvents {
+    /// `action` is part of what the recorder aggregates by: distinct problems (one per
+    /// annotation) stay distinct Events, repeats of one become a series.
+    async fn emit(
+        &self,
+        key: &ServiceKey,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            name: Some(key.name.clone()),
+            namespace: Some(key.namespace.clone()),
+            ..ObjectReference::default()
+        };
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            self.recorder.publish(&ev, &reference),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(service = %key, reason, error = %e, "publishing an event"),
+            Err(_) => tracing::warn!(service = %key, reason, "publishing an event timed out"),
+        }
+    }
+
+    async fn report(&mut self, p: &kvip_core::Plan, node: &str) {
+        for (key, sp) in &p.services {
+            let pods: usize = sp.egress_pods.values().map(Vec::len).sum();
+            let warnings: Vec<String> = sp.warnings.iter().map(ToString::to_string).collect();
+            let (was_held, was_pods, was_warnings) =
+                self.last.get(key).cloned().unwrap_or_default();
+            if sp.held && !was_held {
+                let vips: Vec<String> = sp.vips.iter().map(ToString::to_string).collect();
+                self.emit(
+                    key,
+                    EventType::Normal,
+                    "VIPAcquired",
+                    "Hold",
+                    format!("node {node} holds {}", vips.join(", ")),
+                )
+                .await;
+            }
+            if !sp.held && was_held {
+                self.emit(
+                    key,
+                    EventType::Normal,
+                    "VIPReleased",
+                    "Release",
+                    format!("node {node} released the VIPs"),
+                )
+                .await;
+            }
+            if sp.held && pods > 0 && pods != was_pods {
+                self.emit(
+                    key,
+                    EventType::Normal,
+                    "EgressApplied",
+                    "Egress",
+                    format!("{pods} pod(s) on node {node} egress through the VIP"),
+                )
+                .await;
+            }
+            for w in sp
+                .warnings
+                .iter()
+                .filter(|w| !was_warnings.contains(&w.to_string()))
+            {
+                let (reason, action, note) = match w {
+                    ServiceWarning::InvalidAnnotation(a) => {
+                        ("InvalidAnnotation", a.annotation.clone(), a.to_string())
+                    }
+                    ServiceWarning::EgressRefused(r) => {
+                        ("EgressRefused", "Egress".to_string(), r.clone())
+                    }
+                };
+                tracing::warn!(service = %key, reason, "{note}");
+                self.emit(key, EventType::Warning, reason, &action, note)
+                    .await;
+            }
+            self.last.insert(
+                key.clone(),
+                (sp.held, if sp.held { pods } else { 0 }, warnings),
+            );
+        }
+        // Services gone from the plan (deleted, deselected): forget them.
+        self.last.retain(|k, _| p.services.contains_key(k));
+    }
 }
 
 /// Writes, for each Service this node holds, its VIPs into the status and kube-vip's
@@ -214,7 +325,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut warned: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut events = ServiceEvents {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "kvip".into(),
+                instance: Some(cfg.node_name.clone()),
+            },
+        ),
+        last: BTreeMap::new(),
+    };
     let mut was_leading = false;
     loop {
         let leading = *leader.borrow_and_update();
@@ -225,15 +345,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
         let snapshot = cache.snapshot(networks.clone());
         let p = plan(&snapshot, &Leadership::Global(leading), &node);
-        for (key, sp) in &p.services {
-            let now: Vec<String> = sp.warnings.iter().map(ToString::to_string).collect();
-            if warned.get(&key.to_string()) != Some(&now) {
-                for w in &now {
-                    tracing::warn!(service = %key, "{w}");
-                }
-                warned.insert(key.to_string(), now);
-            }
-        }
         match dp.apply(&p.desired).await {
             Ok(r) => {
                 m.sync_seconds
@@ -245,6 +356,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 m.egress_pods.set(p.desired.source_count() as i64);
                 m.ready.store(true, std::sync::atomic::Ordering::Relaxed);
                 publish_held(&client, &snapshot, &p, &node.node_name).await;
+                events.report(&p, &node.node_name).await;
                 if r.mode != kvip_dataplane::SyncMode::Unchanged
                     || !r.vips_added.is_empty()
                     || !r.vips_removed.is_empty()

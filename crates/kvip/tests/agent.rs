@@ -152,6 +152,27 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
             .await
             .expect("slice");
     });
+    // A Service with bad annotations next to it: a Warning Event naming the annotation and
+    // value; the good Service is unaffected.
+    let mut bad = service(true);
+    bad.metadata.name = Some("bad".into());
+    if let Some(a) = bad.metadata.annotations.as_mut() {
+        a.insert("kube-vip.io/loadbalancerIPs".into(), "192.0.2.11".into());
+        a.insert(
+            "kube-vip.io/egress-destination-ports".into(),
+            "tcp:99999".into(),
+        );
+        a.insert(
+            "kube-vip.io/egress-denied-networks".into(),
+            "300.1.1.1/8".into(),
+        );
+    }
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &bad)
+            .await
+            .expect("bad service");
+    });
     until("VIP and egress", &agent, Duration::from_secs(15), || {
         has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto")
     });
@@ -196,6 +217,66 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
         "ready after the first sync"
     );
     assert!(http_get(&ns, "/healthz").starts_with("HTTP/1.0 200"));
+    let events = |server: &ApiServer| -> Vec<(String, String, String, String)> {
+        server
+            .objects("events.k8s.io/v1", "events", "default")
+            .iter()
+            .map(|e| {
+                let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+                (
+                    s(&e["regarding"]["name"]),
+                    s(&e["type"]),
+                    s(&e["reason"]),
+                    s(&e["note"]),
+                )
+            })
+            .collect()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    eprintln!(
+        "CALLS {:?}",
+        server
+            .calls()
+            .iter()
+            .filter(|c| c.resource.contains("event"))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "EVENTS {:?}",
+        server.objects("events.k8s.io/v1", "events", "default")
+    );
+    until("events", &agent, Duration::from_secs(5), || {
+        let ev = events(&server);
+        ev.iter().any(|e| e.0 == "web" && e.2 == "VIPAcquired")
+            && ev
+                .iter()
+                .any(|e| e.0 == "web" && e.2 == "EgressApplied" && e.3.starts_with("1 pod"))
+            && ev.iter().any(|e| {
+                e.0 == "bad"
+                    && e.1 == "Warning"
+                    && e.2 == "InvalidAnnotation"
+                    && e.3.contains("tcp:99999")
+            })
+            && ev
+                .iter()
+                .any(|e| e.0 == "bad" && e.2 == "InvalidAnnotation" && e.3.contains("300.1.1.1/8"))
+    });
+    assert!(
+        !events(&server)
+            .iter()
+            .any(|e| e.0 == "web" && e.1 == "Warning"),
+        "the good Service has no warning: {:?}",
+        events(&server)
+    );
+    // The good Service keeps its VIP and egress. (The bad one, egress-enabled without a
+    // local endpoint, does not compete for its VIP on this node.)
+    assert!(has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto"));
+    rt.block_on(async {
+        services
+            .delete("bad", &DeleteParams::default())
+            .await
+            .expect("delete bad");
+    });
     assert!(
         r.contains("10.96.0.0/12") && r.contains("10.244.0.0/16"),
         "configured CIDRs excluded:\n{r}"
