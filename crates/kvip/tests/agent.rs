@@ -551,3 +551,82 @@ fn three_agents_one_holder_and_failover() {
     }
     assert!(start.elapsed() < Duration::from_secs(10));
 }
+
+/// A holder cut off from the API drops its VIP before its lease can expire for anyone else
+/// (invariant 6), and holds it again once the API is back; dropped watches and expired
+/// history do not stop the agent from following changes.
+#[test]
+fn agent_survives_api_faults_and_steps_down_when_cut_off() {
+    require_kernel!();
+    let ns = Netns::new("flt").expect("netns");
+    let peer = Netns::new("fltp").expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let server = ApiServer::start().expect("api server");
+    let url = server.listen_in(&ns).expect("listen");
+    let agent = start_agent(&ns, &url, "flt");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _in_runtime = rt.enter();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
+        .expect("client");
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(true))
+            .await
+            .expect("service");
+        slices
+            .create(&PostParams::default(), &slice("10.244.1.5"))
+            .await
+            .expect("slice");
+    });
+    until("held", &agent, Duration::from_secs(15), || {
+        has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto")
+    });
+
+    // Watches dropped, then history expired: changes still arrive.
+    for (i, fault) in ["drop", "expire"].iter().enumerate() {
+        match *fault {
+            "drop" => server.drop_watches(),
+            _ => server.expire_history(),
+        }
+        let pod = format!("10.244.1.{}", 20 + i);
+        rt.block_on(async {
+            let cur = slices.get("web-1").await.expect("get");
+            let mut next = slice(&pod);
+            next.metadata.resource_version = cur.metadata.resource_version;
+            slices
+                .replace("web-1", &PostParams::default(), &next)
+                .await
+                .expect("replace");
+        });
+        until(
+            &format!("change after {fault}"),
+            &agent,
+            Duration::from_secs(10),
+            || rules(&ns).contains(&format!("{pod} : goto")),
+        );
+    }
+
+    // Cut off: every call fails. The VIP and the egress rules go within the renew deadline
+    // (2 s) plus a sync, before the 3 s lease could expire for another node.
+    let cut = Instant::now();
+    server.fail_for(Duration::from_secs(6));
+    until("stepped down", &agent, Duration::from_secs(5), || {
+        !has_vip(&ns) && !rules(&ns).contains("kvip")
+    });
+    let took = cut.elapsed();
+    assert!(
+        took < Duration::from_millis(2700),
+        "dropped the VIP after {took:?}: later than the renew deadline allows"
+    );
+    until(
+        "held again after the outage",
+        &agent,
+        Duration::from_secs(15),
+        || has_vip(&ns),
+    );
+}
