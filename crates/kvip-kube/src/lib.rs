@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod discovery;
 pub mod election;
 pub mod publish;
+pub mod rbac;
 
 pub use cluster::ClusterCache;
 pub use election::{Election, ElectionError, LeaseLock};

@@ -27,6 +27,9 @@ type Key = (String, String, String, String);
 /// One recorded call: method, resource (`leases`, `services/status`, ...), namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Call {
+    /// The listener the call came through: 0 is loopback of the test process, then one per
+    /// [`ApiServer::listen_in`] in call order.
+    pub listener: usize,
     pub verb: String,
     pub group_version: String,
     pub resource: String,
@@ -369,8 +372,13 @@ fn watch_response(shared: &Arc<Shared>, t: &Target, q: Query) -> Response {
     (StatusCode::OK, axum::body::Body::from_stream(stream)).into_response()
 }
 
+/// Which listener a request came through.
+#[derive(Clone, Copy)]
+struct ListenerId(usize);
+
 async fn handle(
     State(shared): State<Arc<Shared>>,
+    axum::Extension(ListenerId(listener)): axum::Extension<ListenerId>,
     method: Method,
     uri: Uri,
     body: Bytes,
@@ -406,6 +414,7 @@ async fn handle(
             );
         };
         g.calls.push(Call {
+            listener,
             verb: verb.into(),
             group_version: t.group_version.clone(),
             resource: resource.clone(),
@@ -657,10 +666,13 @@ impl ApiServer {
                 let serve_all = async {
                     // Every listener handed over (loopback, and those opened inside network
                     // namespaces) is served by the same app and store.
+                    let mut id = 0;
                     while let Some(l) = listen_rx.recv().await {
                         if let Ok(listener) = tokio::net::TcpListener::from_std(l) {
-                            tokio::spawn(axum::serve(listener, app.clone()).into_future());
+                            let app = app.clone().layer(axum::Extension(ListenerId(id)));
+                            tokio::spawn(axum::serve(listener, app).into_future());
                         }
+                        id += 1;
                     }
                 };
                 // Stop at once (open client connections are cut when the runtime goes).
@@ -680,7 +692,8 @@ impl ApiServer {
     }
 
     /// Also listens on 127.0.0.1 inside `ns` (each network namespace has its own loopback),
-    /// so processes there reach the server; returns that URL.
+    /// so processes there reach the server; returns that URL. Calls through it are recorded
+    /// with the listener's number (1 for the first such listener, 2 for the next, ...).
     pub fn listen_in(&self, ns: &crate::Netns) -> std::io::Result<String> {
         let l = ns
             .enter(|| -> std::io::Result<std::net::TcpListener> {

@@ -39,6 +39,26 @@ enum Command {
     /// Run the node agent. Configured with kube-vip's environment variables (see
     /// docs/configuration.md), in either spelling.
     Run,
+    /// Print manifests to deploy the agent (YAML on stdout).
+    Manifest {
+        #[arg(value_enum)]
+        what: ManifestKind,
+        /// Namespace of the agent (its ServiceAccount and Lease).
+        #[arg(long, default_value = "kube-system")]
+        namespace: String,
+        /// Container image of kvip.
+        #[arg(long, default_value = "kvip:latest")]
+        image: String,
+        /// Interface the VIPs go on (vip_interface).
+        #[arg(long, default_value = "eth0")]
+        interface: String,
+        /// Pod CIDRs (egress_podcidr); with --service-cidr, no discovery permissions are granted.
+        #[arg(long)]
+        pod_cidr: Option<String>,
+        /// Service CIDRs (egress_servicecidr).
+        #[arg(long)]
+        service_cidr: Option<String>,
+    },
     /// Build a network-namespace lab and show egress through a VIP with real packets.
     Demo {
         /// Rule backend for the demo.
@@ -66,6 +86,36 @@ enum DataplaneAction {
     Teardown,
     /// Remove kube-vip's leftover egress rules and tables (and nothing else).
     CleanLegacy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ManifestKind {
+    /// ServiceAccount, ClusterRole and Roles with exactly the permissions the agent uses.
+    Rbac,
+    /// The RBAC plus a DaemonSet.
+    Daemonset,
+    /// A static pod (uses the node's /etc/kubernetes/admin.conf; no RBAC needed).
+    Pod,
+}
+
+fn manifest(what: ManifestKind, spec: &kvip_kube::rbac::AgentSpec) -> Result<String> {
+    use kvip_kube::rbac;
+    let discovery = spec.pod_cidr.is_none() || spec.service_cidr.is_none();
+    let docs = match what {
+        ManifestKind::Rbac => rbac::rbac_manifests(&spec.namespace, discovery),
+        ManifestKind::Daemonset => {
+            let mut d = rbac::rbac_manifests(&spec.namespace, discovery);
+            d.push(rbac::daemonset(spec));
+            d
+        }
+        ManifestKind::Pod => vec![rbac::static_pod(spec)],
+    };
+    let mut out = String::new();
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_norway::to_string(&d)?);
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -272,6 +322,24 @@ fn main() -> ExitCode {
         .init();
     let result = match &cli.command {
         Command::Demo { backend } => demo::run(backend.kind()),
+        Command::Manifest {
+            what,
+            namespace,
+            image,
+            interface,
+            pod_cidr,
+            service_cidr,
+        } => manifest(
+            *what,
+            &kvip_kube::rbac::AgentSpec {
+                namespace: namespace.clone(),
+                image: image.clone(),
+                interface: interface.clone(),
+                pod_cidr: pod_cidr.clone(),
+                service_cidr: service_cidr.clone(),
+            },
+        )
+        .map(|text| print!("{text}")),
         Command::Run => kvip_core::config::AgentConfig::from_env(&std::env::vars().collect())
             .map_err(anyhow::Error::from)
             .and_then(|cfg| {

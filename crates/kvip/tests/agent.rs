@@ -63,6 +63,12 @@ fn start_agent(ns: &Netns, url: &str, tag: &str) -> Agent {
 }
 
 fn start_agent_as(ns: &Netns, url: &str, tag: &str, node: &str) -> Agent {
+    start_agent_with(ns, url, tag, node, true)
+}
+
+/// Starts `kvip run` in `ns`; with `cidrs`, the pod and service CIDRs are configured (so no
+/// discovery call is made).
+fn start_agent_with(ns: &Netns, url: &str, tag: &str, node: &str, cidrs: bool) -> Agent {
     let dir = std::env::temp_dir();
     let kubeconfig = dir.join(format!(
         "kvip-agent-{tag}-{}.kubeconfig",
@@ -85,13 +91,19 @@ fn start_agent_as(ns: &Netns, url: &str, tag: &str, node: &str) -> Agent {
         .args([
             "vip_interface=eth0",
             "vip_arp=true",
-            "egress_podcidr=10.244.0.0/16",
-            "EGRESS_SERVICECIDR=10.96.0.0/12",
             "vip_leaseduration=3",
             "vip_renewdeadline=2",
             "vip_retryperiod=1",
             "POD_NAMESPACE=kube-system",
         ])
+        .args(if cidrs {
+            &[
+                "egress_podcidr=10.244.0.0/16",
+                "EGRESS_SERVICECIDR=10.96.0.0/12",
+            ][..]
+        } else {
+            &[][..]
+        })
         .arg(format!("k8s_config_file={}", kubeconfig.display()))
         .args([KVIP, "run"])
         .stdout(Stdio::null())
@@ -381,6 +393,21 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
         )
         .expect("lease");
     assert_eq!(lease["spec"]["holderIdentity"], "", "lease released");
+
+    // Every call the agent made is allowed by `kvip manifest rbac`, and the RBAC allows
+    // nothing the agent never called.
+    let used = used_permissions(&server, 1);
+    let granted = granted_permissions(false);
+    let not_granted: Vec<_> = used.difference(&granted).collect();
+    let never_used: Vec<_> = granted.difference(&used).collect();
+    assert!(
+        not_granted.is_empty(),
+        "calls the RBAC does not allow: {not_granted:?}"
+    );
+    assert!(
+        never_used.is_empty(),
+        "permissions never used: {never_used:?}"
+    );
 }
 
 /// A plain HTTP GET from inside `ns` (the agent's metrics server listens there).
@@ -397,6 +424,40 @@ fn http_get(ns: &Netns, path: &str) -> String {
     })
     .expect("netns")
     .unwrap_or_default()
+}
+
+type Permission = (String, String, String, kvip_kube::rbac::Scope);
+
+/// The permissions the calls through `listener` needed.
+fn used_permissions(server: &ApiServer, listener: usize) -> std::collections::BTreeSet<Permission> {
+    server
+        .calls()
+        .iter()
+        .filter(|c| c.listener == listener)
+        .map(|c| {
+            kvip_kube::rbac::rule_for(
+                &c.verb,
+                &c.group_version,
+                &c.resource,
+                &c.namespace,
+                "kube-system",
+            )
+        })
+        .collect()
+}
+
+fn granted_permissions(discovery: bool) -> std::collections::BTreeSet<Permission> {
+    kvip_kube::rbac::rules(discovery)
+        .iter()
+        .map(|r| {
+            (
+                r.group.to_string(),
+                r.resource.to_string(),
+                r.verb.to_string(),
+                r.scope,
+            )
+        })
+        .collect()
 }
 
 fn holders(nodes: &[Netns]) -> Vec<usize> {
@@ -628,5 +689,82 @@ fn agent_survives_api_faults_and_steps_down_when_cut_off() {
         &agent,
         Duration::from_secs(15),
         || has_vip(&ns),
+    );
+}
+
+/// kube-vip's cause 1: the agent may not list pods in kube-system and no CIDR is configured.
+/// Discovery tries every source, names the missing permission, guesses nothing: egress is
+/// refused with a Warning Event while the VIP keeps working.
+#[test]
+fn denied_discovery_refuses_egress_and_keeps_the_vip() {
+    require_kernel!();
+    let ns = Netns::new("dsc").expect("netns");
+    let peer = Netns::new("dscp").expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let server = ApiServer::start().expect("api server");
+    server.deny("pods");
+    let url = server.listen_in(&ns).expect("listen");
+    let agent = start_agent_with(&ns, &url, "dsc", "n1", false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _in_runtime = rt.enter();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
+        .expect("client");
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(true))
+            .await
+            .expect("service");
+        slices
+            .create(&PostParams::default(), &slice("10.244.1.5"))
+            .await
+            .expect("slice");
+    });
+    until("VIP held", &agent, Duration::from_secs(15), || has_vip(&ns));
+    let refused = || {
+        server
+            .objects("events.k8s.io/v1", "events", "default")
+            .iter()
+            .any(|e| {
+                e["reason"] == "EgressRefused"
+                    && e["note"]
+                        .as_str()
+                        .is_some_and(|n| n.contains("nothing is guessed"))
+            })
+    };
+    until(
+        "EgressRefused event",
+        &agent,
+        Duration::from_secs(5),
+        refused,
+    );
+    assert!(
+        !rules(&ns).contains("table inet kvip"),
+        "no egress rule with guessed CIDRs:\n{}",
+        rules(&ns)
+    );
+    assert!(
+        agent.log().contains("list pods in kube-system"),
+        "the missing permission is named:\n{}",
+        agent.log()
+    );
+    // The discovery permissions the RBAC grants are exactly those discovery used.
+    let used = used_permissions(&server, 1);
+    let discovery_only: Vec<_> = granted_permissions(true)
+        .difference(&granted_permissions(false))
+        .cloned()
+        .collect();
+    for p in &discovery_only {
+        assert!(used.contains(p), "discovery never used {p:?}");
+    }
+    let granted = granted_permissions(true);
+    let not_granted: Vec<_> = used.difference(&granted).collect();
+    assert!(
+        not_granted.is_empty(),
+        "calls the RBAC does not allow: {not_granted:?}"
     );
 }

@@ -526,3 +526,102 @@ fn without_nft_auto_uses_iptables_and_demo_says_what_to_do() {
     );
     run(&["dataplane", "teardown"]);
 }
+
+fn manifest_docs(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(KVIP)
+        .arg("manifest")
+        .args(args)
+        .output()
+        .expect("run kvip manifest");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_norway::from_str(d).expect("each document is YAML"))
+        .collect()
+}
+
+#[test]
+fn manifests_grant_discovery_in_kube_system_only_when_needed() {
+    let docs = manifest_docs(&["rbac", "--namespace", "kvip-system"]);
+    let kinds: Vec<(String, String)> = docs
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap_or_default().to_string(),
+                d["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("Role".into(), "kube-system".into())),
+        "{kinds:?}"
+    );
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "RoleBinding" && d["metadata"]["namespace"] == "kube-system")
+        .expect("a RoleBinding in kube-system");
+    assert_eq!(
+        binding["subjects"][0]["namespace"], "kvip-system",
+        "bound to the service account where the agent runs"
+    );
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["namespace"] == "kube-system")
+        .expect("role");
+    let cm = role["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| r["resources"][0] == "configmaps")
+        .expect("configmaps rule");
+    assert_eq!(cm["resourceNames"], serde_json::json!(["kubeadm-config"]));
+
+    let docs = manifest_docs(&[
+        "rbac",
+        "--namespace",
+        "kvip-system",
+        "--pod-cidr",
+        "10.244.0.0/16",
+        "--service-cidr",
+        "10.96.0.0/12",
+    ]);
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["metadata"]["namespace"] == "kube-system"),
+        "no discovery permissions when the CIDRs are given"
+    );
+
+    let docs = manifest_docs(&[
+        "daemonset",
+        "--namespace",
+        "kvip-system",
+        "--image",
+        "registry.example/kvip:1",
+        "--interface",
+        "bond0",
+    ]);
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("daemonset");
+    let c = &ds["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"], "registry.example/kvip:1");
+    assert_eq!(c["args"], serde_json::json!(["run"]));
+    assert!(
+        c["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .any(|e| e["name"] == "vip_interface" && e["value"] == "bond0")
+    );
+    assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);
+}
