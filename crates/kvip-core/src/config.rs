@@ -44,7 +44,7 @@ pub const OPTIONS: &[OptionDoc] = &[
     OptionDoc {
         name: "svc_election",
         default: "false",
-        meaning: "one lease per Service instead of one for all",
+        meaning: "one lease per Service (`kubevip-<service>` in its namespace, or kube-vip.io/leaseName) instead of one for all; with externalTrafficPolicy Local or egress, only nodes with a ready local endpoint compete",
     },
     OptionDoc {
         name: "vip_leaderelection",

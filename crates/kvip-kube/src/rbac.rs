@@ -35,7 +35,18 @@ const fn r(group: &'static str, resource: &'static str, verb: &'static str, scop
 /// What the agent calls. With `discovery`, also what CIDR discovery reads (not needed when
 /// both `egress_podcidr` and `egress_servicecidr` are set).
 pub fn rules(discovery: bool) -> Vec<Rule> {
+    rules_for(discovery, false)
+}
+
+/// As [`rules`]; with `per_service_leases` (`svc_election`), Leases live in every Service's
+/// namespace, so they are granted cluster-wide instead of in the agent's namespace.
+pub fn rules_for(discovery: bool, per_service_leases: bool) -> Vec<Rule> {
     use Scope::*;
+    let lease_scope = if per_service_leases {
+        Cluster
+    } else {
+        OwnNamespace
+    };
     let mut v = vec![
         r("", "services", "list", Cluster),
         r("", "services", "watch", Cluster),
@@ -45,9 +56,9 @@ pub fn rules(discovery: bool) -> Vec<Rule> {
         r("discovery.k8s.io", "endpointslices", "watch", Cluster),
         r("events.k8s.io", "events", "create", Cluster),
         r("events.k8s.io", "events", "patch", Cluster),
-        r("coordination.k8s.io", "leases", "get", OwnNamespace),
-        r("coordination.k8s.io", "leases", "create", OwnNamespace),
-        r("coordination.k8s.io", "leases", "update", OwnNamespace),
+        r("coordination.k8s.io", "leases", "get", lease_scope),
+        r("coordination.k8s.io", "leases", "create", lease_scope),
+        r("coordination.k8s.io", "leases", "update", lease_scope),
     ];
     if discovery {
         v.extend([
@@ -105,8 +116,8 @@ fn policy_rules(rules: &[Rule], scope: Scope) -> Vec<Value> {
 /// ServiceAccount, ClusterRole(+Binding), a Role(+Binding) for the Lease in `namespace`, and,
 /// with `discovery`, a Role(+Binding) in kube-system for what discovery reads there — bound
 /// to the service account in `namespace` (so an install outside kube-system still works).
-pub fn rbac_manifests(namespace: &str, discovery: bool) -> Vec<Value> {
-    let rules = rules(discovery);
+pub fn rbac_manifests(namespace: &str, discovery: bool, per_service_leases: bool) -> Vec<Value> {
+    let rules = rules_for(discovery, per_service_leases);
     let sa = json!({"kind": "ServiceAccount", "name": "kvip", "namespace": namespace});
     let mut out = vec![
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "kvip", "namespace": namespace}}),
@@ -124,6 +135,10 @@ pub fn rbac_manifests(namespace: &str, discovery: bool) -> Vec<Value> {
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kvip-lease"},
                "subjects": [sa.clone()]}),
     ];
+    if per_service_leases {
+        // Leases are granted cluster-wide (ClusterRole); no Role in the agent's namespace.
+        out.truncate(3);
+    }
     if discovery {
         out.push(
             json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
@@ -146,6 +161,7 @@ pub struct AgentSpec {
     pub interface: String,
     pub pod_cidr: Option<String>,
     pub service_cidr: Option<String>,
+    pub svc_election: bool,
 }
 
 fn container(spec: &AgentSpec, kubeconfig: Option<&str>) -> Value {
@@ -160,6 +176,9 @@ fn container(spec: &AgentSpec, kubeconfig: Option<&str>) -> Value {
     }
     if let Some(c) = &spec.service_cidr {
         env.push(json!({"name": "egress_servicecidr", "value": c}));
+    }
+    if spec.svc_election {
+        env.push(json!({"name": "svc_election", "value": "true"}));
     }
     if let Some(k) = kubeconfig {
         env.push(json!({"name": "k8s_config_file", "value": k}));

@@ -194,6 +194,101 @@ impl ServiceEvents {
     }
 }
 
+/// One Lease per Service (`svc_election`): an election per selected Service, competing only
+/// while this node is a candidate for it (with `externalTrafficPolicy: Local` or egress: a
+/// ready local endpoint). A holder that stops being a candidate releases its Lease.
+struct PerServiceElections {
+    client: kube::Client,
+    identity: String,
+    timings: Timings,
+    running: BTreeMap<ServiceKey, ServiceElection>,
+    /// Bumped whenever any of them gains or loses its Lease.
+    changed: watch::Sender<u64>,
+}
+
+struct ServiceElection {
+    lease: String,
+    task: tokio::task::JoinHandle<()>,
+    candidate: watch::Sender<bool>,
+    leader: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+}
+
+impl PerServiceElections {
+    /// Starts, updates and stops elections to match the plan's Services.
+    fn sync(&mut self, services: &BTreeMap<ServiceKey, kvip_core::plan::ServicePlan>) {
+        for (key, sp) in services {
+            let lease = sp
+                .lease_name
+                .clone()
+                .unwrap_or_else(|| format!("kubevip-{}", key.name));
+            if let Some(e) = self.running.get(key)
+                && e.lease == lease
+            {
+                e.candidate
+                    .send_if_modified(|c| std::mem::replace(c, sp.candidate) != sp.candidate);
+                continue;
+            }
+            if let Some(old) = self.running.remove(key) {
+                old.stop.send_replace(true);
+            }
+            let lock = LeaseLock::new(self.client.clone(), &key.namespace, &lease);
+            let (cand_tx, cand_rx) = watch::channel(sp.candidate);
+            let (lead_tx, lead_rx) = watch::channel(false);
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(
+                Election::new(lock, &self.identity, self.timings).run(cand_rx, lead_tx, stop_rx),
+            );
+            let mut forward = lead_rx.clone();
+            let changed = self.changed.clone();
+            tokio::spawn(async move {
+                while forward.changed().await.is_ok() {
+                    changed.send_modify(|g| *g += 1);
+                }
+            });
+            self.running.insert(
+                key.clone(),
+                ServiceElection {
+                    lease,
+                    task,
+                    candidate: cand_tx,
+                    leader: lead_rx,
+                    stop: stop_tx,
+                },
+            );
+        }
+        let gone: Vec<ServiceKey> = self
+            .running
+            .keys()
+            .filter(|k| !services.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(e) = self.running.remove(&k) {
+                e.stop.send_replace(true);
+            }
+        }
+    }
+
+    fn held(&self) -> std::collections::BTreeSet<ServiceKey> {
+        self.running
+            .iter()
+            .filter(|(_, e)| *e.leader.borrow())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Stops every election (holders release their Leases) and waits for them.
+    async fn stop_all(&mut self) {
+        for e in self.running.values() {
+            e.stop.send_replace(true);
+        }
+        for (_, e) in std::mem::take(&mut self.running) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), e.task).await;
+        }
+    }
+}
+
 /// Writes, for each Service this node holds, its VIPs into the status and kube-vip's
 /// annotations (only what differs). Failures are logged; the next sync tries again.
 async fn publish_held(
@@ -225,11 +320,6 @@ async fn publish_held(
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
-    if cfg.svc_election {
-        bail!(
-            "svc_election=true: per-Service leases are not implemented yet; unset it (one lease for all Services is used)"
-        );
-    }
     let interface = cfg
         .services_interface
         .clone()
@@ -301,14 +391,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // Without election this node always leads; the sender stays alive so the loop below does
     // not see a closed channel.
     let mut always_leader = None;
-    let election = if cfg.leader_election {
+    let timings = Timings {
+        lease_duration: cfg.lease_duration,
+        renew_deadline: cfg.renew_deadline,
+        retry_period: cfg.retry_period,
+    };
+    let (per_service_tx, mut per_service_changed) = watch::channel(0u64);
+    let mut per_service = (cfg.svc_election && cfg.leader_election).then(|| PerServiceElections {
+        client: client.clone(),
+        identity: cfg.node_name.clone(),
+        timings,
+        running: BTreeMap::new(),
+        changed: per_service_tx,
+    });
+    let election = if cfg.leader_election && !cfg.svc_election {
         let lock = LeaseLock::new(client.clone(), &own_namespace(), &cfg.lease_name);
         let (_cand_tx, cand_rx) = watch::channel(true);
-        let timings = Timings {
-            lease_duration: cfg.lease_duration,
-            renew_deadline: cfg.renew_deadline,
-            retry_period: cfg.retry_period,
-        };
         let task = tokio::spawn(
             Election::new(lock, &cfg.node_name, timings).run(cand_rx, leader_tx, stop_rx),
         );
@@ -344,7 +442,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             was_leading = leading;
         }
         let snapshot = cache.snapshot(networks.clone());
-        let p = plan(&snapshot, &Leadership::Global(leading), &node);
+        let leadership = match &per_service {
+            Some(e) => Leadership::PerService(e.held()),
+            None => Leadership::Global(leading),
+        };
+        let p = plan(&snapshot, &leadership, &node);
+        if let Some(e) = per_service.as_mut() {
+            e.sync(&p.services);
+        }
         match dp.apply(&p.desired).await {
             Ok(r) => {
                 m.sync_seconds
@@ -381,6 +486,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         tokio::select! {
             _ = dirty.changed() => {}
             _ = leader.changed() => {}
+            _ = per_service_changed.changed() => {}
             _ = tokio::time::sleep(RESYNC) => {
                 // Drift: someone changed kvip's objects by hand. Replace everything if so.
                 match dp.observe().await {
@@ -407,6 +513,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     tracing::info!("shutting down: releasing the lease and removing kvip's kernel state");
     metrics_server.abort();
     let _ = stop_tx.send(true);
+    if let Some(e) = per_service.as_mut() {
+        e.stop_all().await;
+    }
     if let Some((task, _cand)) = election {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }

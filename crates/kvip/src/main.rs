@@ -58,6 +58,9 @@ enum Command {
         /// Service CIDRs (egress_servicecidr).
         #[arg(long)]
         service_cidr: Option<String>,
+        /// One Lease per Service (svc_election): Leases are then granted in every namespace.
+        #[arg(long)]
+        svc_election: bool,
     },
     /// Build a network-namespace lab and show egress through a VIP with real packets.
     Demo {
@@ -102,9 +105,9 @@ fn manifest(what: ManifestKind, spec: &kvip_kube::rbac::AgentSpec) -> Result<Str
     use kvip_kube::rbac;
     let discovery = spec.pod_cidr.is_none() || spec.service_cidr.is_none();
     let docs = match what {
-        ManifestKind::Rbac => rbac::rbac_manifests(&spec.namespace, discovery),
+        ManifestKind::Rbac => rbac::rbac_manifests(&spec.namespace, discovery, spec.svc_election),
         ManifestKind::Daemonset => {
-            let mut d = rbac::rbac_manifests(&spec.namespace, discovery);
+            let mut d = rbac::rbac_manifests(&spec.namespace, discovery, spec.svc_election);
             d.push(rbac::daemonset(spec));
             d
         }
@@ -329,6 +332,7 @@ fn main() -> ExitCode {
             interface,
             pod_cidr,
             service_cidr,
+            svc_election,
         } => manifest(
             *what,
             &kvip_kube::rbac::AgentSpec {
@@ -337,6 +341,7 @@ fn main() -> ExitCode {
                 interface: interface.clone(),
                 pod_cidr: pod_cidr.clone(),
                 service_cidr: service_cidr.clone(),
+                svc_election: *svc_election,
             },
         )
         .map(|text| print!("{text}")),

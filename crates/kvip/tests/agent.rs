@@ -69,6 +69,17 @@ fn start_agent_as(ns: &Netns, url: &str, tag: &str, node: &str) -> Agent {
 /// Starts `kvip run` in `ns`; with `cidrs`, the pod and service CIDRs are configured (so no
 /// discovery call is made).
 fn start_agent_with(ns: &Netns, url: &str, tag: &str, node: &str, cidrs: bool) -> Agent {
+    start_agent_full(ns, url, tag, node, cidrs, false)
+}
+
+fn start_agent_full(
+    ns: &Netns,
+    url: &str,
+    tag: &str,
+    node: &str,
+    cidrs: bool,
+    per_service: bool,
+) -> Agent {
     let dir = std::env::temp_dir();
     let kubeconfig = dir.join(format!(
         "kvip-agent-{tag}-{}.kubeconfig",
@@ -104,6 +115,7 @@ fn start_agent_with(ns: &Netns, url: &str, tag: &str, node: &str, cidrs: bool) -
         } else {
             &[][..]
         })
+        .arg(format!("svc_election={per_service}"))
         .arg(format!("k8s_config_file={}", kubeconfig.display()))
         .args([KVIP, "run"])
         .stdout(Stdio::null())
@@ -767,4 +779,187 @@ fn denied_discovery_refuses_egress_and_keeps_the_vip() {
         not_granted.is_empty(),
         "calls the RBAC does not allow: {not_granted:?}"
     );
+}
+
+fn named_service(name: &str, vip: &str, egress: bool) -> Service {
+    let mut s = service(egress);
+    s.metadata.name = Some(name.into());
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.insert("kube-vip.io/loadbalancerIPs".into(), vip.into());
+    }
+    s
+}
+
+fn named_slice(service: &str, pod: &str, node: &str) -> EndpointSlice {
+    let mut s = slice(pod);
+    s.metadata.name = Some(format!("{service}-1"));
+    if let Some(l) = s.metadata.labels.as_mut() {
+        l.insert("kubernetes.io/service-name".into(), service.into());
+    }
+    s.endpoints[0].node_name = Some(node.into());
+    s
+}
+
+fn holders_of(nodes: &[Netns], vip: &str) -> Vec<usize> {
+    (0..nodes.len())
+        .filter(|i| {
+            nodes[*i]
+                .exec_ok("ip", &["addr", "show", "eth0"])
+                .unwrap_or_default()
+                .contains(&format!("{vip}/32"))
+        })
+        .collect()
+}
+
+/// `svc_election`: one Lease per Service. An egress Service is held by the node with its
+/// ready endpoint (only it competes); when the endpoint moves, the old holder releases and the
+/// new node takes over. A plain Service is held by exactly one node.
+#[test]
+fn per_service_election_follows_local_endpoints() {
+    require_kernel!();
+    let server = ApiServer::start().expect("api server");
+    let mut nodes = Vec::new();
+    let mut peers = Vec::new();
+    for i in 0..3 {
+        let ns = Netns::new(&format!("ps{i}")).expect("netns");
+        let peer = Netns::new(&format!("ps{i}p")).expect("netns");
+        ns.veth("eth0", &peer, "eth0").expect("veth");
+        nodes.push(ns);
+        peers.push(peer);
+    }
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            let url = server.listen_in(&nodes[i]).expect("listen");
+            start_agent_full(
+                &nodes[i],
+                &url,
+                &format!("ps{i}"),
+                &format!("n{i}"),
+                true,
+                true,
+            )
+        })
+        .collect();
+    let log = || {
+        agents
+            .iter()
+            .map(Agent::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _in_runtime = rt.enter();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
+        .expect("client");
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    rt.block_on(async {
+        services
+            .create(
+                &PostParams::default(),
+                &named_service("eg", "192.0.2.21", true),
+            )
+            .await
+            .expect("svc");
+        slices
+            .create(
+                &PostParams::default(),
+                &named_slice("eg", "10.244.1.5", "n2"),
+            )
+            .await
+            .expect("slice");
+        services
+            .create(
+                &PostParams::default(),
+                &named_service("plain", "192.0.2.22", false),
+            )
+            .await
+            .expect("svc");
+    });
+    let wait = |what: &str, limit: Duration, f: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !f() {
+            assert!(
+                start.elapsed() < limit,
+                "{what}: not within {limit:?}\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait(
+        "egress Service held by the endpoint's node",
+        Duration::from_secs(15),
+        &|| holders_of(&nodes, "192.0.2.21") == [2],
+    );
+    wait(
+        "plain Service held by one node",
+        Duration::from_secs(15),
+        &|| holders_of(&nodes, "192.0.2.22").len() == 1,
+    );
+    assert!(
+        nodes[2]
+            .exec_ok("nft", &["list", "ruleset"])
+            .unwrap_or_default()
+            .contains("10.244.1.5 : goto")
+    );
+    let lease = server
+        .object("coordination.k8s.io/v1", "leases", "default", "kubevip-eg")
+        .expect("per-Service lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "n2");
+    // The endpoint moves to n0: n2 is no longer a candidate and releases; n0 takes over.
+    rt.block_on(async {
+        let cur = slices.get("eg-1").await.expect("get");
+        let mut next = named_slice("eg", "10.244.1.6", "n0");
+        next.metadata.resource_version = cur.metadata.resource_version;
+        slices
+            .replace("eg-1", &PostParams::default(), &next)
+            .await
+            .expect("replace");
+    });
+    let start = Instant::now();
+    wait(
+        "handover to the endpoint's new node",
+        Duration::from_secs(10),
+        &|| holders_of(&nodes, "192.0.2.21") == [0],
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "handover took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        !nodes[2]
+            .exec_ok("nft", &["list", "ruleset"])
+            .unwrap_or_default()
+            .contains("kvip")
+    );
+    assert_eq!(
+        holders_of(&nodes, "192.0.2.22").len(),
+        1,
+        "the plain Service still has exactly one holder"
+    );
+    // `kvip manifest rbac --svc-election` allows every call the three agents made.
+    let granted: std::collections::BTreeSet<Permission> = kvip_kube::rbac::rules_for(false, true)
+        .iter()
+        .map(|r| {
+            (
+                r.group.to_string(),
+                r.resource.to_string(),
+                r.verb.to_string(),
+                r.scope,
+            )
+        })
+        .collect();
+    for listener in 1..=3 {
+        let used = used_permissions(&server, listener);
+        let not_granted: Vec<_> = used.difference(&granted).collect();
+        assert!(
+            not_granted.is_empty(),
+            "agent {listener} made calls the RBAC does not allow: {not_granted:?}"
+        );
+    }
 }
