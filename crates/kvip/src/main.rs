@@ -37,8 +37,14 @@ enum Command {
         action: DataplaneAction,
     },
     /// Run the node agent. Configured with kube-vip's environment variables (see
-    /// docs/configuration.md), in either spelling.
-    Run,
+    /// docs/configuration.md), in either spelling, or with `--set name=value`.
+    Run {
+        /// A kube-vip option as on the command line instead of the environment, e.g.
+        /// `--set vip_interface=eth0` (repeatable). An option also set in the environment to
+        /// another value is an error.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+    },
     /// Print manifests to deploy the agent (YAML on stdout).
     Manifest {
         #[arg(value_enum)]
@@ -307,10 +313,33 @@ async fn dataplane(opts: &DataplaneOpts, action: &DataplaneAction) -> Result<()>
     Ok(())
 }
 
+/// The environment, with `--set name=value` options merged in (as the lowercase spelling).
+/// A `--set` that disagrees with the environment (either spelling) is an error.
+fn run_settings(set: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut vars: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    for item in set {
+        let (name, value) = item
+            .split_once('=')
+            .with_context(|| format!("--set {item:?}: expected NAME=VALUE"))?;
+        let lower = name.trim().to_ascii_lowercase();
+        for spelling in [lower.clone(), lower.to_ascii_uppercase()] {
+            if let Some(env) = vars.get(&spelling)
+                && env.trim() != value.trim()
+            {
+                bail!(
+                    "--set {lower}={value:?} disagrees with the environment's {spelling}={env:?}: set one of them"
+                );
+            }
+        }
+        vars.insert(lower, value.to_string());
+    }
+    Ok(vars)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The agent logs what it does; the one-shot commands only what went wrong.
-    let default_level = if matches!(cli.command, Command::Run) {
+    let default_level = if matches!(cli.command, Command::Run { .. }) {
         "info"
     } else {
         "warn"
@@ -345,8 +374,10 @@ fn main() -> ExitCode {
             },
         )
         .map(|text| print!("{text}")),
-        Command::Run => kvip_core::config::AgentConfig::from_env(&std::env::vars().collect())
-            .map_err(anyhow::Error::from)
+        Command::Run { set } => run_settings(set)
+            .and_then(|vars| {
+                kvip_core::config::AgentConfig::from_env(&vars).map_err(anyhow::Error::from)
+            })
             .and_then(|cfg| {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()

@@ -101,7 +101,6 @@ fn start_agent_full(
         .arg(format!("NODE_NAME={node}"))
         .args([
             "vip_interface=eth0",
-            "vip_arp=true",
             "vip_leaseduration=3",
             "vip_renewdeadline=2",
             "vip_retryperiod=1",
@@ -117,7 +116,8 @@ fn start_agent_full(
         })
         .arg(format!("svc_election={per_service}"))
         .arg(format!("k8s_config_file={}", kubeconfig.display()))
-        .args([KVIP, "run"])
+        // One option through the command line, the rest through the environment.
+        .args([KVIP, "run", "--set", "vip_arp=true"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()

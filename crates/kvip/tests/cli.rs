@@ -625,3 +625,47 @@ fn manifests_grant_discovery_in_kube_system_only_when_needed() {
     );
     assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);
 }
+
+#[test]
+fn run_refuses_conflicting_and_unsupported_options_in_one_line() {
+    let run = |env: &[(&str, &str)], args: &[&str]| {
+        let out = Command::new(KVIP)
+            .env_clear()
+            .envs(env.iter().copied())
+            .arg("run")
+            .args(args)
+            .output()
+            .expect("run kvip");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        err
+    };
+    let err = run(
+        &[
+            ("NODE_NAME", "n1"),
+            ("vip_interface", "eth0"),
+            ("VIP_INTERFACE", "eth1"),
+        ],
+        &[],
+    );
+    assert!(
+        err.contains("vip_interface") && err.contains("VIP_INTERFACE"),
+        "{err}"
+    );
+    let err = run(
+        &[("NODE_NAME", "n1"), ("VIP_INTERFACE", "eth0")],
+        &["--set", "vip_interface=eth1"],
+    );
+    assert!(
+        err.contains("--set vip_interface") && err.contains("VIP_INTERFACE"),
+        "{err}"
+    );
+    let err = run(&[("NODE_NAME", "n1"), ("CP_ENABLE", "true")], &[]);
+    assert!(
+        err.contains("cp_enable") && err.contains("does not implement"),
+        "{err}"
+    );
+    let err = run(&[], &[]);
+    assert!(err.contains("vip_nodename (or NODE_NAME)"), "{err}");
+}
