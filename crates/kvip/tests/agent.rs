@@ -963,3 +963,94 @@ fn per_service_election_follows_local_endpoints() {
         );
     }
 }
+
+/// Real packets with real agents: two nodes (each an egress lab: pod, node with a CNI-like
+/// masquerade, external host), one egress Service with a ready endpoint on each. The holder's
+/// pod leaves with the VIP, the other node's pod with its node address; after the holder's
+/// SIGTERM the other node takes over and its pod leaves with the VIP.
+#[test]
+fn holder_pod_egresses_with_the_vip_and_the_other_with_the_node_address() {
+    use kvip_testkit::lab::{EXT4, EgressLab, NODE4, VIP4};
+    require_kernel!();
+    let server = ApiServer::start().expect("api server");
+    let labs: Vec<EgressLab> = (0..2)
+        .map(|i| EgressLab::new(&format!("pk{i}"), true).expect("lab"))
+        .collect();
+    let mut agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            let url = server.listen_in(&labs[i].node).expect("listen");
+            start_agent_as(&labs[i].node, &url, &format!("pk{i}"), &format!("n{i}"))
+        })
+        .collect();
+    let log = |agents: &[Agent]| {
+        agents
+            .iter()
+            .map(Agent::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _in_runtime = rt.enter();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
+        .expect("client");
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let mut both = slice("10.244.1.5");
+    let mut second = both.endpoints[0].clone();
+    second.node_name = Some("n1".into());
+    both.endpoints[0].node_name = Some("n0".into());
+    both.endpoints.push(second);
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(true))
+            .await
+            .expect("service");
+        slices
+            .create(&PostParams::default(), &both)
+            .await
+            .expect("slice");
+    });
+    let seen = |i: usize| labs[i].seen_tcp(EXT4, 8080).ok();
+    let start = Instant::now();
+    let holder = loop {
+        let vip_on: Vec<usize> = (0..2).filter(|i| has_vip(&labs[*i].node)).collect();
+        if vip_on.len() == 1 && seen(vip_on[0]) == Some(VIP4) {
+            break vip_on[0];
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no holder egressing with the VIP\n{}",
+            log(&agents)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let other = 1 - holder;
+    assert_eq!(
+        seen(other),
+        Some(NODE4),
+        "the non-holder's pod leaves with its node address"
+    );
+    Command::new("kill")
+        .args(["-TERM", &agents[holder].child.id().to_string()])
+        .status()
+        .expect("kill");
+    let _ = agents[holder].child.wait();
+    let start = Instant::now();
+    while seen(other) != Some(VIP4) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no takeover\n{}",
+            log(&agents)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        seen(holder),
+        Some(NODE4),
+        "the stopped node's pod is masqueraded again"
+    );
+    agents.clear();
+}
