@@ -396,13 +396,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         renew_deadline: cfg.renew_deadline,
         retry_period: cfg.retry_period,
     };
+    // The sender lives as long as the loop (held here even without per-Service elections):
+    // a dropped sender would make `changed()` return at once, every time.
     let (per_service_tx, mut per_service_changed) = watch::channel(0u64);
     let mut per_service = (cfg.svc_election && cfg.leader_election).then(|| PerServiceElections {
         client: client.clone(),
         identity: cfg.node_name.clone(),
         timings,
         running: BTreeMap::new(),
-        changed: per_service_tx,
+        changed: per_service_tx.clone(),
     });
     let election = if cfg.leader_election && !cfg.svc_election {
         let lock = LeaseLock::new(client.clone(), &own_namespace(), &cfg.lease_name);
@@ -434,7 +436,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         last: BTreeMap::new(),
     };
     let mut was_leading = false;
+    let mut last_sync;
     loop {
+        last_sync = tokio::time::Instant::now();
         let leading = *leader.borrow_and_update();
         if leading != was_leading {
             m.leader_transitions.inc();
@@ -507,7 +511,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 break;
             }
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        // Debounce: at most one sync per DEBOUNCE. A change after a quiet spell is applied at
+        // once; the changes of a burst wait for the rest of the interval and go together.
+        tokio::time::sleep(DEBOUNCE.saturating_sub(last_sync.elapsed())).await;
     }
 
     tracing::info!("shutting down: releasing the lease and removing kvip's kernel state");
@@ -521,6 +527,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     drop(cache);
     drop(always_leader);
+    drop(per_service_tx);
     let r = dp.teardown().await;
     for e in &r.errors {
         tracing::error!(error = %e, "teardown");

@@ -1,0 +1,237 @@
+//! Agent bench: time from an EndpointSlice change at the API to the rule in the kernel, with
+//! many egress Services, and the agent's memory and idle CPU at that scale. Needs root.
+//!
+//!     cargo bench -p kvip --bench agent
+//!     KVIP_BENCH_SERVICES=1000 KVIP_BENCH_ENDPOINTS=10 KVIP_BENCH_CHANGES=200 cargo bench -p kvip --bench agent
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::PostParams;
+use kvip_testkit::Netns;
+use kvip_testkit::apiserver::ApiServer;
+use serde_json::json;
+
+const KVIP: &str = env!("CARGO_BIN_EXE_kvip");
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pod(i: usize) -> String {
+    let n = 0x0a80_0000u32 + i as u32 + 1;
+    std::net::Ipv4Addr::from(n).to_string()
+}
+
+/// VIPs from the documentation ranges, shared by four Services each.
+fn vip(i: usize) -> String {
+    let k = i / 4;
+    match k {
+        0..=249 => format!("198.51.100.{}", k + 1),
+        _ => format!("203.0.113.{}", (k - 250) % 250 + 1),
+    }
+}
+
+fn service(i: usize) -> Service {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc{i}"), "namespace": "default",
+                     "annotations": {"kube-vip.io/loadbalancerIPs": vip(i), "kube-vip.io/egress": "true"}},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}
+    }))
+    .expect("service")
+}
+
+fn slice(i: usize, pods: &[String]) -> EndpointSlice {
+    let eps: Vec<_> = pods
+        .iter()
+        .map(|p| json!({"addresses": [p], "nodeName": "n1", "conditions": {"ready": true}}))
+        .collect();
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc{i}-1"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": format!("svc{i}")}},
+        "addressType": "IPv4", "endpoints": eps
+    }))
+    .expect("slice")
+}
+
+/// Whether `ip` is in kvip's source map (inside the node namespace).
+fn in_kernel(ip: &str) -> bool {
+    Command::new("nft")
+        .args([
+            "get",
+            "element",
+            "inet",
+            "kvip",
+            "src4",
+            &format!("{{ {ip} }}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// User + system CPU ticks of a process.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the agent bench needs root (network namespaces)");
+        return;
+    }
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    let n_svc = env_usize("KVIP_BENCH_SERVICES", 1000);
+    let n_ep = env_usize("KVIP_BENCH_ENDPOINTS", 10);
+    let changes = env_usize("KVIP_BENCH_CHANGES", 200);
+    let ns = Netns::new("abn").expect("netns");
+    let peer = Netns::new("abnp").expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let server = ApiServer::start().expect("api server");
+    let url = server.listen_in(&ns).expect("listen");
+    let dir = std::env::temp_dir();
+    let kubeconfig = dir.join(format!("kvip-bench-{}.kubeconfig", std::process::id()));
+    let mut f = std::fs::File::create(&kubeconfig).expect("kubeconfig");
+    write!(f, "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n").expect("write");
+    let mut agent = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "env", "-i"])
+        .arg(format!(
+            "PATH={}",
+            std::env::var("PATH").unwrap_or_default()
+        ))
+        .args([
+            "NODE_NAME=n1",
+            "vip_interface=eth0",
+            "egress_podcidr=10.244.0.0/16",
+            "egress_servicecidr=10.96.0.0/12",
+            "RUST_LOG=warn",
+        ])
+        .arg(format!("k8s_config_file={}", kubeconfig.display()))
+        .args([KVIP, "run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kvip run");
+    let pid = agent.id();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _in = rt.enter();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
+        .expect("client");
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let mut pods: Vec<Vec<String>> = (0..n_svc)
+        .map(|i| (0..n_ep).map(|j| pod(i * n_ep + j)).collect())
+        .collect();
+    let load = Instant::now();
+    rt.block_on(async {
+        for (i, p) in pods.iter().enumerate() {
+            services
+                .create(&PostParams::default(), &service(i))
+                .await
+                .expect("service");
+            slices
+                .create(&PostParams::default(), &slice(i, p))
+                .await
+                .expect("slice");
+        }
+    });
+    let last = pods[n_svc - 1][n_ep - 1].clone();
+    ns.enter(|| {
+        while !in_kernel(&last) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .expect("netns");
+    let loaded = load.elapsed();
+
+    // One endpoint replaced per change, on a Service picked round-robin.
+    let mut lat = Vec::with_capacity(changes);
+    for k in 0..changes {
+        let i = (k * 7919) % n_svc;
+        let fresh = pod(n_svc * n_ep + k);
+        pods[i][k % n_ep] = fresh.clone();
+        let t0 = Instant::now();
+        rt.block_on(async {
+            let cur = slices.get(&format!("svc{i}-1")).await.expect("get");
+            let mut next = slice(i, &pods[i]);
+            next.metadata.resource_version = cur.metadata.resource_version;
+            slices
+                .replace(&format!("svc{i}-1"), &PostParams::default(), &next)
+                .await
+                .expect("replace");
+        });
+        ns.enter(|| {
+            while !in_kernel(&fresh) {
+                std::hint::spin_loop();
+            }
+        })
+        .expect("netns");
+        lat.push(t0.elapsed());
+    }
+    lat.sort();
+    let rss_kb = proc_field(pid, "status", "VmRSS:").unwrap_or(0);
+    let hwm_kb = proc_field(pid, "status", "VmHWM:").unwrap_or(0);
+    let t0 = cpu_ticks(pid).unwrap_or(0);
+    std::thread::sleep(Duration::from_secs(10));
+    let idle_ticks = cpu_ticks(pid).unwrap_or(0).saturating_sub(t0);
+    let hz = 100.0;
+    println!("## Agent: EndpointSlice change → rule in the kernel\n");
+    println!(
+        "{n_svc} egress Services × {n_ep} endpoints ({} pods) on one node; initial load of all objects to all rules: {:.1} s.\n",
+        n_svc * n_ep,
+        loaded.as_secs_f64()
+    );
+    println!("| changes | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|");
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
+    println!(
+        "| {changes} | {} | {} | {} | {} |",
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.9)),
+        ms(pct(&lat, 0.99)),
+        ms(lat[lat.len() - 1])
+    );
+    println!(
+        "\nAgent memory after the load: RSS {:.1} MB (peak {:.1} MB). Idle CPU over 10 s: {:.2} % of one core.",
+        rss_kb as f64 / 1024.0,
+        hwm_kb as f64 / 1024.0,
+        idle_ticks as f64 / hz / 10.0 * 100.0
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = agent.wait();
+    let _ = std::fs::remove_file(&kubeconfig);
+}
