@@ -125,6 +125,24 @@ fn start_agent_full(
     Agent { child, log }
 }
 
+/// A runtime and the Service and EndpointSlice APIs of the test API server (loopback).
+fn api(server: &ApiServer) -> (tokio::runtime::Runtime, Api<Service>, Api<EndpointSlice>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = {
+        let _in_runtime = rt.enter();
+        kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
+            .expect("client")
+    };
+    (
+        rt,
+        Api::namespaced(client.clone(), "default"),
+        Api::namespaced(client, "default"),
+    )
+}
+
 fn until(what: &str, agent: &Agent, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -157,15 +175,7 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
     let url = server.listen_in(&ns).expect("listen in the node namespace");
     let mut agent = start_agent(&ns, &url, "a");
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let _in_runtime = rt.enter();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-        .expect("client");
-    let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let (rt, services, slices) = api(&server);
     rt.block_on(async {
         services
             .create(&PostParams::default(), &service(true))
@@ -506,14 +516,7 @@ fn three_agents_one_holder_and_failover() {
             ))
         })
         .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let _in_runtime = rt.enter();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-        .expect("client");
-    let services: Api<Service> = Api::namespaced(client, "default");
+    let (rt, services, _) = api(&server);
     rt.block_on(async {
         services
             .create(&PostParams::default(), &service(false))
@@ -637,15 +640,7 @@ fn agent_survives_api_faults_and_steps_down_when_cut_off() {
     let server = ApiServer::start().expect("api server");
     let url = server.listen_in(&ns).expect("listen");
     let agent = start_agent(&ns, &url, "flt");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let _in_runtime = rt.enter();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-        .expect("client");
-    let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let (rt, services, slices) = api(&server);
     rt.block_on(async {
         services
             .create(&PostParams::default(), &service(true))
@@ -717,15 +712,7 @@ fn denied_discovery_refuses_egress_and_keeps_the_vip() {
     server.deny("pods");
     let url = server.listen_in(&ns).expect("listen");
     let agent = start_agent_with(&ns, &url, "dsc", "n1", false);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let _in_runtime = rt.enter();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-        .expect("client");
-    let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let (rt, services, slices) = api(&server);
     rt.block_on(async {
         services
             .create(&PostParams::default(), &service(true))
@@ -847,15 +834,7 @@ fn per_service_election_follows_local_endpoints() {
             .collect::<Vec<_>>()
             .join("\n----\n")
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let _in_runtime = rt.enter();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-        .expect("client");
-    let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let (rt, services, slices) = api(&server);
     rt.block_on(async {
         services
             .create(
@@ -989,15 +968,7 @@ fn holder_pod_egresses_with_the_vip_and_the_other_with_the_node_address() {
             .collect::<Vec<_>>()
             .join("\n----\n")
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let _in_runtime = rt.enter();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-        .expect("client");
-    let services: Api<Service> = Api::namespaced(client.clone(), "default");
-    let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
+    let (rt, services, slices) = api(&server);
     let mut both = slice("10.244.1.5");
     let mut second = both.endpoints[0].clone();
     second.node_name = Some("n1".into());
