@@ -482,6 +482,18 @@ fn granted_permissions(discovery: bool) -> std::collections::BTreeSet<Permission
         .collect()
 }
 
+/// `n` node namespaces, each with an `eth0` whose peer is in a namespace of its own.
+fn node_pairs(tag: &str, n: usize) -> (Vec<Netns>, Vec<Netns>) {
+    (0..n)
+        .map(|i| {
+            let ns = Netns::new(&format!("{tag}{i}")).expect("netns");
+            let peer = Netns::new(&format!("{tag}{i}p")).expect("netns");
+            ns.veth("eth0", &peer, "eth0").expect("veth");
+            (ns, peer)
+        })
+        .unzip()
+}
+
 fn holders(nodes: &[Netns]) -> Vec<usize> {
     (0..nodes.len()).filter(|i| has_vip(&nodes[*i])).collect()
 }
@@ -493,15 +505,7 @@ fn holders(nodes: &[Netns]) -> Vec<usize> {
 fn three_agents_one_holder_and_failover() {
     require_kernel!();
     let server = ApiServer::start().expect("api server");
-    let mut nodes = Vec::new();
-    let mut peers = Vec::new();
-    for i in 0..3 {
-        let ns = Netns::new(&format!("fo{i}")).expect("netns");
-        let peer = Netns::new(&format!("fo{i}p")).expect("netns");
-        ns.veth("eth0", &peer, "eth0").expect("veth");
-        nodes.push(ns);
-        peers.push(peer);
-    }
+    let (nodes, _peers) = node_pairs("fo", 3);
     let urls: Vec<String> = nodes
         .iter()
         .map(|n| server.listen_in(n).expect("listen"))
@@ -805,15 +809,7 @@ fn holders_of(nodes: &[Netns], vip: &str) -> Vec<usize> {
 fn per_service_election_follows_local_endpoints() {
     require_kernel!();
     let server = ApiServer::start().expect("api server");
-    let mut nodes = Vec::new();
-    let mut peers = Vec::new();
-    for i in 0..3 {
-        let ns = Netns::new(&format!("ps{i}")).expect("netns");
-        let peer = Netns::new(&format!("ps{i}p")).expect("netns");
-        ns.veth("eth0", &peer, "eth0").expect("veth");
-        nodes.push(ns);
-        peers.push(peer);
-    }
+    let (nodes, _peers) = node_pairs("ps", 3);
     let agents: Vec<Agent> = (0..3)
         .map(|i| {
             let url = server.listen_in(&nodes[i]).expect("listen");
