@@ -75,14 +75,29 @@ fn api_server_addresses(client_url: &str) -> Vec<IpAddr> {
         .collect()
 }
 
-async fn shutdown_signal() -> Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment this is created: a signal that arrives while
+/// the agent is still starting or in the middle of a sync is kept, not lost and not fatal, so
+/// the shutdown path (teardown, lease release) always runs.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// Events on Services, published on change only (and aggregated into series by the
@@ -320,6 +335,9 @@ async fn publish_held(
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    // First of all: a SIGTERM from now on must lead to the shutdown path, never kill the
+    // process with kvip's state still in the kernel.
+    let mut signals = ShutdownSignals::install()?;
     let interface = cfg
         .services_interface
         .clone()
@@ -423,8 +441,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .context("watches stopped")?;
     tracing::info!(node = %node.node_name, interface = %node.interface, backend = dp.backend().name(), "kvip agent started");
 
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
     let mut events = ServiceEvents {
         recorder: Recorder::new(
             client.clone(),
@@ -506,10 +522,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     }
                 }
             }
-            r = &mut shutdown => {
-                r?;
-                break;
-            }
+            _ = signals.recv() => break,
         }
         // Debounce: at most one sync per DEBOUNCE. A change after a quiet spell is applied at
         // once; the changes of a burst wait for the rest of the interval and go together.
