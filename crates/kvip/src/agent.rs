@@ -312,8 +312,15 @@ async fn publish_held(
     p: &kvip_core::Plan,
     node: &str,
 ) {
+    // One index per sync: looking each held Service up by scanning (and allocating keys)
+    // would make every sync quadratic in the number of Services.
+    let by_key: BTreeMap<(&str, &str), &kvip_core::plan::ServiceInfo> = snapshot
+        .services
+        .iter()
+        .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+        .collect();
     for (key, sp) in p.services.iter().filter(|(_, sp)| sp.held) {
-        let Some(svc) = snapshot.services.iter().find(|s| s.key() == *key) else {
+        let Some(svc) = by_key.get(&(key.namespace.as_str(), key.name.as_str())) else {
             continue;
         };
         let first_pod = |v6: bool| {

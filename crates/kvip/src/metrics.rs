@@ -43,12 +43,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::with_prefix("kvip");
-        let sync_seconds = Family::<ModeLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-        });
-        let m = Metrics {
-            sync_seconds,
+        let mut m = Metrics {
+            registry: Registry::with_prefix("kvip"),
+            sync_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+            }),
             sync_errors: Counter::default(),
             drift_repairs: Counter::default(),
             vips_held: Gauge::default(),
@@ -56,44 +55,45 @@ impl Metrics {
             leader_transitions: Counter::default(),
             cidr_source: Family::default(),
             ready: AtomicBool::new(false),
-            registry: Registry::default(),
         };
-        registry.register(
+        // The registry keeps clones: each metric is shared, updated through `m`'s handles.
+        let r = &mut m.registry;
+        r.register(
             "sync_duration_seconds",
             "Time to make the kernel equal the desired state, by sync mode",
             m.sync_seconds.clone(),
         );
-        registry.register(
+        r.register(
             "sync_errors",
             "Syncs that failed (the next one replaces everything)",
             m.sync_errors.clone(),
         );
-        registry.register(
+        r.register(
             "drift_repairs",
             "Resyncs that found kvip's kernel state changed by hand and repaired it",
             m.drift_repairs.clone(),
         );
-        registry.register(
+        r.register(
             "vips_held",
             "VIP addresses this node holds",
             m.vips_held.clone(),
         );
-        registry.register(
+        r.register(
             "egress_pods",
             "Pod addresses translated to a VIP on this node",
             m.egress_pods.clone(),
         );
-        registry.register(
+        r.register(
             "leader_transitions",
             "Times this node gained or lost the lease",
             m.leader_transitions.clone(),
         );
-        registry.register(
+        r.register(
             "cidr_source",
             "Where each cluster CIDR came from (1 = in use)",
             m.cidr_source.clone(),
         );
-        Arc::new(Metrics { registry, ..m })
+        Arc::new(m)
     }
 
     fn render(&self) -> Result<String, std::fmt::Error> {

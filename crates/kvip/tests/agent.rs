@@ -143,6 +143,38 @@ fn api(server: &ApiServer) -> (tokio::runtime::Runtime, Api<Service>, Api<Endpoi
     )
 }
 
+/// Creates Service default/web (egress) and its EndpointSlice with one pod on n1.
+fn create_web(
+    rt: &tokio::runtime::Runtime,
+    services: &Api<Service>,
+    slices: &Api<EndpointSlice>,
+    pod: &str,
+) {
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(true))
+            .await
+            .expect("service");
+        slices
+            .create(&PostParams::default(), &slice(pod))
+            .await
+            .expect("slice");
+    });
+}
+
+/// Replaces the pod of default/web's EndpointSlice (guarded by its resourceVersion).
+fn set_web_pod(rt: &tokio::runtime::Runtime, slices: &Api<EndpointSlice>, pod: &str) {
+    rt.block_on(async {
+        let cur = slices.get("web-1").await.expect("get");
+        let mut next = slice(pod);
+        next.metadata.resource_version = cur.metadata.resource_version;
+        slices
+            .replace("web-1", &PostParams::default(), &next)
+            .await
+            .expect("replace");
+    });
+}
+
 fn until(what: &str, agent: &Agent, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -176,16 +208,7 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
     let mut agent = start_agent(&ns, &url, "a");
 
     let (rt, services, slices) = api(&server);
-    rt.block_on(async {
-        services
-            .create(&PostParams::default(), &service(true))
-            .await
-            .expect("service");
-        slices
-            .create(&PostParams::default(), &slice("10.244.1.5"))
-            .await
-            .expect("slice");
-    });
+    create_web(&rt, &services, &slices, "10.244.1.5");
     // A Service with bad annotations next to it: a Warning Event naming the annotation and
     // value; the good Service is unaffected.
     let mut bad = service(true);
@@ -317,15 +340,7 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
     );
 
     // The endpoint pod is replaced while the leader stays (kube-vip's cause 2).
-    rt.block_on(async {
-        let cur = slices.get("web-1").await.expect("get");
-        let mut next = slice("10.244.1.7");
-        next.metadata.resource_version = cur.metadata.resource_version;
-        slices
-            .replace("web-1", &PostParams::default(), &next)
-            .await
-            .expect("replace");
-    });
+    set_web_pod(&rt, &slices, "10.244.1.7");
     until("replaced pod", &agent, Duration::from_secs(5), || {
         let r = rules(&ns);
         r.contains("10.244.1.7 : goto") && !r.contains("10.244.1.5")
@@ -645,16 +660,7 @@ fn agent_survives_api_faults_and_steps_down_when_cut_off() {
     let url = server.listen_in(&ns).expect("listen");
     let agent = start_agent(&ns, &url, "flt");
     let (rt, services, slices) = api(&server);
-    rt.block_on(async {
-        services
-            .create(&PostParams::default(), &service(true))
-            .await
-            .expect("service");
-        slices
-            .create(&PostParams::default(), &slice("10.244.1.5"))
-            .await
-            .expect("slice");
-    });
+    create_web(&rt, &services, &slices, "10.244.1.5");
     until("held", &agent, Duration::from_secs(15), || {
         has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto")
     });
@@ -666,15 +672,7 @@ fn agent_survives_api_faults_and_steps_down_when_cut_off() {
             _ => server.expire_history(),
         }
         let pod = format!("10.244.1.{}", 20 + i);
-        rt.block_on(async {
-            let cur = slices.get("web-1").await.expect("get");
-            let mut next = slice(&pod);
-            next.metadata.resource_version = cur.metadata.resource_version;
-            slices
-                .replace("web-1", &PostParams::default(), &next)
-                .await
-                .expect("replace");
-        });
+        set_web_pod(&rt, &slices, &pod);
         until(
             &format!("change after {fault}"),
             &agent,
@@ -717,16 +715,7 @@ fn denied_discovery_refuses_egress_and_keeps_the_vip() {
     let url = server.listen_in(&ns).expect("listen");
     let agent = start_agent_with(&ns, &url, "dsc", "n1", false);
     let (rt, services, slices) = api(&server);
-    rt.block_on(async {
-        services
-            .create(&PostParams::default(), &service(true))
-            .await
-            .expect("service");
-        slices
-            .create(&PostParams::default(), &slice("10.244.1.5"))
-            .await
-            .expect("slice");
-    });
+    create_web(&rt, &services, &slices, "10.244.1.5");
     until("VIP held", &agent, Duration::from_secs(15), || has_vip(&ns));
     let refused = || {
         server
