@@ -23,7 +23,7 @@ pub struct OptionDoc {
 pub const OPTIONS: &[OptionDoc] = &[
     OptionDoc {
         name: "vip_interface",
-        default: "(the interface of the default route)",
+        default: "(required)",
         meaning: "interface VIPs are added to",
     },
     OptionDoc {
@@ -112,6 +112,11 @@ pub const OPTIONS: &[OptionDoc] = &[
         meaning: "remove kube-vip's leftover egress rules at start",
     },
     OptionDoc {
+        name: "egress_default_cidrs",
+        default: "false",
+        meaning: "kvip only: when discovery finds no pod or service CIDR, use kube-vip's guesses 10.0.0.0/16 and 10.96.0.0/12 (with a warning) instead of refusing egress",
+    },
+    OptionDoc {
         name: "instance_name",
         default: "(none)",
         meaning: "a second kvip on the same nodes: its own table, chains and address mark",
@@ -125,6 +130,11 @@ pub const OPTIONS: &[OptionDoc] = &[
         name: "k8s_config_file",
         default: "(in-cluster, then KUBECONFIG)",
         meaning: "kubeconfig file",
+    },
+    OptionDoc {
+        name: "shutdown_timeout",
+        default: "10",
+        meaning: "kvip only: seconds from SIGTERM to exit; kernel state is removed first, then the leases are released",
     },
 ];
 
@@ -188,6 +198,8 @@ pub struct AgentConfig {
     pub instance_name: Option<String>,
     pub prometheus_server: String,
     pub kubeconfig: Option<String>,
+    pub egress_default_cidrs: bool,
+    pub shutdown_timeout: Duration,
 }
 
 struct Env<'a>(&'a BTreeMap<String, String>);
@@ -356,6 +368,8 @@ impl AgentConfig {
             egress_service_cidr: env.cidrs("egress_servicecidr")?,
             egress_with_nftables,
             egress_clean: env.bool("egress_clean", false)?,
+            egress_default_cidrs: env.bool("egress_default_cidrs", false)?,
+            shutdown_timeout: env.seconds("shutdown_timeout", 10)?,
             instance_name,
             prometheus_server: env
                 .get("prometheus_server")?
@@ -447,10 +461,10 @@ mod tests {
     fn every_option_is_documented() {
         let doc = include_str!("../../../docs/configuration.md");
         for o in OPTIONS {
+            let row = format!("| `{}` | {} | {} |", o.name, o.default, o.meaning);
             assert!(
-                doc.contains(&format!("`{}`", o.name)),
-                "docs/configuration.md lacks {}",
-                o.name
+                doc.lines().any(|l| l == row),
+                "docs/configuration.md lacks the row\n{row}"
             );
         }
         for u in UNSUPPORTED {

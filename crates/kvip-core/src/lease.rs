@@ -166,11 +166,7 @@ impl Elector {
     }
 
     fn released(&self, rec: &LeaseRecord) -> LeaseRecord {
-        LeaseRecord {
-            holder: String::new(),
-            lease_duration_seconds: 1,
-            ..rec.clone()
-        }
+        released(rec)
     }
 
     /// The write this node's shutdown makes: an empty holder, so the next node takes over
@@ -196,6 +192,15 @@ impl Elector {
     /// write steps down at its renew deadline.
     pub fn write_failed(&mut self) {
         self.observed = None;
+    }
+}
+
+/// `rec` handed on: an empty holder (the next node takes over at once), the rest unchanged.
+pub fn released(rec: &LeaseRecord) -> LeaseRecord {
+    LeaseRecord {
+        holder: String::new(),
+        lease_duration_seconds: 1,
+        ..rec.clone()
     }
 }
 

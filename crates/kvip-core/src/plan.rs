@@ -74,6 +74,9 @@ pub struct Snapshot {
     pub services: Vec<ServiceInfo>,
     pub endpoints: BTreeMap<ServiceKey, Vec<EndpointInfo>>,
     pub networks: ClusterNetworks,
+    /// This node carries `node.kubernetes.io/exclude-from-external-load-balancers`: it holds
+    /// nothing and competes for nothing.
+    pub node_excluded: bool,
 }
 
 /// Which Services this node holds the lease of.
@@ -238,7 +241,8 @@ pub fn plan(snap: &Snapshot, lead: &Leadership, cfg: &NodeConfig) -> Plan {
             v
         };
         let needs_local = s.traffic_policy_local || a.egress;
-        sp.candidate = !sp.vips.is_empty() && (!needs_local || !local.is_empty());
+        sp.candidate =
+            !snap.node_excluded && !sp.vips.is_empty() && (!needs_local || !local.is_empty());
         sp.held = sp.candidate && lead.holds(&key);
         if sp.held {
             for v in &sp.vips {
@@ -456,6 +460,7 @@ mod tests {
                 })
                 .collect(),
             networks: nets(),
+            node_excluded: false,
         }
     }
 
@@ -597,6 +602,29 @@ mod tests {
                 .next()
                 .unwrap()
                 .candidate
+        );
+    }
+
+    #[test]
+    fn a_node_excluded_from_load_balancers_holds_and_competes_for_nothing() {
+        let s = svc(
+            "d",
+            "x",
+            &[
+                (ann::LOADBALANCER_IPS, "198.51.100.10"),
+                (ann::EGRESS, "true"),
+            ],
+        );
+        let mut sn = snap(vec![s], vec![("d/x", vec![ep("10.244.1.5", "n1")])]);
+        let held = plan(&sn, &Leadership::Global(true), &cfg());
+        assert!(held.services.values().all(|sp| sp.candidate && sp.held));
+        assert!(!held.desired.is_empty());
+        sn.node_excluded = true;
+        let p = plan(&sn, &Leadership::Global(true), &cfg());
+        assert!(p.services.values().all(|sp| !sp.candidate && !sp.held));
+        assert!(
+            p.desired.is_empty(),
+            "even while it still leads, an excluded node holds nothing"
         );
     }
 

@@ -161,11 +161,13 @@ mod planning {
 
     proptest! {
         /// Whatever the annotations and endpoints: no panic, a valid state, and only this
-        /// node's ready endpoints are translated, each through one Service.
+        /// node's ready endpoints are translated, each through one Service; a node excluded
+        /// from load balancing holds nothing.
         #[test]
         fn plan_is_total_and_translates_only_local_ready_pods(
             svcs in (service(0), service(1), service(2), service(3)),
             held in any::<bool>(),
+            excluded in any::<bool>(),
         ) {
             let list = [svcs.0, svcs.1, svcs.2, svcs.3];
             let snap = Snapshot {
@@ -179,6 +181,7 @@ mod planning {
                     service: vec!["10.96.0.0/12".parse().unwrap()],
                     api_server: vec![],
                 },
+                node_excluded: excluded,
             };
             let cfg = NodeConfig { node_name: "n0".into(), interface: "eth0".into(), ..NodeConfig::default() };
             let p = plan(&snap, &Leadership::Global(held), &cfg);
@@ -193,8 +196,11 @@ mod planning {
                     prop_assert!(seen.insert(*s), "pod {} in two policies", s);
                 }
             }
-            if !held {
+            if !held || excluded {
                 prop_assert!(p.desired.is_empty());
+            }
+            if excluded {
+                prop_assert!(p.services.values().all(|s| !s.candidate));
             }
             let egress_services = p.services.values().filter(|s| !s.egress_pods.is_empty()).count();
             prop_assert_eq!(egress_services, p.desired.egress().len());

@@ -1,5 +1,5 @@
-//! Watches of the cluster objects `plan()` reads (Services, EndpointSlices), kept in reflector
-//! stores, and their conversion into [`kvip_core::Snapshot`]. Every change bumps a generation
+//! Watches of the cluster objects `plan()` reads (Services, EndpointSlices, this node's Node),
+//! kept in reflector stores, and their conversion into [`kvip_core::Snapshot`]. Every change bumps a generation
 //! on a watch channel: the agent's loop recomputes the whole desired state from the stores
 //! (level-triggered), so a missed or repeated event cannot leave anything behind.
 
@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -15,27 +15,31 @@ use kube::{Api, Client};
 use kvip_core::Snapshot;
 use kvip_core::plan::{ClusterNetworks, EndpointInfo, ServiceInfo, ServiceKey};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The label an EndpointSlice carries naming its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Reflector stores of the watched objects, and the tasks feeding them.
+/// The label that takes a node out of load balancing (Kubernetes' own): a node carrying it
+/// holds no VIP and competes for no Lease.
+pub const EXCLUDE_FROM_LB_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// Reflector stores of the watched objects. The tasks feeding them run on the caller's
+/// tracker and end when its token is cancelled.
 pub struct ClusterCache {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
-    tasks: Vec<JoinHandle<()>>,
+    node: Store<Node>,
 }
 
-impl Drop for ClusterCache {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-fn spawn_reflector<K>(api: Api<K>, dirty: watch::Sender<u64>) -> (Store<K>, JoinHandle<()>)
+fn spawn_reflector<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    dirty: watch::Sender<u64>,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -46,53 +50,74 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+    let stream = reflector::reflector(writer, watcher(api, config))
         // Errors (500s, dropped or expired watches) restart the watch with backoff; the
         // store keeps serving its last state meanwhile.
         .default_backoff();
-    let task = tokio::spawn(async move {
+    let kind = K::kind(&());
+    tasks.spawn(async move {
         futures_util::pin_mut!(stream);
-        while let Some(ev) = stream.next().await {
+        loop {
+            let ev = tokio::select! {
+                ev = stream.next() => ev,
+                _ = stop.cancelled() => break,
+            };
             match ev {
-                Ok(_) => {
+                Some(Ok(_)) => {
                     dirty.send_modify(|g| *g += 1);
                 }
-                Err(e) => tracing::warn!(error = %e, "watch failed; retrying"),
+                Some(Err(e)) => tracing::warn!(%kind, error = %e, "watch failed; retrying"),
+                None => break,
             }
         }
     });
-    (reader, task)
+    reader
 }
 
 impl ClusterCache {
-    /// Starts watching Services and EndpointSlices (in `namespace`, or all namespaces).
+    /// Starts watching Services and EndpointSlices (in `namespace`, or all namespaces) and
+    /// the Node named `node`, on `tasks`, until `stop` is cancelled.
     pub fn start(
         client: Client,
         namespace: Option<&str>,
+        node: &str,
         dirty: watch::Sender<u64>,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
     ) -> ClusterCache {
-        let (services, t1) = match namespace {
-            Some(ns) => spawn_reflector(
-                Api::<Service>::namespaced(client.clone(), ns),
-                dirty.clone(),
-            ),
-            None => spawn_reflector(Api::<Service>::all(client.clone()), dirty.clone()),
+        let all = watcher::Config::default;
+        let services = match namespace {
+            Some(ns) => Api::<Service>::namespaced(client.clone(), ns),
+            None => Api::<Service>::all(client.clone()),
         };
-        let (slices, t2) = match namespace {
-            Some(ns) => spawn_reflector(Api::<EndpointSlice>::namespaced(client, ns), dirty),
-            None => spawn_reflector(Api::<EndpointSlice>::all(client), dirty),
+        let slices = match namespace {
+            Some(ns) => Api::<EndpointSlice>::namespaced(client.clone(), ns),
+            None => Api::<EndpointSlice>::all(client.clone()),
         };
         ClusterCache {
-            services,
-            slices,
-            tasks: vec![t1, t2],
+            services: spawn_reflector(services, all(), dirty.clone(), tasks, stop.child_token()),
+            slices: spawn_reflector(slices, all(), dirty.clone(), tasks, stop.child_token()),
+            node: spawn_reflector(
+                Api::<Node>::all(client),
+                all().fields(&format!("metadata.name={node}")),
+                dirty,
+                tasks,
+                stop.child_token(),
+            ),
         }
     }
 
-    /// Waits until both stores hold a complete initial list.
+    /// Waits until every store holds a complete initial list.
     pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
         self.services.wait_until_ready().await?;
-        self.slices.wait_until_ready().await
+        self.slices.wait_until_ready().await?;
+        self.node.wait_until_ready().await
+    }
+
+    /// Whether this node's Node object exists (it may be missing when `vip_nodename` is
+    /// wrong; kvip then runs as a node without labels).
+    pub fn node_found(&self) -> bool {
+        !self.node.state().is_empty()
     }
 
     /// The current state as `plan()` reads it.
@@ -110,10 +135,17 @@ impl ClusterCache {
             };
             endpoints.entry(key).or_default().extend(eps);
         }
+        let node_excluded = self.node.state().iter().any(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(EXCLUDE_FROM_LB_LABEL))
+        });
         Snapshot {
             services,
             endpoints,
             networks,
+            node_excluded,
         }
     }
 }

@@ -22,6 +22,8 @@ pub enum Source {
     KubeadmConfig,
     Nodes,
     ServiceCidrObjects,
+    /// kube-vip's guessed defaults, used only with `egress_default_cidrs`.
+    Guessed,
 }
 
 impl Source {
@@ -32,6 +34,7 @@ impl Source {
             Source::KubeadmConfig => "kubeadm-config",
             Source::Nodes => "nodes",
             Source::ServiceCidrObjects => "servicecidrs",
+            Source::Guessed => "guessed",
         }
     }
 }

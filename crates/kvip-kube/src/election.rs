@@ -9,9 +9,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
-use kvip_core::lease::{Action, Elector, LeaseRecord, Now, Timings};
+use kvip_core::lease::{Action, Elector, LeaseRecord, Now, Timings, released};
 use thiserror::Error;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Error)]
 pub enum ElectionError {
@@ -181,32 +182,45 @@ impl Election {
         fut.await.unwrap_or_else(|_| Err(timed_out()))
     }
 
-    /// Runs until `stop` turns true: competes while `candidate` is true, publishes on `leader`
-    /// whether this node may hold the Service's VIPs. On stop, a holder releases the Lease
-    /// (empty holder) so the next node takes over at once.
+    /// Runs until `stop` is cancelled: competes while `candidate` is true, publishes on
+    /// `leader` whether this node may hold the Service's VIPs. On stop it withdraws leadership
+    /// at once and returns the [`Release`] still to be written: the caller removes the VIPs
+    /// first and releases after, so no other node can take the Lease while this one still
+    /// holds an address.
     pub async fn run(
         mut self,
         candidate: watch::Receiver<bool>,
         leader: watch::Sender<bool>,
-        mut stop: watch::Receiver<bool>,
-    ) {
-        loop {
-            if *stop.borrow() {
-                break;
-            }
-            let read = self.guarded(self.lock.read(), &leader).await;
+        stop: CancellationToken,
+    ) -> Release {
+        while !stop.is_cancelled() {
+            // A call in flight is abandoned on stop (shutdown must not wait a retry period
+            // for a hanging API); the release below re-reads if it then conflicts.
+            let read = tokio::select! {
+                out = self.guarded(self.lock.read(), &leader) => out,
+                _ = stop.cancelled() => break,
+            };
             match read {
                 Ok(r) => self.elector.observe(r, self.now()),
                 Err(e) => {
                     tracing::debug!(lease = self.lock.name(), error = %e, "reading the lease")
                 }
             }
+            if stop.is_cancelled() {
+                break;
+            }
             let action = self.elector.next_action(self.now(), *candidate.borrow());
             let sent = self.now();
-            let result = match &action {
-                Action::Create(r) => Some(self.guarded(self.lock.create(r), &leader).await),
-                Action::Replace(r) => Some(self.guarded(self.lock.replace(r), &leader).await),
-                Action::Wait(_) => None,
+            let call = async {
+                match &action {
+                    Action::Create(r) => Some(self.guarded(self.lock.create(r), &leader).await),
+                    Action::Replace(r) => Some(self.guarded(self.lock.replace(r), &leader).await),
+                    Action::Wait(_) => None,
+                }
+            };
+            let result = tokio::select! {
+                out = call => out,
+                _ = stop.cancelled() => break,
             };
             match result {
                 Some(Ok(stored)) => self.elector.written(stored, sent),
@@ -232,17 +246,67 @@ impl Election {
                         _ => std::future::pending::<()>().await,
                     }
                 } => self.publish(&leader),
-                _ = stop.changed() => {}
+                _ = stop.cancelled() => {}
             }
         }
         leader.send_replace(false);
-        if let Some(r) = self.elector.release() {
-            let out = tokio::time::timeout(self.timings.retry_period, self.lock.replace(&r)).await;
-            if !matches!(out, Ok(Ok(_))) {
+        Release {
+            me: self.elector.identity().to_string(),
+            record: self.elector.release(),
+            lock: self.lock,
+            timeout: self.timings.retry_period,
+        }
+    }
+}
+
+/// The write that hands a Lease on at shutdown (empty holder), made after this node has
+/// removed the VIPs it held under it.
+pub struct Release {
+    me: String,
+    lock: LeaseLock,
+    record: Option<LeaseRecord>,
+    timeout: std::time::Duration,
+}
+
+impl Release {
+    /// Whether this node held the Lease when it stopped (and so has a release to write).
+    pub fn held(&self) -> bool {
+        self.record.is_some()
+    }
+
+    /// Writes the empty holder, guarded by the resourceVersion last seen. On a conflict it
+    /// reads the Lease again: held by another node, there is nothing to hand on; still this
+    /// node's (a renewal abandoned in flight landed), it releases that version. Bounded by a
+    /// retry period per call and by `limit` overall. Returns whether the Lease is no longer
+    /// this node's.
+    pub async fn write(self, limit: std::time::Duration) -> bool {
+        let Some(r) = self.record.clone() else {
+            return true;
+        };
+        let per_call = self.timeout.min(limit);
+        let attempt = async {
+            match self.lock.replace(&r).await {
+                Err(ElectionError::Conflict(_)) => match self.lock.read().await? {
+                    Some(cur) if cur.holder == self.me => {
+                        self.lock.replace(&released(&cur)).await.map(|_| ())
+                    }
+                    _ => Ok(()),
+                },
+                other => other.map(|_| ()),
+            }
+        };
+        match tokio::time::timeout(per_call, attempt).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(lease = self.lock.name(), error = %e, "could not release the lease; it will expire");
+                false
+            }
+            Err(_) => {
                 tracing::warn!(
                     lease = self.lock.name(),
-                    "could not release the lease; it will expire"
+                    "releasing the lease timed out; it will expire"
                 );
+                false
             }
         }
     }

@@ -54,6 +54,9 @@ pub fn rules_for(discovery: bool, per_service_leases: bool) -> Vec<Rule> {
         r("", "services/status", "patch", Cluster),
         r("discovery.k8s.io", "endpointslices", "list", Cluster),
         r("discovery.k8s.io", "endpointslices", "watch", Cluster),
+        // This node's Node (field selector metadata.name), for its labels.
+        r("", "nodes", "list", Cluster),
+        r("", "nodes", "watch", Cluster),
         r("events.k8s.io", "events", "create", Cluster),
         r("events.k8s.io", "events", "patch", Cluster),
         r("coordination.k8s.io", "leases", "get", lease_scope),
@@ -64,7 +67,6 @@ pub fn rules_for(discovery: bool, per_service_leases: bool) -> Vec<Rule> {
         v.extend([
             r("", "pods", "list", KubeSystem),
             r("", "configmaps", "get", KubeSystem),
-            r("", "nodes", "list", Cluster),
             r("networking.k8s.io", "servicecidrs", "list", Cluster),
         ]);
     }

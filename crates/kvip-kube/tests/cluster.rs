@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
@@ -97,7 +97,9 @@ async fn snapshot_follows_the_api_through_faults() {
     let services: Api<Service> = Api::namespaced(c.clone(), "default");
     let slices: Api<EndpointSlice> = Api::namespaced(c.clone(), "default");
     let (dirty_tx, dirty_rx) = watch::channel(0u64);
-    let cache = ClusterCache::start(c.clone(), None, dirty_tx);
+    let tasks = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cache = ClusterCache::start(c.clone(), None, "n1", dirty_tx, &tasks, &stop);
     tokio::time::timeout(Duration::from_secs(5), cache.ready())
         .await
         .expect("ready in time")
@@ -210,4 +212,50 @@ async fn snapshot_follows_the_api_through_faults() {
         watched.contains(&("list".into(), "services".into())),
         "{watched:?}"
     );
+
+    // This node's Node, and only it: its exclusion label reaches the snapshot.
+    assert!(!cache.node_found());
+    let nodes: Api<Node> = Api::all(c.clone());
+    let node = |name: &str, excluded: bool| -> Node {
+        let labels = if excluded {
+            serde_json::json!({ "node.kubernetes.io/exclude-from-external-load-balancers": "" })
+        } else {
+            serde_json::json!({})
+        };
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": labels}
+        }))
+        .expect("node")
+    };
+    nodes
+        .create(&PostParams::default(), &node("n2", true))
+        .await
+        .expect("create n2");
+    nodes
+        .create(&PostParams::default(), &node("n1", false))
+        .await
+        .expect("create n1");
+    until("this Node", Duration::from_secs(5), || cache.node_found()).await;
+    assert!(
+        !cache.snapshot(ClusterNetworks::default()).node_excluded,
+        "another node's label does not count"
+    );
+    let mut n1 = nodes.get("n1").await.expect("get n1");
+    n1.metadata.labels = node("n1", true).metadata.labels;
+    nodes
+        .replace("n1", &PostParams::default(), &n1)
+        .await
+        .expect("label n1");
+    until("excluded", Duration::from_secs(5), || {
+        cache.snapshot(ClusterNetworks::default()).node_excluded
+    })
+    .await;
+
+    // Cancelling the token stops every watch task.
+    stop.cancel();
+    tasks.close();
+    tokio::time::timeout(Duration::from_secs(2), tasks.wait())
+        .await
+        .expect("the watch tasks end on cancellation");
 }

@@ -7,6 +7,7 @@ use kvip_core::lease::Timings;
 use kvip_kube::{Election, LeaseLock};
 use kvip_testkit::apiserver::ApiServer;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 const T: Timings = Timings {
     lease_duration: Duration::from_millis(1000),
@@ -17,8 +18,8 @@ const T: Timings = Timings {
 struct Node {
     leader: watch::Receiver<bool>,
     candidate: watch::Sender<bool>,
-    stop: watch::Sender<bool>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<kvip_kube::election::Release>>,
 }
 
 impl Node {
@@ -39,12 +40,12 @@ fn spawn(server: &ApiServer, id: &str) -> Node {
     let lock = LeaseLock::new(client(server), "kube-system", "plndr-svcs-lock");
     let (cand_tx, cand_rx) = watch::channel(true);
     let (lead_tx, lead_rx) = watch::channel(false);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(Election::new(lock, id, T).run(cand_rx, lead_tx, stop_rx));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(Election::new(lock, id, T).run(cand_rx, lead_tx, stop.clone()));
     Node {
         leader: lead_rx,
         candidate: cand_tx,
-        stop: stop_tx,
+        stop,
         task: Some(task),
     }
 }
@@ -104,11 +105,31 @@ async fn one_leader_and_graceful_handover() {
     assert_eq!(l["spec"]["leaseDurationSeconds"], 1);
     let transitions = l["spec"]["leaseTransitions"].as_i64().unwrap_or(0);
 
-    // Graceful stop: the holder releases, another node takes over within about a retry period.
-    nodes[first].stop.send_replace(true);
-    if let Some(t) = nodes[first].task.take() {
-        t.await.expect("election task");
-    }
+    // Graceful stop: the holder withdraws its leadership at once but keeps the Lease until
+    // the caller (having removed its VIPs) writes the release; then another node takes over
+    // within about a retry period.
+    nodes[first].stop.cancel();
+    let release = nodes[first]
+        .task
+        .take()
+        .expect("the leader's task runs")
+        .await
+        .expect("election task");
+    assert!(
+        !*nodes[first].leader.borrow(),
+        "leadership withdrawn on stop"
+    );
+    assert!(release.held());
+    assert_eq!(
+        watch_for(&nodes, Duration::from_millis(500)).await,
+        None,
+        "nobody leads while the stopped holder's release is pending"
+    );
+    assert_eq!(
+        lease(&server)["spec"]["holderIdentity"],
+        format!("n{}", first + 1)
+    );
+    assert!(release.write(Duration::from_secs(1)).await, "released");
     let (second, took) = next_leader(&nodes, Some(first), Duration::from_secs(2)).await;
     assert_ne!(second, first);
     assert!(took < Duration::from_millis(700), "handover took {took:?}");

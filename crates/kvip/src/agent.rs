@@ -18,8 +18,13 @@ use kvip_dataplane::{AnnounceConfig, BackendKind, Config, Dataplane, Instance, K
 use kvip_kube::publish::{self, HolderView};
 
 use crate::metrics::{self, Metrics, ModeLabel, SourceLabel};
+use kvip_kube::election::Release;
 use kvip_kube::{ClusterCache, Election, LeaseLock, discovery};
+use std::sync::Arc;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 const DEBOUNCE: Duration = Duration::from_millis(50);
 const RESYNC: Duration = Duration::from_secs(30);
@@ -217,16 +222,20 @@ struct PerServiceElections {
     identity: String,
     timings: Timings,
     running: BTreeMap<ServiceKey, ServiceElection>,
+    /// Stopped elections whose release waits until the sync has removed their VIPs.
+    retiring: Vec<JoinHandle<Release>>,
     /// Bumped whenever any of them gains or loses its Lease.
     changed: watch::Sender<u64>,
+    tasks: TaskTracker,
+    root: CancellationToken,
 }
 
 struct ServiceElection {
     lease: String,
-    task: tokio::task::JoinHandle<()>,
+    task: JoinHandle<Release>,
     candidate: watch::Sender<bool>,
     leader: watch::Receiver<bool>,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
 }
 
 impl PerServiceElections {
@@ -245,18 +254,24 @@ impl PerServiceElections {
                 continue;
             }
             if let Some(old) = self.running.remove(key) {
-                old.stop.send_replace(true);
+                old.stop.cancel();
+                self.retiring.push(old.task);
             }
             let lock = LeaseLock::new(self.client.clone(), &key.namespace, &lease);
             let (cand_tx, cand_rx) = watch::channel(sp.candidate);
             let (lead_tx, lead_rx) = watch::channel(false);
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let task = tokio::spawn(
-                Election::new(lock, &self.identity, self.timings).run(cand_rx, lead_tx, stop_rx),
-            );
+            let stop = self.root.child_token();
+            let task = self
+                .tasks
+                .spawn(Election::new(lock, &self.identity, self.timings).run(
+                    cand_rx,
+                    lead_tx,
+                    stop.clone(),
+                ));
+            // Ends with the election (its sender is dropped then).
             let mut forward = lead_rx.clone();
             let changed = self.changed.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 while forward.changed().await.is_ok() {
                     changed.send_modify(|g| *g += 1);
                 }
@@ -268,7 +283,7 @@ impl PerServiceElections {
                     task,
                     candidate: cand_tx,
                     leader: lead_rx,
-                    stop: stop_tx,
+                    stop,
                 },
             );
         }
@@ -280,7 +295,8 @@ impl PerServiceElections {
             .collect();
         for k in gone {
             if let Some(e) = self.running.remove(&k) {
-                e.stop.send_replace(true);
+                e.stop.cancel();
+                self.retiring.push(e.task);
             }
         }
     }
@@ -293,14 +309,23 @@ impl PerServiceElections {
             .collect()
     }
 
-    /// Stops every election (holders release their Leases) and waits for them.
-    async fn stop_all(&mut self) {
-        for e in self.running.values() {
-            e.stop.send_replace(true);
+    /// Writes the releases of elections stopped before the last sync (which has removed
+    /// their VIPs), in the background.
+    fn release_retired(&mut self, limit: Duration) {
+        for task in self.retiring.drain(..) {
+            self.tasks.spawn(async move {
+                if let Ok(r) = task.await {
+                    r.write(limit).await;
+                }
+            });
         }
-        for (_, e) in std::mem::take(&mut self.running) {
-            let _ = tokio::time::timeout(Duration::from_secs(5), e.task).await;
-        }
+    }
+
+    /// Every election's release (each has stopped by the root's cancellation).
+    fn into_tasks(self) -> Vec<JoinHandle<Release>> {
+        let mut v = self.retiring;
+        v.extend(self.running.into_values().map(|e| e.task));
+        v
     }
 }
 
@@ -341,16 +366,39 @@ async fn publish_held(
     }
 }
 
+/// The elections this node takes part in; each hands back a [`Release`] when it stops.
+enum Elections {
+    Global {
+        task: JoinHandle<Release>,
+        candidate: watch::Sender<bool>,
+    },
+    PerService(Box<PerServiceElections>),
+    /// `vip_leaderelection=false`: this node holds every selected Service.
+    Off,
+}
+
+impl Elections {
+    fn into_tasks(self) -> Vec<JoinHandle<Release>> {
+        match self {
+            Elections::Global { task, .. } => vec![task],
+            Elections::PerService(p) => (*p).into_tasks(),
+            Elections::Off => vec![],
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT (exit 0) or a failure (an error). Whichever way it
+/// ends: everything kvip owns is removed from the kernel, then the Leases are released, then
+/// every task has stopped — within `shutdown_timeout` of the signal.
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     // First of all: a SIGTERM from now on must lead to the shutdown path, never kill the
     // process with kvip's state still in the kernel.
-    let mut signals = ShutdownSignals::install()?;
+    let signals = ShutdownSignals::install()?;
     let interface = cfg
         .services_interface
         .clone()
         .or_else(|| cfg.vip_interface.clone())
         .context("vip_interface is not set (kvip does not pick an interface by itself yet)")?;
-    let (client, api_url) = client(&cfg).await?;
     let mut dp = KernelDataplane::new(Config {
         instance: Instance::new(cfg.instance_name.as_deref())?,
         backend: match cfg.egress_with_nftables {
@@ -366,6 +414,124 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         },
     })
     .await?;
+
+    // One cancellation root: a signal cancels it; every task hangs off it.
+    let root = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let signalled = Arc::new(std::sync::OnceLock::new());
+    tasks.spawn({
+        let (root, signalled) = (root.clone(), signalled.clone());
+        let mut signals = signals;
+        async move {
+            tokio::select! {
+                _ = signals.recv() => {
+                    let _ = signalled.set(tokio::time::Instant::now());
+                    tracing::info!("signal received: shutting down");
+                    root.cancel();
+                }
+                _ = root.cancelled() => {}
+            }
+        }
+    });
+
+    let mut elections = Elections::Off;
+    let outcome = agent(&cfg, interface, &mut dp, &root, &tasks, &mut elections).await;
+    if let Err(e) = &outcome {
+        tracing::error!(error = format!("{e:#}"), "the agent stops");
+    }
+
+    // Shutdown: stop every task; remove kvip's kernel state; only then hand the Leases on,
+    // so no other node can take a VIP while this one still has it.
+    root.cancel();
+    let started = signalled
+        .get()
+        .copied()
+        .unwrap_or_else(tokio::time::Instant::now);
+    let deadline = started + cfg.shutdown_timeout;
+    tracing::info!("removing kvip's kernel state, then releasing the leases");
+    let release_tasks = elections.into_tasks();
+    let (releases, teardown) = tokio::join!(
+        tokio::time::timeout_at(deadline, futures_util::future::join_all(release_tasks)),
+        dp.teardown()
+    );
+    for e in &teardown.errors {
+        tracing::error!(error = %e, "teardown");
+    }
+    // Its netlink connection and announcement tasks end with it.
+    drop(dp);
+    let releases: Vec<Release> = releases
+        .map(|v| v.into_iter().filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    let limit = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let writes = releases
+        .into_iter()
+        .filter(Release::held)
+        .map(|r| r.write(limit));
+    let released = futures_util::future::join_all(writes).await;
+    let not_released = released.iter().filter(|ok| !**ok).count();
+    tasks.close();
+    let finished = tokio::time::timeout_at(deadline, tasks.wait())
+        .await
+        .is_ok();
+    // Tasks of the libraries (connections, the client's buffer) end once their owners are
+    // gone; wait for them too, so nothing outlives the shutdown.
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    while alive() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let left = alive();
+    let took = started.elapsed();
+    if finished && left == 0 {
+        tracing::info!(
+            ms = took.as_millis() as u64,
+            tasks_alive = left,
+            leases_not_released = not_released,
+            "shutdown complete"
+        );
+    } else {
+        tracing::warn!(
+            ms = took.as_millis() as u64,
+            tasks_alive = left,
+            leases_not_released = not_released,
+            "shutdown deadline (shutdown_timeout) reached: what is still running is abandoned"
+        );
+    }
+    if !teardown.errors.is_empty() {
+        bail!("teardown left errors: {}", teardown.errors.join("; "));
+    }
+    outcome
+}
+
+/// Awaits `fut` unless the root is cancelled first (`None` then).
+async fn unless_stopped<T>(root: &CancellationToken, fut: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        out = fut => Some(out),
+        _ = root.cancelled() => None,
+    }
+}
+
+/// Startup and the sync loop, until the root is cancelled (Ok) or startup fails (Err).
+async fn agent(
+    cfg: &AgentConfig,
+    interface: String,
+    dp: &mut KernelDataplane,
+    root: &CancellationToken,
+    tasks: &TaskTracker,
+    elections: &mut Elections,
+) -> Result<()> {
+    // This process holds no Lease yet: anything an earlier run left in the kernel is stale.
+    // Clear it now, before any wait on the API (which may be unreachable for a while).
+    let cleared = dp
+        .apply(&kvip_core::DesiredState::empty())
+        .await
+        .context("clearing kvip's kernel state left by an earlier run")?;
+    if !cleared.vips_removed.is_empty() || cleared.mode != kvip_dataplane::SyncMode::Unchanged {
+        tracing::info!(vips_removed = ?cleared.vips_removed, "cleared kvip's kernel state left by an earlier run");
+    }
     if cfg.egress_clean {
         let r = kvip_dataplane::legacy::clean_legacy().await;
         for line in &r.removed {
@@ -375,19 +541,51 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             tracing::warn!(error = %e, "kube-vip clean-up");
         }
     }
-    let found = discovery::discover(
-        &client,
-        cfg.egress_pod_cidr.clone(),
-        cfg.egress_service_cidr.clone(),
+    let (client, api_url) = client(cfg).await?;
+    let Some(found) = unless_stopped(
+        root,
+        discovery::discover(
+            &client,
+            cfg.egress_pod_cidr.clone(),
+            cfg.egress_service_cidr.clone(),
+        ),
     )
-    .await;
+    .await
+    else {
+        return Ok(());
+    };
     for d in &found.denied {
         tracing::warn!(permission = %d, "CIDR discovery: missing permission");
     }
     let m = Metrics::new();
-    let metrics_server =
-        metrics::serve(metrics::listen_address(&cfg.prometheus_server)?, m.clone()).await?;
-    for (kind, v) in [("pod", &found.pod), ("service", &found.service)] {
+    metrics::serve(
+        metrics::listen_address(&cfg.prometheus_server)?,
+        m.clone(),
+        tasks,
+        root.child_token(),
+    )
+    .await?;
+    let mut pod = found.pod;
+    let mut service = found.service;
+    if cfg.egress_default_cidrs {
+        for (kind, v, guess) in [
+            ("pod", &mut pod, "10.0.0.0/16"),
+            ("service", &mut service, "10.96.0.0/12"),
+        ] {
+            if v.is_none() {
+                tracing::warn!(
+                    kind,
+                    cidr = guess,
+                    "no CIDR configured or discovered: using kube-vip's guess (egress_default_cidrs); pods outside it are translated towards their own cluster"
+                );
+                let cidr = guess
+                    .parse()
+                    .map_err(|e: kvip_core::cidr::CidrParseError| anyhow::anyhow!(e.0))?;
+                *v = Some((vec![cidr], discovery::Source::Guessed));
+            }
+        }
+    }
+    for (kind, v) in [("pod", &pod), ("service", &service)] {
         let source = v.as_ref().map_or("none", |(_, s)| s.as_str());
         m.cidr_source
             .get_or_create(&SourceLabel {
@@ -397,8 +595,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             .set(1);
     }
     let networks = ClusterNetworks {
-        pod: found.pod.map(|p| p.0).unwrap_or_default(),
-        service: found.service.map(|s| s.0).unwrap_or_default(),
+        pod: pod.map(|p| p.0).unwrap_or_default(),
+        service: service.map(|s| s.0).unwrap_or_default(),
         api_server: api_server_addresses(&api_url),
     };
     let node = NodeConfig {
@@ -410,42 +608,65 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     };
 
     let (dirty_tx, mut dirty) = watch::channel(0u64);
-    let cache = ClusterCache::start(client.clone(), cfg.namespace.as_deref(), dirty_tx);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let cache = ClusterCache::start(
+        client.clone(),
+        cfg.namespace.as_deref(),
+        &cfg.node_name,
+        dirty_tx,
+        tasks,
+        root,
+    );
     let (leader_tx, mut leader) = watch::channel(!cfg.leader_election);
-    // Without election this node always leads; the sender stays alive so the loop below does
-    // not see a closed channel.
-    let mut always_leader = None;
     let timings = Timings {
         lease_duration: cfg.lease_duration,
         renew_deadline: cfg.renew_deadline,
         retry_period: cfg.retry_period,
     };
-    // The sender lives as long as the loop (held here even without per-Service elections):
-    // a dropped sender would make `changed()` return at once, every time.
+    // Lives as long as the loop: a dropped sender would make `changed()` return at once.
     let (per_service_tx, mut per_service_changed) = watch::channel(0u64);
-    let mut per_service = (cfg.svc_election && cfg.leader_election).then(|| PerServiceElections {
-        client: client.clone(),
-        identity: cfg.node_name.clone(),
-        timings,
-        running: BTreeMap::new(),
-        changed: per_service_tx.clone(),
-    });
-    let election = if cfg.leader_election && !cfg.svc_election {
-        let lock = LeaseLock::new(client.clone(), &own_namespace(), &cfg.lease_name);
-        let (_cand_tx, cand_rx) = watch::channel(true);
-        let task = tokio::spawn(
-            Election::new(lock, &cfg.node_name, timings).run(cand_rx, leader_tx, stop_rx),
-        );
-        Some((task, _cand_tx))
+    // Without election this node always leads; the sender stays alive for the same reason.
+    let mut _always_leader = None;
+    *elections = if !cfg.leader_election {
+        _always_leader = Some(leader_tx);
+        Elections::Off
+    } else if cfg.svc_election {
+        Elections::PerService(Box::new(PerServiceElections {
+            client: client.clone(),
+            identity: cfg.node_name.clone(),
+            timings,
+            running: BTreeMap::new(),
+            retiring: Vec::new(),
+            changed: per_service_tx.clone(),
+            tasks: tasks.clone(),
+            root: root.clone(),
+        }))
     } else {
-        always_leader = Some(leader_tx);
-        None
+        let lock = LeaseLock::new(client.clone(), &own_namespace(), &cfg.lease_name);
+        // Not a candidate until the first snapshot says this node may hold VIPs.
+        let (candidate, cand_rx) = watch::channel(false);
+        let task = tasks.spawn(Election::new(lock, &cfg.node_name, timings).run(
+            cand_rx,
+            leader_tx,
+            root.child_token(),
+        ));
+        Elections::Global { task, candidate }
     };
-    tokio::time::timeout(Duration::from_secs(30), cache.ready())
-        .await
-        .context("the first list of Services and EndpointSlices did not complete in 30 s")?
-        .context("watches stopped")?;
+    match unless_stopped(
+        root,
+        tokio::time::timeout(Duration::from_secs(30), cache.ready()),
+    )
+    .await
+    {
+        None => return Ok(()),
+        Some(r) => r
+            .context(
+                "the first list of Services, EndpointSlices and this Node did not complete in 30 s",
+            )?
+            .context("watches stopped")?,
+    }
+    if !cache.node_found() {
+        tracing::warn!(node = %node.node_name, "no Node object of this name: check vip_nodename / NODE_NAME (kvip runs as if the node had no labels)");
+    }
     tracing::info!(node = %node.node_name, interface = %node.interface, backend = dp.backend().name(), "kvip agent started");
 
     let mut events = ServiceEvents {
@@ -459,6 +680,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         last: BTreeMap::new(),
     };
     let mut was_leading = false;
+    let mut was_excluded = false;
     let mut last_sync;
     loop {
         last_sync = tokio::time::Instant::now();
@@ -469,13 +691,26 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             was_leading = leading;
         }
         let snapshot = cache.snapshot(networks.clone());
-        let leadership = match &per_service {
-            Some(e) => Leadership::PerService(e.held()),
-            None => Leadership::Global(leading),
+        if snapshot.node_excluded != was_excluded {
+            was_excluded = snapshot.node_excluded;
+            tracing::info!(
+                excluded = was_excluded,
+                label = kvip_kube::cluster::EXCLUDE_FROM_LB_LABEL,
+                "this node's exclusion from load balancing changed"
+            );
+        }
+        let leadership = match &*elections {
+            Elections::PerService(e) => Leadership::PerService(e.held()),
+            _ => Leadership::Global(leading),
         };
         let p = plan(&snapshot, &leadership, &node);
-        if let Some(e) = per_service.as_mut() {
-            e.sync(&p.services);
+        match elections {
+            Elections::PerService(e) => e.sync(&p.services),
+            Elections::Global { candidate, .. } => {
+                let c = !snapshot.node_excluded;
+                candidate.send_if_modified(|v| std::mem::replace(v, c) != c);
+            }
+            Elections::Off => {}
         }
         match dp.apply(&p.desired).await {
             Ok(r) => {
@@ -487,6 +722,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 m.vips_held.set(p.desired.vips().len() as i64);
                 m.egress_pods.set(p.desired.source_count() as i64);
                 m.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Elections::PerService(e) = elections {
+                    e.release_retired(timings.retry_period);
+                }
                 publish_held(&client, &snapshot, &p, &node.node_name).await;
                 events.report(&p, &node.node_name).await;
                 if r.mode != kvip_dataplane::SyncMode::Unchanged
@@ -529,31 +767,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     }
                 }
             }
-            _ = signals.recv() => break,
+            _ = root.cancelled() => return Ok(()),
         }
         // Debounce: at most one sync per DEBOUNCE. A change after a quiet spell is applied at
         // once; the changes of a burst wait for the rest of the interval and go together.
         tokio::time::sleep(DEBOUNCE.saturating_sub(last_sync.elapsed())).await;
     }
-
-    tracing::info!("shutting down: releasing the lease and removing kvip's kernel state");
-    metrics_server.abort();
-    let _ = stop_tx.send(true);
-    if let Some(e) = per_service.as_mut() {
-        e.stop_all().await;
-    }
-    if let Some((task, _cand)) = election {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-    }
-    drop(cache);
-    drop(always_leader);
-    drop(per_service_tx);
-    let r = dp.teardown().await;
-    for e in &r.errors {
-        tracing::error!(error = %e, "teardown");
-    }
-    if !r.errors.is_empty() {
-        bail!("teardown left errors: {}", r.errors.join("; "));
-    }
-    Ok(())
 }

@@ -137,8 +137,13 @@ pub fn listen_address(s: &str) -> Result<SocketAddr> {
         .with_context(|| format!("prometheus_server={s:?} is not host:port"))
 }
 
-/// Serves the endpoints until the task is dropped.
-pub async fn serve(addr: SocketAddr, m: Arc<Metrics>) -> Result<tokio::task::JoinHandle<()>> {
+/// Binds `addr` and serves the endpoints on `tasks` until `stop` is cancelled.
+pub async fn serve(
+    addr: SocketAddr,
+    m: Arc<Metrics>,
+    tasks: &tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listening on {addr} (prometheus_server)"))?;
@@ -147,9 +152,13 @@ pub async fn serve(addr: SocketAddr, m: Arc<Metrics>) -> Result<tokio::task::Joi
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(m);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
             tracing::error!(error = %e, "metrics server stopped");
         }
-    }))
+    });
+    Ok(())
 }

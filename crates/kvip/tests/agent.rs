@@ -55,6 +55,7 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(self.log.with_extension("kubeconfig"));
     }
 }
 
@@ -419,6 +420,16 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "exit status {status}:\n{}", agent.log());
+    // One cancellation root: every task, the libraries' included, ended before the exit.
+    let log = agent.log();
+    let done = log
+        .lines()
+        .find(|l| l.contains("shutdown complete"))
+        .unwrap_or_else(|| panic!("no shutdown line:\n{log}"));
+    assert!(
+        done.contains("tasks_alive=0") && done.contains("leases_not_released=0"),
+        "{done}"
+    );
     assert!(!rules(&ns).contains("kvip"), "rules left:\n{}", rules(&ns));
     assert!(!has_vip(&ns), "VIP left");
     let lease = server
