@@ -120,6 +120,16 @@ impl ClusterCache {
         !self.node.state().is_empty()
     }
 
+    /// Whether this node's Node carries [`EXCLUDE_FROM_LB_LABEL`].
+    pub fn node_excluded(&self) -> bool {
+        self.node.state().iter().any(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(EXCLUDE_FROM_LB_LABEL))
+        })
+    }
+
     /// The current state as `plan()` reads it.
     pub fn snapshot(&self, networks: ClusterNetworks) -> Snapshot {
         let services = self
@@ -135,17 +145,11 @@ impl ClusterCache {
             };
             endpoints.entry(key).or_default().extend(eps);
         }
-        let node_excluded = self.node.state().iter().any(|n| {
-            n.metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.contains_key(EXCLUDE_FROM_LB_LABEL))
-        });
         Snapshot {
             services,
             endpoints,
             networks,
-            node_excluded,
+            node_excluded: self.node_excluded(),
         }
     }
 }

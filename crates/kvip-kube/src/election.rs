@@ -189,7 +189,7 @@ impl Election {
     /// holds an address.
     pub async fn run(
         mut self,
-        candidate: watch::Receiver<bool>,
+        mut candidate: watch::Receiver<bool>,
         leader: watch::Sender<bool>,
         stop: CancellationToken,
     ) -> Release {
@@ -246,6 +246,12 @@ impl Election {
                         _ => std::future::pending::<()>().await,
                     }
                 } => self.publish(&leader),
+                // Becoming (or ceasing to be) a candidate acts at once, not a period later.
+                _ = async {
+                    if candidate.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                } => {}
                 _ = stop.cancelled() => {}
             }
         }

@@ -624,6 +624,19 @@ async fn agent(
     };
     // Lives as long as the loop: a dropped sender would make `changed()` return at once.
     let (per_service_tx, mut per_service_changed) = watch::channel(0u64);
+    match unless_stopped(
+        root,
+        tokio::time::timeout(Duration::from_secs(30), cache.ready()),
+    )
+    .await
+    {
+        None => return Ok(()),
+        Some(r) => r
+            .context(
+                "the first list of Services, EndpointSlices and this Node did not complete in 30 s",
+            )?
+            .context("watches stopped")?,
+    }
     // Without election this node always leads; the sender stays alive for the same reason.
     let mut _always_leader = None;
     *elections = if !cfg.leader_election {
@@ -642,8 +655,7 @@ async fn agent(
         }))
     } else {
         let lock = LeaseLock::new(client.clone(), &own_namespace(), &cfg.lease_name);
-        // Not a candidate until the first snapshot says this node may hold VIPs.
-        let (candidate, cand_rx) = watch::channel(false);
+        let (candidate, cand_rx) = watch::channel(!cache.node_excluded());
         let task = tasks.spawn(Election::new(lock, &cfg.node_name, timings).run(
             cand_rx,
             leader_tx,
@@ -651,19 +663,6 @@ async fn agent(
         ));
         Elections::Global { task, candidate }
     };
-    match unless_stopped(
-        root,
-        tokio::time::timeout(Duration::from_secs(30), cache.ready()),
-    )
-    .await
-    {
-        None => return Ok(()),
-        Some(r) => r
-            .context(
-                "the first list of Services, EndpointSlices and this Node did not complete in 30 s",
-            )?
-            .context("watches stopped")?,
-    }
     if !cache.node_found() {
         tracing::warn!(node = %node.node_name, "no Node object of this name: check vip_nodename / NODE_NAME (kvip runs as if the node had no labels)");
     }

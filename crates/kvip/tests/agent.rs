@@ -81,6 +81,20 @@ fn start_agent_full(
     cidrs: bool,
     per_service: bool,
 ) -> Agent {
+    start_agent_env(ns, url, tag, node, cidrs, per_service, &[])
+}
+
+/// As [`start_agent_full`], with `extra` settings (`name=value`) after the defaults (later
+/// ones win).
+fn start_agent_env(
+    ns: &Netns,
+    url: &str,
+    tag: &str,
+    node: &str,
+    cidrs: bool,
+    per_service: bool,
+    extra: &[&str],
+) -> Agent {
     let dir = std::env::temp_dir();
     let kubeconfig = dir.join(format!(
         "kvip-agent-{tag}-{}.kubeconfig",
@@ -117,6 +131,7 @@ fn start_agent_full(
         })
         .arg(format!("svc_election={per_service}"))
         .arg(format!("k8s_config_file={}", kubeconfig.display()))
+        .args(extra)
         // One option through the command line, the rest through the environment.
         .args([KVIP, "run", "--set", "vip_arp=true"])
         .stdout(Stdio::null())
@@ -215,24 +230,42 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
     let mut bad = service(true);
     bad.metadata.name = Some("bad".into());
     if let Some(a) = bad.metadata.annotations.as_mut() {
-        a.insert("kube-vip.io/loadbalancerIPs".into(), "192.0.2.11".into());
+        // An IPv6 VIP without egress-ipv6: no IPv6 egress, and a warning saying so.
+        a.insert(
+            "kube-vip.io/loadbalancerIPs".into(),
+            "192.0.2.11,2001:db8::11".into(),
+        );
         a.insert(
             "kube-vip.io/egress-destination-ports".into(),
-            "tcp:99999".into(),
+            "tcp:99999,tcp:443".into(),
         );
         a.insert(
             "kube-vip.io/egress-denied-networks".into(),
             "300.1.1.1/8".into(),
         );
     }
+    // With a ready endpoint here, so this node holds it and plans its egress.
+    let bad_slice = {
+        let mut sl = slice("10.244.1.9");
+        sl.metadata.name = Some("bad-1".into());
+        if let Some(l) = sl.metadata.labels.as_mut() {
+            l.insert("kubernetes.io/service-name".into(), "bad".into());
+        }
+        sl
+    };
     rt.block_on(async {
         services
             .create(&PostParams::default(), &bad)
             .await
             .expect("bad service");
+        slices
+            .create(&PostParams::default(), &bad_slice)
+            .await
+            .expect("bad slice");
     });
     until("VIP and egress", &agent, Duration::from_secs(15), || {
-        has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto")
+        let r = rules(&ns);
+        has_vip(&ns) && r.contains("10.244.1.5 : goto") && r.contains("10.244.1.9 : goto")
     });
     let r = rules(&ns);
     // The holder writes the VIP into the Service's status and kube-vip's annotations.
@@ -253,8 +286,8 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
     );
     let metrics = http_get(&ns, "/metrics");
     for line in [
-        "kvip_vips_held 1",
-        "kvip_egress_pods 1",
+        "kvip_vips_held 3",
+        "kvip_egress_pods 2",
         "kvip_leader_transitions_total 1",
     ] {
         assert!(
@@ -318,6 +351,12 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
             && ev
                 .iter()
                 .any(|e| e.0 == "bad" && e.2 == "InvalidAnnotation" && e.3.contains("300.1.1.1/8"))
+            && ev.iter().any(|e| {
+                e.0 == "bad"
+                    && e.1 == "Warning"
+                    && e.3.contains("2001:db8::11")
+                    && e.3.contains("egress-ipv6")
+            })
     });
     assert!(
         !events(&server)
@@ -326,9 +365,11 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
         "the good Service has no warning: {:?}",
         events(&server)
     );
-    // The good Service keeps its VIP and egress. (The bad one, egress-enabled without a
-    // local endpoint, does not compete for its VIP on this node.)
-    assert!(has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto"));
+    // The good Service keeps its VIP and egress; the bad one gets what is valid of it: its
+    // IPv4 egress (the bad port and network dropped).
+    let r2 = rules(&ns);
+    assert!(has_vip(&ns) && r2.contains("10.244.1.5 : goto"), "{r2}");
+    assert!(r2.contains("10.244.1.9 : goto"), "{r2}");
     rt.block_on(async {
         services
             .delete("bad", &DeleteParams::default())
@@ -1024,4 +1065,267 @@ fn holder_pod_egresses_with_the_vip_and_the_other_with_the_node_address() {
         log(&agents)
     );
     agents.clear();
+}
+
+/// Sends SIGTERM and waits (at most `limit`) for the exit: its status and how long it took.
+fn sigterm(agent: &mut Agent, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    let start = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &agent.child.id().to_string()])
+        .status()
+        .expect("kill");
+    loop {
+        if let Some(s) = agent.child.try_wait().expect("wait") {
+            return (s, start.elapsed());
+        }
+        assert!(
+            start.elapsed() < limit,
+            "no exit within {limit:?} of SIGTERM:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Everything kvip may own in a namespace, as text: its nft table, its chains in both
+/// iptables variants of both families, and the VIP.
+fn kvip_state(ns: &Netns) -> String {
+    let mut out = ns
+        .exec_ok("nft", &["list", "table", "inet", "kvip"])
+        .unwrap_or_default();
+    for (cmd, args) in [
+        ("iptables-nft-save", &["-t", "nat"][..]),
+        ("ip6tables-nft-save", &["-t", "nat"][..]),
+        ("iptables-legacy-save", &["-t", "nat"][..]),
+        ("ip6tables-legacy-save", &["-t", "nat"][..]),
+    ] {
+        let text = ns.exec_ok(cmd, args).unwrap_or_default();
+        out.extend(
+            text.lines()
+                .filter(|l| l.contains("kvip") || l.contains("KVIP"))
+                .map(|l| format!("{cmd}: {l}\n")),
+        );
+    }
+    if has_vip(ns) {
+        out.push_str("VIP 192.0.2.10\n");
+    }
+    out
+}
+
+/// kube-vip's cause 4: its teardown deleted rule by rule and stopped at the first rule already
+/// missing. Here parts of kvip's state are removed by hand before SIGTERM — the VIP address,
+/// and the pod's map element (nftables) or the jump from POSTROUTING, the pod's rule and the
+/// SNAT rules (iptables) — and the shutdown still removes all the rest and exits 0.
+#[test]
+fn teardown_goes_on_past_state_removed_by_hand() {
+    require_kernel!();
+    for (i, nftables) in [true, false].into_iter().enumerate() {
+        let ns = Netns::new(&format!("td{i}")).expect("netns");
+        let peer = Netns::new(&format!("td{i}p")).expect("netns");
+        ns.veth("eth0", &peer, "eth0").expect("veth");
+        let server = ApiServer::start().expect("api server");
+        let url = server.listen_in(&ns).expect("listen");
+        let backend = format!("egress_withnftables={nftables}");
+        let mut agent =
+            start_agent_env(&ns, &url, &format!("td{i}"), "n1", true, false, &[&backend]);
+        let (rt, services, slices) = api(&server);
+        create_web(&rt, &services, &slices, "10.244.1.5");
+        until("held", &agent, Duration::from_secs(15), || {
+            has_vip(&ns) && kvip_state(&ns).contains("10.244.1.5")
+        });
+        ns.exec_ok("ip", &["addr", "del", "192.0.2.10/32", "dev", "eth0"])
+            .expect("VIP removed by hand");
+        if nftables {
+            ns.exec_ok(
+                "nft",
+                &[
+                    "delete",
+                    "element",
+                    "inet",
+                    "kvip",
+                    "src4",
+                    "{ 10.244.1.5 }",
+                ],
+            )
+            .expect("element removed by hand");
+        } else {
+            let variant = if agent.log().contains("iptables-legacy") {
+                "legacy"
+            } else {
+                "nft"
+            };
+            let ipt = format!("iptables-{variant}");
+            let save = ns
+                .exec_ok(&format!("iptables-{variant}-save"), &["-t", "nat"])
+                .expect("save");
+            let mut removed = 0;
+            for line in save.lines() {
+                let by_hand = line.starts_with("-A POSTROUTING -j KVIP-POST")
+                    || (line.starts_with("-A KVIP-POST") && line.contains("10.244.1.5"));
+                if by_hand {
+                    let mut args = vec!["-t", "nat", "-D"];
+                    args.extend(line.split_whitespace().skip(1));
+                    ns.exec_ok(&ipt, &args).expect("rule removed by hand");
+                    removed += 1;
+                }
+                if let Some(chain) = line
+                    .strip_prefix(":KVIP-S-")
+                    .and_then(|c| c.split_whitespace().next())
+                {
+                    ns.exec_ok(&ipt, &["-t", "nat", "-F", &format!("KVIP-S-{chain}")])
+                        .expect("chain flushed by hand");
+                    removed += 1;
+                }
+            }
+            assert_eq!(removed, 3, "jump, pod rule, SNAT chain:\n{save}");
+        }
+        let left = kvip_state(&ns);
+        assert!(!left.is_empty(), "some of kvip's state is still there");
+        let (status, _) = sigterm(&mut agent, Duration::from_secs(10));
+        assert!(status.success(), "exit status {status}:\n{}", agent.log());
+        assert_eq!(
+            kvip_state(&ns),
+            "",
+            "left after teardown (was:\n{left})\n{}",
+            agent.log()
+        );
+    }
+}
+
+/// `svc_election` with three agents and an egress Service with a ready endpoint on every
+/// node: exactly one holder at every check; SIGKILL of the holder → another node holds the
+/// VIP and translates its own pod within lease duration + retry period (+ a sync); the killed
+/// node, restarted, removes its stale VIP and rules at its first sync; SIGTERM → takeover in
+/// under 2 s.
+#[test]
+fn per_service_leases_fail_over_on_sigkill_and_sigterm() {
+    require_kernel!();
+    let server = ApiServer::start().expect("api server");
+    let (nodes, _peers) = node_pairs("pf", 3);
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| server.listen_in(n).expect("listen"))
+        .collect();
+    let start_node = |i: usize, tag: &str| {
+        start_agent_full(&nodes[i], &urls[i], tag, &format!("n{i}"), true, true)
+    };
+    let mut agents: Vec<Agent> = (0..3).map(|i| start_node(i, &format!("pf{i}"))).collect();
+    let (rt, services, slices) = api(&server);
+    let mut all = slice("10.244.0.5");
+    all.endpoints = (0..3)
+        .map(|i| {
+            let mut e = all.endpoints[0].clone();
+            e.addresses = vec![format!("10.244.{i}.5")];
+            e.node_name = Some(format!("n{i}"));
+            e
+        })
+        .collect();
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(true))
+            .await
+            .expect("service");
+        slices
+            .create(&PostParams::default(), &all)
+            .await
+            .expect("slice");
+    });
+    let log = |agents: &[Agent]| {
+        agents
+            .iter()
+            .map(Agent::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    // The one holder, once it holds the VIP and translates its own pod (and nobody else
+    // holds anything).
+    let holder = || -> Option<usize> {
+        let h = holders(&nodes);
+        let translating: Vec<usize> = (0..3)
+            .filter(|i| rules(&nodes[*i]).contains("table inet kvip"))
+            .collect();
+        (h.len() == 1
+            && translating == h
+            && rules(&nodes[h[0]]).contains(&format!("10.244.{}.5 : goto", h[0])))
+        .then(|| h[0])
+    };
+    let wait = |what: &str, agents: &[Agent], limit: Duration, f: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !f() {
+            assert!(
+                start.elapsed() < limit,
+                "{what}: not within {limit:?}; holders {:?}\n{}",
+                holders(&nodes),
+                log(agents)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    };
+    wait("a first holder", &agents, Duration::from_secs(15), &|| {
+        holder().is_some()
+    });
+    let first = holder().expect("holder");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        assert!(holders(&nodes).len() <= 1, "two holders\n{}", log(&agents));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(holder(), Some(first), "stable");
+    let lease = server
+        .object("coordination.k8s.io/v1", "leases", "default", "kubevip-web")
+        .expect("the Service's lease");
+    assert_eq!(lease["spec"]["holderIdentity"], format!("n{first}"));
+
+    // SIGKILL: the dead node keeps its VIP; another node takes over within lease duration (3
+    // s) + retry period (1 s), plus the debounce and a sync.
+    Command::new("kill")
+        .args(["-KILL", &agents[first].child.id().to_string()])
+        .status()
+        .expect("kill");
+    let _ = agents[first].child.wait();
+    let took = wait(
+        "takeover after SIGKILL",
+        &agents,
+        Duration::from_secs(10),
+        &|| {
+            (0..3).any(|i| {
+                i != first
+                    && has_vip(&nodes[i])
+                    && rules(&nodes[i]).contains(&format!("10.244.{i}.5 : goto"))
+            })
+        },
+    );
+    assert!(
+        took <= Duration::from_millis(3000 + 1000 + 500),
+        "takeover after SIGKILL took {took:?}"
+    );
+    let second = (0..3)
+        .find(|i| *i != first && has_vip(&nodes[*i]))
+        .expect("second holder");
+
+    // The killed node restarts: its first sync removes the stale VIP and rules.
+    agents[first] = start_node(first, &format!("pf{first}b"));
+    wait(
+        "stale state removed",
+        &agents,
+        Duration::from_secs(10),
+        &|| holder() == Some(second),
+    );
+
+    // SIGTERM the holder: kernel state removed, then the Lease released: takeover < 2 s.
+    let start = Instant::now();
+    let (status, _) = sigterm(&mut agents[second], Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    wait(
+        "takeover after SIGTERM",
+        &agents,
+        Duration::from_secs(10),
+        &|| holder().is_some_and(|h| h != second),
+    );
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "takeover after SIGTERM took {took:?}"
+    );
 }
