@@ -506,12 +506,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     outcome
 }
 
-/// Awaits `fut` unless the root is cancelled first (`None` then).
+/// Awaits `fut` unless the root is cancelled first (`None` then). Cancellation wins a tie
+/// and also what it caused (a watch that ended because of it reports an error, not a stop).
 async fn unless_stopped<T>(root: &CancellationToken, fut: impl Future<Output = T>) -> Option<T> {
-    tokio::select! {
-        out = fut => Some(out),
+    let out = tokio::select! {
+        biased;
         _ = root.cancelled() => None,
-    }
+        out = fut => Some(out),
+    };
+    out.filter(|_| !root.is_cancelled())
 }
 
 /// Startup and the sync loop, until the root is cancelled (Ok) or startup fails (Err).

@@ -710,7 +710,7 @@ fn agent_survives_api_faults_and_steps_down_when_cut_off() {
     ns.veth("eth0", &peer, "eth0").expect("veth");
     let server = ApiServer::start().expect("api server");
     let url = server.listen_in(&ns).expect("listen");
-    let agent = start_agent(&ns, &url, "flt");
+    let mut agent = start_agent(&ns, &url, "flt");
     let (rt, services, slices) = api(&server);
     create_web(&rt, &services, &slices, "10.244.1.5");
     until("held", &agent, Duration::from_secs(15), || {
@@ -733,10 +733,10 @@ fn agent_survives_api_faults_and_steps_down_when_cut_off() {
         );
     }
 
-    // Cut off: every call fails. The VIP and the egress rules go within the renew deadline
-    // (2 s) plus a sync, before the 3 s lease could expire for another node.
+    // Cut off: every call answers 500 for 30 s. The VIP and the egress rules go within the
+    // renew deadline (2 s) plus a sync, before the 3 s lease could expire for another node.
     let cut = Instant::now();
-    server.fail_for(Duration::from_secs(6));
+    server.fail_for(Duration::from_secs(30));
     until("stepped down", &agent, Duration::from_secs(5), || {
         !has_vip(&ns) && !rules(&ns).contains("kvip")
     });
@@ -748,8 +748,24 @@ fn agent_survives_api_faults_and_steps_down_when_cut_off() {
     until(
         "held again after the outage",
         &agent,
-        Duration::from_secs(15),
-        || has_vip(&ns),
+        Duration::from_secs(45),
+        || has_vip(&ns) && rules(&ns).contains("10.244.1.21 : goto"),
+    );
+    assert!(cut.elapsed() >= Duration::from_secs(30));
+    // And it follows changes again, without a restart.
+    set_web_pod(&rt, &slices, "10.244.1.30");
+    until(
+        "converged after the outage",
+        &agent,
+        Duration::from_secs(10),
+        || {
+            let r = rules(&ns);
+            r.contains("10.244.1.30 : goto") && !r.contains("10.244.1.21")
+        },
+    );
+    assert!(
+        agent.child.try_wait().expect("wait").is_none(),
+        "the agent kept running through the outage"
     );
 }
 
@@ -1327,5 +1343,201 @@ fn per_service_leases_fail_over_on_sigkill_and_sigterm() {
     assert!(
         took < Duration::from_secs(2),
         "takeover after SIGTERM took {took:?}"
+    );
+}
+
+/// What an earlier run left is stale the moment a new agent starts (it holds no Lease yet):
+/// the new agent removes it at once, even while the API is unreachable, and a SIGTERM during
+/// that startup stops it cleanly.
+#[test]
+fn startup_clears_stale_state_without_the_api_and_stops_on_sigterm() {
+    require_kernel!();
+    let ns = Netns::new("stl").expect("netns");
+    let peer = Netns::new("stlp").expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let server = ApiServer::start().expect("api server");
+    let url = server.listen_in(&ns).expect("listen");
+    let mut first = start_agent(&ns, &url, "stl");
+    let (rt, services, slices) = api(&server);
+    create_web(&rt, &services, &slices, "10.244.1.5");
+    until("held", &first, Duration::from_secs(15), || {
+        has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto")
+    });
+    Command::new("kill")
+        .args(["-KILL", &first.child.id().to_string()])
+        .status()
+        .expect("kill");
+    let _ = first.child.wait();
+    assert!(!kvip_state(&ns).is_empty(), "SIGKILL leaves the state");
+
+    // Nothing listens on this port in the node's namespace: the API is unreachable.
+    let mut second = start_agent(&ns, "http://127.0.0.1:9", "stl2");
+    until(
+        "stale state cleared",
+        &second,
+        Duration::from_secs(3),
+        || kvip_state(&ns).is_empty(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, took) = sigterm(&mut second, Duration::from_secs(5));
+    assert!(status.success(), "exit status {status}:\n{}", second.log());
+    assert!(took < Duration::from_secs(2), "exit took {took:?}");
+    assert!(
+        second.log().contains("shutdown complete"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(kvip_state(&ns), "");
+}
+
+/// `shutdown_timeout` bounds the exit even when the API hangs and a renewal is in flight
+/// with a 10 s retry period: kernel state removed first, the Lease release abandoned at the
+/// deadline (the Lease then expires), exit 0.
+#[test]
+fn shutdown_timeout_bounds_the_exit_when_the_api_hangs() {
+    require_kernel!();
+    let ns = Netns::new("sdt").expect("netns");
+    let peer = Netns::new("sdtp").expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let server = ApiServer::start().expect("api server");
+    let url = server.listen_in(&ns).expect("listen");
+    let mut agent = start_agent_env(
+        &ns,
+        &url,
+        "sdt",
+        "n1",
+        true,
+        false,
+        &[
+            "vip_leaseduration=30",
+            "vip_renewdeadline=20",
+            "vip_retryperiod=10",
+            "shutdown_timeout=2",
+        ],
+    );
+    let (rt, services, slices) = api(&server);
+    create_web(&rt, &services, &slices, "10.244.1.5");
+    until("held", &agent, Duration::from_secs(15), || {
+        has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto")
+    });
+    server.stall(Duration::from_secs(60));
+    // Let a renewal start and hang.
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, took) = sigterm(&mut agent, Duration::from_secs(8));
+    assert!(status.success(), "exit status {status}:\n{}", agent.log());
+    assert!(
+        took < Duration::from_millis(2800),
+        "exit took {took:?} with shutdown_timeout=2\n{}",
+        agent.log()
+    );
+    assert_eq!(kvip_state(&ns), "", "{}", agent.log());
+    let log = agent.log();
+    assert!(
+        log.contains("leases_not_released=1"),
+        "the hanging release is reported:\n{log}"
+    );
+}
+
+/// The watch of this node's Node: labelled `node.kubernetes.io/exclude-from-external-load-
+/// balancers`, the holder stops competing, releases the Lease and drops its VIP; another node
+/// takes over. The label removed, the node competes again without taking the VIP back.
+#[test]
+fn a_node_excluded_from_load_balancers_hands_its_vips_over() {
+    use k8s_openapi::api::core::v1::Node;
+    require_kernel!();
+    let server = ApiServer::start().expect("api server");
+    let (nodes, _peers) = node_pairs("ex", 2);
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            let url = server.listen_in(&nodes[i]).expect("listen");
+            start_agent_as(&nodes[i], &url, &format!("ex{i}"), &format!("n{i}"))
+        })
+        .collect();
+    let log = || {
+        agents
+            .iter()
+            .map(Agent::log)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let (rt, services, _) = api(&server);
+    let node_api: Api<Node> = {
+        let _in = rt.enter();
+        Api::all(
+            kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
+                .expect("client"),
+        )
+    };
+    let set_excluded = |name: &str, excluded: bool| {
+        let labels = if excluded {
+            json!({"node.kubernetes.io/exclude-from-external-load-balancers": "true"})
+        } else {
+            json!({})
+        };
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": labels}
+        }))
+        .expect("node");
+        rt.block_on(async {
+            match node_api.get_opt(name).await.expect("get node") {
+                None => {
+                    node_api
+                        .create(&PostParams::default(), &node)
+                        .await
+                        .expect("create node");
+                }
+                Some(cur) => {
+                    let mut next = node;
+                    next.metadata.resource_version = cur.metadata.resource_version;
+                    node_api
+                        .replace(name, &PostParams::default(), &next)
+                        .await
+                        .expect("replace node");
+                }
+            }
+        });
+    };
+    set_excluded("n0", false);
+    set_excluded("n1", false);
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(false))
+            .await
+            .expect("service");
+    });
+    let wait = |what: &str, limit: Duration, f: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !f() {
+            assert!(
+                start.elapsed() < limit,
+                "{what}: not within {limit:?}\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    };
+    wait("a holder", Duration::from_secs(15), &|| {
+        holders(&nodes).len() == 1
+    });
+    let first = holders(&nodes)[0];
+    set_excluded(&format!("n{first}"), true);
+    let took = wait(
+        "handover from the excluded node",
+        Duration::from_secs(10),
+        &|| holders(&nodes) == [1 - first],
+    );
+    assert!(took < Duration::from_secs(3), "handover took {took:?}");
+    // The label removed: it competes again, but the holder keeps its Lease (no flapping).
+    set_excluded(&format!("n{first}"), false);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(holders(&nodes), [1 - first], "no flapping back");
+    assert!(
+        agents[first]
+            .log()
+            .contains("exclusion from load balancing changed"),
+        "{}",
+        log()
     );
 }
