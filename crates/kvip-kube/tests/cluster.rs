@@ -116,8 +116,13 @@ async fn snapshot_follows_the_api_through_faults() {
         )
         .await
         .expect("create slice");
+    // Two watches: the slice may arrive before the Service.
     until("service and endpoints", Duration::from_secs(5), || {
         addresses(&cache).len() == 2
+            && !cache
+                .snapshot(ClusterNetworks::default())
+                .services
+                .is_empty()
     })
     .await;
     let snap = cache.snapshot(ClusterNetworks::default());
