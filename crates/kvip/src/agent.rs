@@ -224,6 +224,8 @@ struct PerServiceElections {
     running: BTreeMap<ServiceKey, ServiceElection>,
     /// Stopped elections whose release waits until the sync has removed their VIPs.
     retiring: Vec<JoinHandle<Release>>,
+    /// Services this node stopped being a candidate for, told once the sync is done.
+    withdrawing: Vec<ServiceKey>,
     /// Bumped whenever any of them gains or loses its Lease.
     changed: watch::Sender<u64>,
     tasks: TaskTracker,
@@ -249,8 +251,14 @@ impl PerServiceElections {
             if let Some(e) = self.running.get(key)
                 && e.lease == lease
             {
-                e.candidate
-                    .send_if_modified(|c| std::mem::replace(c, sp.candidate) != sp.candidate);
+                if sp.candidate {
+                    e.candidate
+                        .send_if_modified(|c| !std::mem::replace(c, true));
+                } else if *e.candidate.borrow() && !self.withdrawing.contains(key) {
+                    // The plan already holds nothing for it; the election hears of it only
+                    // once the sync has removed the VIPs (so the release comes after).
+                    self.withdrawing.push(key.clone());
+                }
                 continue;
             }
             if let Some(old) = self.running.remove(key) {
@@ -309,9 +317,16 @@ impl PerServiceElections {
             .collect()
     }
 
-    /// Writes the releases of elections stopped before the last sync (which has removed
-    /// their VIPs), in the background.
-    fn release_retired(&mut self, limit: Duration) {
+    /// After a successful sync (which has removed the VIPs of what this node no longer
+    /// holds): tells elections their node is no longer a candidate, and writes the releases of
+    /// stopped elections, in the background.
+    fn after_sync(&mut self, limit: Duration) {
+        for key in self.withdrawing.drain(..) {
+            if let Some(e) = self.running.get(&key) {
+                e.candidate
+                    .send_if_modified(|c| std::mem::replace(c, false));
+            }
+        }
         for task in self.retiring.drain(..) {
             self.tasks.spawn(async move {
                 if let Ok(r) = task.await {
@@ -652,6 +667,7 @@ async fn agent(
             timings,
             running: BTreeMap::new(),
             retiring: Vec::new(),
+            withdrawing: Vec::new(),
             changed: per_service_tx.clone(),
             tasks: tasks.clone(),
             root: root.clone(),
@@ -706,13 +722,8 @@ async fn agent(
             _ => Leadership::Global(leading),
         };
         let p = plan(&snapshot, &leadership, &node);
-        match elections {
-            Elections::PerService(e) => e.sync(&p.services),
-            Elections::Global { candidate, .. } => {
-                let c = !snapshot.node_excluded;
-                candidate.send_if_modified(|v| std::mem::replace(v, c) != c);
-            }
-            Elections::Off => {}
+        if let Elections::PerService(e) = elections {
+            e.sync(&p.services);
         }
         match dp.apply(&p.desired).await {
             Ok(r) => {
@@ -724,8 +735,15 @@ async fn agent(
                 m.vips_held.set(p.desired.vips().len() as i64);
                 m.egress_pods.set(p.desired.source_count() as i64);
                 m.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-                if let Elections::PerService(e) = elections {
-                    e.release_retired(timings.retry_period);
+                // Only now, with the VIPs of what this node may no longer hold removed, do
+                // the elections learn it (and release).
+                match elections {
+                    Elections::PerService(e) => e.after_sync(timings.retry_period),
+                    Elections::Global { candidate, .. } => {
+                        let c = !snapshot.node_excluded;
+                        candidate.send_if_modified(|v| std::mem::replace(v, c) != c);
+                    }
+                    Elections::Off => {}
                 }
                 publish_held(&client, &snapshot, &p, &node.node_name).await;
                 events.report(&p, &node.node_name).await;
