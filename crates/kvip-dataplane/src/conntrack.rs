@@ -9,8 +9,14 @@ use crate::exec::{one_line, run_tool};
 
 /// Original source addresses of the entries currently tracked, both families.
 pub async fn tracked_sources() -> Result<BTreeSet<IpAddr>, DataplaneError> {
+    tracked_sources_of(true, true).await
+}
+
+/// As [`tracked_sources`], listing only the families asked for (one process each).
+async fn tracked_sources_of(v4: bool, v6: bool) -> Result<BTreeSet<IpAddr>, DataplaneError> {
     let mut out = BTreeSet::new();
-    for fam in ["ipv4", "ipv6"] {
+    let families = [("ipv4", v4), ("ipv6", v6)];
+    for fam in families.iter().filter(|f| f.1).map(|f| f.0) {
         let o = run_tool("conntrack", &["-L", "-f", fam], None).await?;
         if !o.status_ok {
             return Err(DataplaneError::ToolFailed {
@@ -39,7 +45,11 @@ pub async fn flush_sources(sources: &BTreeSet<IpAddr>) -> Result<usize, Dataplan
     if sources.is_empty() {
         return Ok(0);
     }
-    let tracked = tracked_sources().await?;
+    let tracked = tracked_sources_of(
+        sources.iter().any(IpAddr::is_ipv4),
+        sources.iter().any(IpAddr::is_ipv6),
+    )
+    .await?;
     let mut flushed = 0;
     for s in sources.intersection(&tracked) {
         let fam = if s.is_ipv4() { "ipv4" } else { "ipv6" };
