@@ -37,6 +37,11 @@ pub const OPTIONS: &[OptionDoc] = &[
         meaning: "announce VIPs with gratuitous ARP / unsolicited NA (layer 2 mode)",
     },
     OptionDoc {
+        name: "vip_arpRate",
+        default: "30000",
+        meaning: "milliseconds between the holder's repeated announcements of its VIPs, so switches that aged their entry learn it again (kube-vip: 3000); 0: announce only on acquisition",
+    },
+    OptionDoc {
         name: "svc_enable",
         default: "true",
         meaning: "handle Services of type LoadBalancer (kvip's only mode; false is an error)",
@@ -132,6 +137,11 @@ pub const OPTIONS: &[OptionDoc] = &[
         meaning: "kubeconfig file",
     },
     OptionDoc {
+        name: "resync_period",
+        default: "30",
+        meaning: "kvip only: seconds between read-backs of kvip's kernel state that repair drift (objects changed by hand)",
+    },
+    OptionDoc {
         name: "shutdown_timeout",
         default: "10",
         meaning: "kvip only: seconds from SIGTERM to exit; kernel state is removed first, then the leases are released",
@@ -200,6 +210,9 @@ pub struct AgentConfig {
     pub kubeconfig: Option<String>,
     pub egress_default_cidrs: bool,
     pub shutdown_timeout: Duration,
+    /// `vip_arpRate`: repeat announcements this often while holding (`None`: never).
+    pub arp_refresh: Option<Duration>,
+    pub resync_period: Duration,
 }
 
 struct Env<'a>(&'a BTreeMap<String, String>);
@@ -370,6 +383,21 @@ impl AgentConfig {
             egress_clean: env.bool("egress_clean", false)?,
             egress_default_cidrs: env.bool("egress_default_cidrs", false)?,
             shutdown_timeout: env.seconds("shutdown_timeout", 10)?,
+            resync_period: env.seconds("resync_period", 30)?,
+            arp_refresh: match env.get("vip_arpRate")? {
+                None => Some(Duration::from_secs(30)),
+                Some(v) => match v.parse::<u64>() {
+                    Ok(0) => None,
+                    Ok(ms) if (100..=3_600_000).contains(&ms) => Some(Duration::from_millis(ms)),
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            var: "vip_arpRate".into(),
+                            value: v,
+                            reason: "expected 0 or milliseconds from 100 to 3600000".into(),
+                        });
+                    }
+                },
+            },
             instance_name,
             prometheus_server: env
                 .get("prometheus_server")?
@@ -445,6 +473,15 @@ mod tests {
         let e = AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_leaseduration", "3")]))
             .unwrap_err();
         assert!(e.to_string().contains("renew deadline"));
+        let e =
+            AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_arpRate", "50")])).unwrap_err();
+        assert!(e.to_string().contains("vip_arpRate") && e.to_string().contains("\"50\""));
+        let rate = |v: &str| {
+            AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("VIP_ARPRATE", v)]))
+                .map(|c| c.arp_refresh)
+        };
+        assert_eq!(rate("0"), Ok(None));
+        assert_eq!(rate("3000"), Ok(Some(Duration::from_secs(3))));
         assert_eq!(
             AgentConfig::from_env(&env(&[])).unwrap_err(),
             ConfigError::Missing("vip_nodename (or NODE_NAME)".into())

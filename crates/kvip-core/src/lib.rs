@@ -15,6 +15,8 @@ pub mod port;
 
 pub use cidr::Cidr;
 pub use error::ModelError;
-pub use model::{DesiredState, DesiredStateSpec, EgressPolicy, EgressPolicySpec, Family, VipClaim};
+pub use model::{
+    DesiredState, DesiredStateSpec, DriftKind, EgressPolicy, EgressPolicySpec, Family, VipClaim,
+};
 pub use plan::{Leadership, NodeConfig, Plan, Snapshot, plan};
 pub use port::{PortMatch, Protocol};

@@ -384,6 +384,27 @@ impl EgressPolicy {
     }
 }
 
+/// What kind of kernel object differs between a desired and an observed state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DriftKind {
+    /// A VIP address missing or extra.
+    Address,
+    /// A policy's rules (missing, extra, or translating differently).
+    Rule,
+    /// A policy's rules intact but its source elements differ.
+    SetElement,
+}
+
+impl DriftKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftKind::Address => "address",
+            DriftKind::Rule => "rule",
+            DriftKind::SetElement => "set_element",
+        }
+    }
+}
+
 /// Everything this node must hold. Always valid: built only through [`DesiredState::new`]
 /// (or deserialisation, which calls it). Lists are kept sorted, so two states holding the same
 /// things compare equal.
@@ -498,6 +519,31 @@ impl DesiredState {
         out
     }
 
+    /// The kinds of difference between this (desired) state and `observed` (empty when
+    /// they are equal).
+    pub fn drift(&self, observed: &DesiredState) -> BTreeSet<DriftKind> {
+        let mut out = BTreeSet::new();
+        if self.vips != observed.vips {
+            out.insert(DriftKind::Address);
+        }
+        let mine: BTreeMap<&str, &EgressPolicy> =
+            self.egress.iter().map(|p| (p.name(), p)).collect();
+        let theirs: BTreeMap<&str, &EgressPolicy> =
+            observed.egress.iter().map(|p| (p.name(), p)).collect();
+        for name in mine.keys().chain(theirs.keys()) {
+            match (mine.get(name), theirs.get(name)) {
+                (Some(a), Some(b)) if a == b => {}
+                (Some(a), Some(b)) if a.same_translation(b) => {
+                    out.insert(DriftKind::SetElement);
+                }
+                _ => {
+                    out.insert(DriftKind::Rule);
+                }
+            }
+        }
+        out
+    }
+
     pub fn to_spec(&self) -> DesiredStateSpec {
         DesiredStateSpec::from(self.clone())
     }
@@ -560,6 +606,41 @@ mod tests {
             vips: vec![],
             egress,
         })
+    }
+
+    #[test]
+    fn drift_is_classified_by_kind() {
+        let base = state(vec![
+            spec_policy("a/one", "198.51.100.10", &["10.244.1.5", "10.244.1.6"]),
+            spec_policy("b/two", "198.51.100.11", &["10.244.2.5"]),
+        ])
+        .unwrap();
+        assert!(base.drift(&base).is_empty());
+        let element = state(vec![
+            spec_policy("a/one", "198.51.100.10", &["10.244.1.5"]),
+            spec_policy("b/two", "198.51.100.11", &["10.244.2.5"]),
+        ])
+        .unwrap();
+        assert_eq!(
+            base.drift(&element).into_iter().collect::<Vec<_>>(),
+            [DriftKind::SetElement]
+        );
+        let rule = state(vec![spec_policy(
+            "a/one",
+            "198.51.100.10",
+            &["10.244.1.5", "10.244.1.6"],
+        )])
+        .unwrap();
+        assert_eq!(
+            base.drift(&rule).into_iter().collect::<Vec<_>>(),
+            [DriftKind::Rule]
+        );
+        let mut with_vip = base.clone();
+        with_vip.vips = vec![VipClaim::new("198.51.100.10".parse().unwrap(), "eth0").unwrap()];
+        assert_eq!(
+            with_vip.drift(&base).into_iter().collect::<Vec<_>>(),
+            [DriftKind::Address]
+        );
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub struct ApplyReport {
     pub elements_removed: usize,
     pub vips_added: Vec<IpAddr>,
     pub vips_removed: Vec<IpAddr>,
+    /// Of `vips_added`, those the previous apply had already added: removed meanwhile by
+    /// someone else (drift), added back.
+    pub vips_repaired: Vec<IpAddr>,
     /// Pods whose conntrack entries were flushed.
     pub conntrack_flushed: usize,
     /// Problems that did not stop the apply (conntrack, announcements, other backend).
@@ -209,6 +212,35 @@ impl KernelDataplane {
         if let RuleBackend::Nftables(n) = &mut self.rules {
             n.invalidate();
         }
+    }
+
+    /// Announces every VIP kvip holds now (one gratuitous ARP / unsolicited NA each), so a
+    /// switch or router that aged its neighbour entry learns it again. Reads the addresses
+    /// from the kernel, so it announces what is held, not what was meant to be. Nothing when
+    /// announcements are off (count 0). Returns how many were sent.
+    pub async fn reannounce(&mut self) -> Result<usize, DataplaneError> {
+        if self.cfg.announce.count == 0 {
+            return Ok(0);
+        }
+        let links: BTreeMap<u32, addr::Link> = self
+            .addrs
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.index, l))
+            .collect();
+        let mut sent = 0;
+        for o in self.addrs.owned().await? {
+            let Some(link) = links.get(&o.ifindex) else {
+                continue;
+            };
+            let Some(mac) = link.mac else {
+                continue;
+            };
+            announce::LinkSender::open(link.index)?.send(&announce::frame_for(mac, o.address))?;
+            sent += 1;
+        }
+        Ok(sent)
     }
 
     /// Waits until every pending repeated announcement has been sent.
@@ -452,6 +484,14 @@ impl Dataplane for KernelDataplane {
             report.warnings.extend(self.remove_other_backend().await);
         }
         self.apply_vips(desired, &links, &mut report).await?;
+        if !first {
+            report.vips_repaired = report
+                .vips_added
+                .iter()
+                .filter(|a| before.vips().iter().any(|v| v.address == **a))
+                .copied()
+                .collect();
+        }
         if !self.cfg.no_conntrack_flush {
             let changed = before.changed_sources(desired);
             match conntrack::flush_sources(&changed).await {

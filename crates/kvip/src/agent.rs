@@ -17,7 +17,7 @@ use kvip_core::{Leadership, NodeConfig, plan};
 use kvip_dataplane::{AnnounceConfig, BackendKind, Config, Dataplane, Instance, KernelDataplane};
 use kvip_kube::publish::{self, HolderView};
 
-use crate::metrics::{self, Metrics, ModeLabel, SourceLabel};
+use crate::metrics::{self, KindLabel, Metrics, ModeLabel, SourceLabel};
 use kvip_kube::election::Release;
 use kvip_kube::{ClusterCache, Election, LeaseLock, discovery};
 use std::sync::Arc;
@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 const DEBOUNCE: Duration = Duration::from_millis(50);
-const RESYNC: Duration = Duration::from_secs(30);
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 /// The client, and the API server's URL.
@@ -699,6 +698,13 @@ async fn agent(
     };
     let mut was_leading = false;
     let mut was_excluded = false;
+    let mut next_resync = tokio::time::Instant::now() + cfg.resync_period;
+    // Neighbours' entries of held VIPs refreshed every `vip_arpRate` (with vip_arp).
+    let mut refresh = cfg.arp_refresh.filter(|_| cfg.arp).map(|d| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
     let mut last_sync;
     loop {
         last_sync = tokio::time::Instant::now();
@@ -708,6 +714,8 @@ async fn agent(
             tracing::info!(leader = leading, "leadership changed");
             was_leading = leading;
         }
+        let generation = *dirty.borrow_and_update();
+        m.generation_observed.set(generation as i64);
         let snapshot = cache.snapshot(networks.clone());
         if snapshot.node_excluded != was_excluded {
             was_excluded = snapshot.node_excluded;
@@ -735,6 +743,15 @@ async fn agent(
                 m.vips_held.set(p.desired.vips().len() as i64);
                 m.egress_pods.set(p.desired.source_count() as i64);
                 m.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                m.generation_realised.set(generation as i64);
+                if !r.vips_repaired.is_empty() {
+                    tracing::warn!(vips = ?r.vips_repaired, "VIPs removed by someone else were added back");
+                    m.drift_repairs
+                        .get_or_create(&KindLabel {
+                            kind: kvip_core::DriftKind::Address.as_str().into(),
+                        })
+                        .inc_by(r.vips_repaired.len() as u64);
+                }
                 // Only now, with the VIPs of what this node may no longer hold removed, do
                 // the elections learn it (and release).
                 match elections {
@@ -767,27 +784,57 @@ async fn agent(
                 dp.invalidate();
             }
         }
-        // Wait for a change (or the resync timer), then let a burst of changes settle.
-        tokio::select! {
-            _ = dirty.changed() => {}
-            _ = leader.changed() => {}
-            _ = per_service_changed.changed() => {}
-            _ = tokio::time::sleep(RESYNC) => {
-                // Drift: someone changed kvip's objects by hand. Replace everything if so.
-                match dp.observe().await {
-                    Ok(o) if o.state == p.desired && o.stray.is_empty() => {}
-                    Ok(o) => {
-                        m.drift_repairs.inc();
-                        tracing::warn!(stray = ?o.stray, "kernel state drifted from the desired state; repairing");
-                        dp.invalidate();
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading kvip's kernel state back");
-                        dp.invalidate();
+        // Wait for a change (or the resync timer), then let a burst of changes settle. The
+        // neighbours' refresh announces what is held without a sync.
+        loop {
+            tokio::select! {
+                _ = dirty.changed() => {}
+                _ = leader.changed() => {}
+                _ = per_service_changed.changed() => {}
+                // On its own clock: a steady stream of changes does not postpone it.
+                _ = tokio::time::sleep_until(next_resync) => {
+                    next_resync = tokio::time::Instant::now() + cfg.resync_period;
+                    // Drift: someone changed kvip's objects by hand. Replace everything if so.
+                    match dp.observe().await {
+                        Ok(o) if o.state == p.desired && o.stray.is_empty() => {}
+                        Ok(o) => {
+                            let mut kinds = p.desired.drift(&o.state);
+                            if !o.stray.is_empty() {
+                                kinds.insert(kvip_core::DriftKind::Rule);
+                            }
+                            for k in &kinds {
+                                m.drift_repairs
+                                    .get_or_create(&KindLabel { kind: k.as_str().into() })
+                                    .inc();
+                            }
+                            tracing::warn!(kinds = ?kinds, stray = ?o.stray, "kernel state drifted from the desired state; repairing");
+                            dp.invalidate();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading kvip's kernel state back");
+                            dp.invalidate();
+                        }
                     }
                 }
+                _ = async {
+                    match refresh.as_mut() {
+                        Some(i) => {
+                            i.tick().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {
+                    match dp.reannounce().await {
+                        Ok(n) => {
+                            m.announcements.inc_by(n as u64);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "announcing the held VIPs"),
+                    }
+                    continue;
+                }
+                _ = root.cancelled() => return Ok(()),
             }
-            _ = root.cancelled() => return Ok(()),
+            break;
         }
         // Debounce: at most one sync per DEBOUNCE. A change after a quiet spell is applied at
         // once; the changes of a burst wait for the rest of the interval and go together.

@@ -23,6 +23,11 @@ pub struct ModeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub kind: String,
     pub source: String,
@@ -33,7 +38,10 @@ pub struct Metrics {
     registry: Registry,
     pub sync_seconds: Family<ModeLabel, Histogram>,
     pub sync_errors: Counter,
-    pub drift_repairs: Counter,
+    pub drift_repairs: Family<KindLabel, Counter>,
+    pub announcements: Counter,
+    pub generation_observed: Gauge,
+    pub generation_realised: Gauge,
     pub vips_held: Gauge,
     pub egress_pods: Gauge,
     pub leader_transitions: Counter,
@@ -49,7 +57,10 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
             sync_errors: Counter::default(),
-            drift_repairs: Counter::default(),
+            drift_repairs: Family::default(),
+            announcements: Counter::default(),
+            generation_observed: Gauge::default(),
+            generation_realised: Gauge::default(),
             vips_held: Gauge::default(),
             egress_pods: Gauge::default(),
             leader_transitions: Counter::default(),
@@ -70,8 +81,23 @@ impl Metrics {
         );
         r.register(
             "drift_repairs",
-            "Resyncs that found kvip's kernel state changed by hand and repaired it",
+            "Resyncs that found kvip's kernel state changed by hand and repaired it, by kind of object (address, rule, set_element)",
             m.drift_repairs.clone(),
+        );
+        r.register(
+            "announcements",
+            "Gratuitous ARP / unsolicited NA sent to refresh neighbours' entries of held VIPs (vip_arpRate)",
+            m.announcements.clone(),
+        );
+        r.register(
+            "generation_observed",
+            "Changes seen from the API (Services, EndpointSlices, this Node), counted since start",
+            m.generation_observed.clone(),
+        );
+        r.register(
+            "generation_realised",
+            "The generation (see generation_observed) the kernel state last realised; equal when this node is in sync",
+            m.generation_realised.clone(),
         );
         r.register(
             "vips_held",

@@ -1546,3 +1546,151 @@ fn a_node_excluded_from_load_balancers_hands_its_vips_over() {
         log()
     );
 }
+
+/// kvip's objects changed by hand are repaired and each repair counted by kind: a VIP removed
+/// (added back by the next sync or read-back), a pod's element removed, the whole table
+/// deleted (found by the periodic read-back, `resync_period`).
+#[test]
+fn resync_repairs_drift_and_counts_it_by_kind() {
+    require_kernel!();
+    let ns = Netns::new("dft").expect("netns");
+    let peer = Netns::new("dftp").expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let server = ApiServer::start().expect("api server");
+    let url = server.listen_in(&ns).expect("listen");
+    let agent = start_agent_env(&ns, &url, "dft", "n1", true, false, &["resync_period=1"]);
+    let (rt, services, slices) = api(&server);
+    // Two pods: removing one element leaves the policy's rules in place.
+    let mut two = slice("10.244.1.5");
+    let mut second = two.endpoints[0].clone();
+    second.addresses = vec!["10.244.1.6".into()];
+    two.endpoints.push(second);
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(true))
+            .await
+            .expect("service");
+        slices
+            .create(&PostParams::default(), &two)
+            .await
+            .expect("slice");
+    });
+    let held = || {
+        let r = rules(&ns);
+        has_vip(&ns) && r.contains("10.244.1.5 : goto") && r.contains("10.244.1.6 : goto")
+    };
+    until("held", &agent, Duration::from_secs(15), held);
+    // Settled: the writes to the Service (status, annotations) have come back as events.
+    std::thread::sleep(Duration::from_millis(500));
+    let repairs = |kind: &str| -> u64 {
+        let m = http_get(&ns, "/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("kvip_drift_repairs_total{{kind=\"{kind}\"}} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    for (what, kind, by_hand) in [
+        (
+            "VIP removed",
+            "address",
+            &["ip", "addr", "del", "192.0.2.10/32", "dev", "eth0"][..],
+        ),
+        (
+            "element removed",
+            "set_element",
+            &[
+                "nft",
+                "delete",
+                "element",
+                "inet",
+                "kvip",
+                "src4",
+                "{ 10.244.1.5 }",
+            ][..],
+        ),
+        (
+            "table deleted",
+            "rule",
+            &["nft", "delete", "table", "inet", "kvip"][..],
+        ),
+    ] {
+        let before = repairs(kind);
+        ns.exec_ok(by_hand[0], &by_hand[1..]).expect(what);
+        // (Any sync adds a missing VIP back at once; the read-back finds the rest.)
+        until(
+            &format!("{what}: repaired"),
+            &agent,
+            Duration::from_secs(4),
+            held,
+        );
+        until(
+            &format!("{what}: counted"),
+            &agent,
+            Duration::from_secs(2),
+            || repairs(kind) > before,
+        );
+    }
+    let m = http_get(&ns, "/metrics");
+    let value = |name: &str| -> Option<i64> {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    let (seen, realised) = (
+        value("kvip_generation_observed"),
+        value("kvip_generation_realised"),
+    );
+    assert!(
+        seen.is_some_and(|g| g > 0) && seen == realised,
+        "in sync: observed {seen:?}, realised {realised:?}\n{m}"
+    );
+}
+
+/// The holder repeats its announcements every `vip_arpRate` ms, seen on the other end of the
+/// link; with `vip_arpRate=0`, only the announcements at acquisition.
+#[test]
+fn the_holder_refreshes_its_neighbours_periodically() {
+    use kvip_testkit::capture::{Capture, parse_garp};
+    require_kernel!();
+    let run = |tag: &str, rate: &str| -> (usize, usize) {
+        let ns = Netns::new(tag).expect("netns");
+        let peer = Netns::new(&format!("{tag}p")).expect("netns");
+        ns.veth("eth0", &peer, "eth0").expect("veth");
+        let capture = Capture::start(&peer, "eth0").expect("capture");
+        let server = ApiServer::start().expect("api server");
+        let url = server.listen_in(&ns).expect("listen");
+        let agent = start_agent_env(&ns, &url, tag, "n1", true, false, &[rate]);
+        let (rt, services, _) = api(&server);
+        rt.block_on(async {
+            services
+                .create(&PostParams::default(), &service(false))
+                .await
+                .expect("service");
+        });
+        until("held", &agent, Duration::from_secs(15), || has_vip(&ns));
+        let garps = |c: &Capture| {
+            c.snapshot()
+                .iter()
+                .filter_map(|f| parse_garp(f))
+                .filter(|a| a.address.to_string() == "192.0.2.10")
+                .count()
+        };
+        // The three announcements at acquisition are 500 ms apart: over after 1.2 s.
+        std::thread::sleep(Duration::from_millis(1200));
+        let initial = garps(&capture);
+        std::thread::sleep(Duration::from_millis(1500));
+        let later = garps(&capture) - initial;
+        let metrics = http_get(&ns, "/metrics");
+        if later > 0 {
+            assert!(!metrics.contains("kvip_announcements_total 0"), "{metrics}");
+        }
+        drop(agent);
+        (initial, later)
+    };
+    let (initial, later) = run("arf", "vip_arpRate=300");
+    assert!(initial >= 3, "announced at acquisition: {initial}");
+    assert!(later >= 3, "refreshed every 300 ms: {later} in 1.5 s");
+    let (initial, later) = run("arz", "vip_arpRate=0");
+    assert!(initial >= 3, "announced at acquisition: {initial}");
+    assert_eq!(later, 0, "no refresh with vip_arpRate=0");
+}
