@@ -2,216 +2,17 @@
 //! VIP and egress appear, follow endpoint changes (kube-vip's cause 2), go with the annotation
 //! or the Service, and SIGTERM leaves nothing behind and releases the Lease (cause 3).
 
-use std::io::Write;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use common::*;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use kvip_testkit::apiserver::ApiServer;
 use kvip_testkit::{Netns, require_kernel};
 use serde_json::json;
-
-const KVIP: &str = env!("CARGO_BIN_EXE_kvip");
-
-fn service(egress: bool) -> Service {
-    let mut ann = json!({"kube-vip.io/loadbalancerIPs": "192.0.2.10"});
-    if egress {
-        ann["kube-vip.io/egress"] = json!("true");
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "web", "namespace": "default", "annotations": ann},
-        "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}
-    }))
-    .expect("service")
-}
-
-fn slice(pod: &str) -> EndpointSlice {
-    serde_json::from_value(json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": "web-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [pod], "nodeName": "n1", "conditions": {"ready": true}}]
-    }))
-    .expect("slice")
-}
-
-struct Agent {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl Agent {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-        let _ = std::fs::remove_file(self.log.with_extension("kubeconfig"));
-    }
-}
-
-fn start_agent(ns: &Netns, url: &str, tag: &str) -> Agent {
-    start_agent_as(ns, url, tag, "n1")
-}
-
-fn start_agent_as(ns: &Netns, url: &str, tag: &str, node: &str) -> Agent {
-    start_agent_with(ns, url, tag, node, true)
-}
-
-/// Starts `kvip run` in `ns`; with `cidrs`, the pod and service CIDRs are configured (so no
-/// discovery call is made).
-fn start_agent_with(ns: &Netns, url: &str, tag: &str, node: &str, cidrs: bool) -> Agent {
-    start_agent_full(ns, url, tag, node, cidrs, false)
-}
-
-fn start_agent_full(
-    ns: &Netns,
-    url: &str,
-    tag: &str,
-    node: &str,
-    cidrs: bool,
-    per_service: bool,
-) -> Agent {
-    start_agent_env(ns, url, tag, node, cidrs, per_service, &[])
-}
-
-/// As [`start_agent_full`], with `extra` settings (`name=value`) after the defaults (later
-/// ones win).
-fn start_agent_env(
-    ns: &Netns,
-    url: &str,
-    tag: &str,
-    node: &str,
-    cidrs: bool,
-    per_service: bool,
-    extra: &[&str],
-) -> Agent {
-    let dir = std::env::temp_dir();
-    let kubeconfig = dir.join(format!(
-        "kvip-agent-{tag}-{}.kubeconfig",
-        std::process::id()
-    ));
-    let mut f = std::fs::File::create(&kubeconfig).expect("kubeconfig");
-    write!(
-        f,
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
-    )
-    .expect("write kubeconfig");
-    let log = dir.join(format!("kvip-agent-{tag}-{}.log", std::process::id()));
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "env", "-i"])
-        .arg(format!(
-            "PATH={}",
-            std::env::var("PATH").unwrap_or_default()
-        ))
-        .arg(format!("NODE_NAME={node}"))
-        .args([
-            "vip_interface=eth0",
-            "vip_leaseduration=3",
-            "vip_renewdeadline=2",
-            "vip_retryperiod=1",
-            "POD_NAMESPACE=kube-system",
-        ])
-        .args(if cidrs {
-            &[
-                "egress_podcidr=10.244.0.0/16",
-                "EGRESS_SERVICECIDR=10.96.0.0/12",
-            ][..]
-        } else {
-            &[][..]
-        })
-        .arg(format!("svc_election={per_service}"))
-        .arg(format!("k8s_config_file={}", kubeconfig.display()))
-        .args(extra)
-        // One option through the command line, the rest through the environment.
-        .args([KVIP, "run", "--set", "vip_arp=true"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("start kvip run");
-    Agent { child, log }
-}
-
-/// A runtime and the Service and EndpointSlice APIs of the test API server (loopback).
-fn api(server: &ApiServer) -> (tokio::runtime::Runtime, Api<Service>, Api<EndpointSlice>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let client = {
-        let _in_runtime = rt.enter();
-        kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-            .expect("client")
-    };
-    (
-        rt,
-        Api::namespaced(client.clone(), "default"),
-        Api::namespaced(client, "default"),
-    )
-}
-
-/// Creates Service default/web (egress) and its EndpointSlice with one pod on n1.
-fn create_web(
-    rt: &tokio::runtime::Runtime,
-    services: &Api<Service>,
-    slices: &Api<EndpointSlice>,
-    pod: &str,
-) {
-    rt.block_on(async {
-        services
-            .create(&PostParams::default(), &service(true))
-            .await
-            .expect("service");
-        slices
-            .create(&PostParams::default(), &slice(pod))
-            .await
-            .expect("slice");
-    });
-}
-
-/// Replaces the pod of default/web's EndpointSlice (guarded by its resourceVersion).
-fn set_web_pod(rt: &tokio::runtime::Runtime, slices: &Api<EndpointSlice>, pod: &str) {
-    rt.block_on(async {
-        let cur = slices.get("web-1").await.expect("get");
-        let mut next = slice(pod);
-        next.metadata.resource_version = cur.metadata.resource_version;
-        slices
-            .replace("web-1", &PostParams::default(), &next)
-            .await
-            .expect("replace");
-    });
-}
-
-fn until(what: &str, agent: &Agent, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < limit,
-            "{what}: not within {limit:?}\nagent log:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn rules(ns: &Netns) -> String {
-    ns.exec_ok("nft", &["list", "ruleset"]).unwrap_or_default()
-}
-
-fn has_vip(ns: &Netns) -> bool {
-    ns.exec_ok("ip", &["addr", "show", "eth0"])
-        .unwrap_or_default()
-        .contains("192.0.2.10/32")
-}
 
 #[test]
 fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
@@ -499,72 +300,6 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
     );
 }
 
-/// A plain HTTP GET from inside `ns` (the agent's metrics server listens there).
-fn http_get(ns: &Netns, path: &str) -> String {
-    use std::io::Read;
-    let path = path.to_string();
-    ns.enter(move || -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect("127.0.0.1:2112")?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .expect("netns")
-    .unwrap_or_default()
-}
-
-type Permission = (String, String, String, kvip_kube::rbac::Scope);
-
-/// The permissions the calls through `listener` needed.
-fn used_permissions(server: &ApiServer, listener: usize) -> std::collections::BTreeSet<Permission> {
-    server
-        .calls()
-        .iter()
-        .filter(|c| c.listener == listener)
-        .map(|c| {
-            kvip_kube::rbac::rule_for(
-                &c.verb,
-                &c.group_version,
-                &c.resource,
-                &c.namespace,
-                "kube-system",
-            )
-        })
-        .collect()
-}
-
-fn granted_permissions(discovery: bool) -> std::collections::BTreeSet<Permission> {
-    kvip_kube::rbac::rules(discovery)
-        .iter()
-        .map(|r| {
-            (
-                r.group.to_string(),
-                r.resource.to_string(),
-                r.verb.to_string(),
-                r.scope,
-            )
-        })
-        .collect()
-}
-
-/// `n` node namespaces, each with an `eth0` whose peer is in a namespace of its own.
-fn node_pairs(tag: &str, n: usize) -> (Vec<Netns>, Vec<Netns>) {
-    (0..n)
-        .map(|i| {
-            let ns = Netns::new(&format!("{tag}{i}")).expect("netns");
-            let peer = Netns::new(&format!("{tag}{i}p")).expect("netns");
-            ns.veth("eth0", &peer, "eth0").expect("veth");
-            (ns, peer)
-        })
-        .unzip()
-}
-
-fn holders(nodes: &[Netns]) -> Vec<usize> {
-    (0..nodes.len()).filter(|i| has_vip(&nodes[*i])).collect()
-}
-
 /// Three agents, one per node namespace, one global Lease: exactly one node holds the VIP;
 /// SIGKILL of the holder hands it over within lease duration + retry period (+ the debounce and
 /// a sync); the killed node, restarted, removes its stale VIP; SIGTERM hands over in under 2 s.
@@ -829,36 +564,6 @@ fn denied_discovery_refuses_egress_and_keeps_the_vip() {
     );
 }
 
-fn named_service(name: &str, vip: &str, egress: bool) -> Service {
-    let mut s = service(egress);
-    s.metadata.name = Some(name.into());
-    if let Some(a) = s.metadata.annotations.as_mut() {
-        a.insert("kube-vip.io/loadbalancerIPs".into(), vip.into());
-    }
-    s
-}
-
-fn named_slice(service: &str, pod: &str, node: &str) -> EndpointSlice {
-    let mut s = slice(pod);
-    s.metadata.name = Some(format!("{service}-1"));
-    if let Some(l) = s.metadata.labels.as_mut() {
-        l.insert("kubernetes.io/service-name".into(), service.into());
-    }
-    s.endpoints[0].node_name = Some(node.into());
-    s
-}
-
-fn holders_of(nodes: &[Netns], vip: &str) -> Vec<usize> {
-    (0..nodes.len())
-        .filter(|i| {
-            nodes[*i]
-                .exec_ok("ip", &["addr", "show", "eth0"])
-                .unwrap_or_default()
-                .contains(&format!("{vip}/32"))
-        })
-        .collect()
-}
-
 /// `svc_election`: one Lease per Service. An egress Service is held by the node with its
 /// ready endpoint (only it competes); when the endpoint moves, the old holder releases and the
 /// new node takes over. A plain Service is held by exactly one node.
@@ -1086,51 +791,6 @@ fn holder_pod_egresses_with_the_vip_and_the_other_with_the_node_address() {
         log(&agents)
     );
     agents.clear();
-}
-
-/// Sends SIGTERM and waits (at most `limit`) for the exit: its status and how long it took.
-fn sigterm(agent: &mut Agent, limit: Duration) -> (std::process::ExitStatus, Duration) {
-    let start = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &agent.child.id().to_string()])
-        .status()
-        .expect("kill");
-    loop {
-        if let Some(s) = agent.child.try_wait().expect("wait") {
-            return (s, start.elapsed());
-        }
-        assert!(
-            start.elapsed() < limit,
-            "no exit within {limit:?} of SIGTERM:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Everything kvip may own in a namespace, as text: its nft table, its chains in both
-/// iptables variants of both families, and the VIP.
-fn kvip_state(ns: &Netns) -> String {
-    let mut out = ns
-        .exec_ok("nft", &["list", "table", "inet", "kvip"])
-        .unwrap_or_default();
-    for (cmd, args) in [
-        ("iptables-nft-save", &["-t", "nat"][..]),
-        ("ip6tables-nft-save", &["-t", "nat"][..]),
-        ("iptables-legacy-save", &["-t", "nat"][..]),
-        ("ip6tables-legacy-save", &["-t", "nat"][..]),
-    ] {
-        let text = ns.exec_ok(cmd, args).unwrap_or_default();
-        out.extend(
-            text.lines()
-                .filter(|l| l.contains("kvip") || l.contains("KVIP"))
-                .map(|l| format!("{cmd}: {l}\n")),
-        );
-    }
-    if has_vip(ns) {
-        out.push_str("VIP 192.0.2.10\n");
-    }
-    out
 }
 
 /// kube-vip's cause 4: its teardown deleted rule by rule and stopped at the first rule already
