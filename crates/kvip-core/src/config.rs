@@ -221,7 +221,12 @@ impl Env<'_> {
     /// The value of `name` in either spelling; an error when both are set and differ.
     fn get(&self, name: &str) -> Result<Option<String>, ConfigError> {
         let upper = name.to_ascii_uppercase();
-        let lo = self.0.get(name).map(|v| v.trim().to_string());
+        // kube-vip's spelling (`vip_arpRate`), or all lowercase (as `--set` writes it).
+        let lo = self
+            .0
+            .get(name)
+            .or_else(|| self.0.get(&name.to_ascii_lowercase()))
+            .map(|v| v.trim().to_string());
         let up = self.0.get(&upper).map(|v| v.trim().to_string());
         match (lo, up) {
             (Some(l), Some(u)) if l != u => Err(ConfigError::Conflict {
@@ -481,6 +486,12 @@ mod tests {
                 .map(|c| c.arp_refresh)
         };
         assert_eq!(rate("0"), Ok(None));
+        assert_eq!(
+            AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_arprate", "500")]))
+                .map(|c| c.arp_refresh),
+            Ok(Some(Duration::from_millis(500))),
+            "as --set writes it"
+        );
         assert_eq!(rate("3000"), Ok(Some(Duration::from_secs(3))));
         assert_eq!(
             AgentConfig::from_env(&env(&[])).unwrap_err(),

@@ -21,14 +21,14 @@ pub(crate) fn install_hint(tool: &str) -> &'static str {
 }
 
 /// Output of a finished tool.
-pub(crate) struct ToolOutput {
+pub struct ToolOutput {
     pub status_ok: bool,
     pub stdout: String,
     pub stderr: String,
 }
 
 /// Runs `tool args...` feeding `stdin`, returning its output whatever the exit status.
-pub(crate) async fn run_tool(
+pub async fn run_tool(
     tool: &str,
     args: &[&str],
     stdin: Option<&[u8]>,

@@ -126,6 +126,15 @@ pub fn kube_vip_tables(listing: &Value) -> Vec<(String, String)> {
 /// Removes kube-vip's leftovers from every iptables variant and family whose tools run, and
 /// kube-vip's nftables tables. Never stops at the first error.
 pub async fn clean_legacy() -> LegacyReport {
+    scan_legacy(true).await
+}
+
+/// What [`clean_legacy`] would remove, changing nothing (`removed` lists it).
+pub async fn find_legacy() -> LegacyReport {
+    scan_legacy(false).await
+}
+
+async fn scan_legacy(remove: bool) -> LegacyReport {
     let mut report = LegacyReport::default();
     for v in [Variant::Legacy, Variant::Nft] {
         for f in [Family::V4, Family::V6] {
@@ -136,6 +145,14 @@ pub async fn clean_legacy() -> LegacyReport {
             let Some((input, removed)) = render_legacy_cleanup(&save) else {
                 continue;
             };
+            if !remove {
+                report.removed.extend(
+                    removed
+                        .into_iter()
+                        .map(|r| format!("{} {}: {r}", v.save_cmd(f).trim_end_matches("-save"), f)),
+                );
+                continue;
+            }
             match run_tool(v.restore_cmd(f), &["--noflush"], Some(input.as_bytes())).await {
                 Ok(o) if o.status_ok => report.removed.extend(
                     removed
@@ -155,7 +172,13 @@ pub async fn clean_legacy() -> LegacyReport {
         Ok(o) if o.status_ok => {
             let listing: Value = serde_json::from_str(&o.stdout).unwrap_or(Value::Null);
             let tables = kube_vip_tables(&listing);
-            if !tables.is_empty() {
+            if !tables.is_empty() && !remove {
+                report.removed.extend(
+                    tables
+                        .iter()
+                        .map(|(f, n)| format!("nftables: table {f} {n}")),
+                );
+            } else if !tables.is_empty() {
                 let cmds: Vec<Value> = tables
                     .iter()
                     .map(|(f, n)| json!({"delete": {"table": {"family": f, "name": n}}}))

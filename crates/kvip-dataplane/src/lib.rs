@@ -11,7 +11,7 @@ pub mod addr;
 pub mod announce;
 pub mod conntrack;
 pub mod error;
-mod exec;
+pub mod exec;
 pub mod iptables;
 pub mod legacy;
 pub mod names;

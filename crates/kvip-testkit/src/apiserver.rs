@@ -452,6 +452,18 @@ async fn handle(
             "poisoned".into(),
         );
     };
+    // SelfSubjectAccessReview: answered from the denial list, never stored.
+    if verb == "create" && t.resource == "selfsubjectaccessreviews" {
+        let mut review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let attrs = &review["spec"]["resourceAttributes"];
+        let resource = attrs["resource"].as_str().unwrap_or_default().to_string();
+        let allowed = !g.denied.contains(&resource);
+        review["status"] = serde_json::json!({
+            "allowed": allowed,
+            "reason": if allowed { "allowed by the test server" } else { "denied by the test server" },
+        });
+        return (StatusCode::CREATED, axum::Json(review)).into_response();
+    }
     let key = |name: &str| -> Key {
         (
             t.group_version.clone(),

@@ -30,7 +30,7 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 /// The client, and the API server's URL.
-async fn client(cfg: &AgentConfig) -> Result<(kube::Client, String)> {
+pub(crate) async fn client(cfg: &AgentConfig) -> Result<(kube::Client, String)> {
     let config = match &cfg.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -51,7 +51,7 @@ async fn client(cfg: &AgentConfig) -> Result<(kube::Client, String)> {
 }
 
 /// The agent's own namespace: `POD_NAMESPACE`, else the service account's, else kube-system.
-fn own_namespace() -> String {
+pub(crate) fn own_namespace() -> String {
     std::env::var("POD_NAMESPACE")
         .ok()
         .filter(|s| !s.trim().is_empty())
@@ -61,7 +61,7 @@ fn own_namespace() -> String {
 }
 
 /// The API server's address, when the client talks to it by IP: always excluded from egress.
-fn api_server_addresses(client_url: &str) -> Vec<IpAddr> {
+pub(crate) fn api_server_addresses(client_url: &str) -> Vec<IpAddr> {
     let host = client_url
         .split("://")
         .nth(1)

@@ -2,6 +2,7 @@
 
 mod agent;
 mod demo;
+mod doctor;
 mod metrics;
 
 use std::io::Read;
@@ -68,6 +69,17 @@ enum Command {
         #[arg(long)]
         svc_election: bool,
     },
+    /// Look at this node (and the cluster, when the API answers) for what would make kvip
+    /// misbehave; each finding comes with its fix. Changes nothing. Exit status: 0 nothing
+    /// wrong, 1 problems found, 2 the doctor could not run.
+    Doctor {
+        /// Options as for `kvip run` (the environment is read too); without vip_nodename or
+        /// NODE_NAME, the host name is the node name.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: DoctorOutput,
+    },
     /// Build a network-namespace lab and show egress through a VIP with real packets.
     Demo {
         /// Rule backend for the demo.
@@ -95,6 +107,31 @@ enum DataplaneAction {
     Teardown,
     /// Remove kube-vip's leftover egress rules and tables (and nothing else).
     CleanLegacy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DoctorOutput {
+    Text,
+    Json,
+}
+
+/// `kvip doctor`: whether nothing is wrong.
+fn doctor(set: &[String], output: DoctorOutput) -> Result<bool> {
+    let mut vars = run_settings(set)?;
+    let has_name = ["vip_nodename", "VIP_NODENAME", "NODE_NAME"]
+        .iter()
+        .any(|k| vars.get(*k).is_some_and(|v| !v.trim().is_empty()));
+    if !has_name {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("no vip_nodename or NODE_NAME, and no host name")?;
+        vars.insert("NODE_NAME".into(), host.trim().to_string());
+    }
+    let cfg = kvip_core::config::AgentConfig::from_env(&vars)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(doctor::command(&cfg, matches!(output, DoctorOutput::Json)))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -352,8 +389,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Command::Doctor { set, output } = &cli.command {
+        return match doctor(set, *output) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("kvip: error: {}", format!("{e:#}").replace('\n', " "));
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = match &cli.command {
         Command::Demo { backend } => demo::run(backend.kind()),
+        Command::Doctor { .. } => Ok(()),
         Command::Manifest {
             what,
             namespace,

@@ -59,6 +59,22 @@ impl Drop for Agent {
     }
 }
 
+/// A kubeconfig for `url` (no credentials: the test API server takes any), named by `tag`;
+/// removed with the agent's log.
+pub fn write_kubeconfig(tag: &str, url: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "kvip-agent-{tag}-{}.kubeconfig",
+        std::process::id()
+    ));
+    let mut f = std::fs::File::create(&path).expect("kubeconfig");
+    write!(
+        f,
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
+    )
+    .expect("write kubeconfig");
+    path
+}
+
 pub fn start_agent(ns: &Netns, url: &str, tag: &str) -> Agent {
     start_agent_as(ns, url, tag, "n1")
 }
@@ -96,16 +112,7 @@ pub fn start_agent_env(
     extra: &[&str],
 ) -> Agent {
     let dir = std::env::temp_dir();
-    let kubeconfig = dir.join(format!(
-        "kvip-agent-{tag}-{}.kubeconfig",
-        std::process::id()
-    ));
-    let mut f = std::fs::File::create(&kubeconfig).expect("kubeconfig");
-    write!(
-        f,
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
-    )
-    .expect("write kubeconfig");
+    let kubeconfig = write_kubeconfig(tag, url);
     let log = dir.join(format!("kvip-agent-{tag}-{}.log", std::process::id()));
     let child = Command::new("ip")
         .args(["netns", "exec", ns.name(), "env", "-i"])

@@ -1,0 +1,630 @@
+//! `kvip doctor`: looks at this node (and the cluster, when the API answers) for what would
+//! make kvip misbehave, and says for each finding how to fix it. Changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Result;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use kvip_core::config::AgentConfig;
+use kvip_core::plan::{ClusterNetworks, ServiceKey};
+use kvip_core::{Leadership, NodeConfig, Snapshot, plan};
+use kvip_dataplane::exec::run_tool;
+use kvip_dataplane::{BackendKind, Config, Dataplane, Instance, KernelDataplane};
+use kvip_kube::cluster::{EXCLUDE_FROM_LB_LABEL, service_info, slice_endpoints};
+use kvip_kube::discovery;
+use kvip_kube::rbac::{Scope, rules_for};
+use serde::Serialize;
+use serde_json::Value;
+
+/// How bad a finding is. Both make the exit status 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// kvip cannot work as configured.
+    Error,
+    /// kvip works, but something will surprise you.
+    Warning,
+}
+
+/// One problem, and how to fix it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// A stable name for scripts: `vip-interface`, `ip-forward`, `rp-filter`,
+    /// `kube-vip-leftovers`, `iptables-split`, `masquerade-first`, `kvip-stray`, `cidrs`,
+    /// `rbac`, `state-differs`.
+    pub check: &'static str,
+    pub severity: Severity,
+    pub problem: String,
+    pub fix: String,
+}
+
+/// Something worth knowing that is not a problem (where a CIDR came from, the backend, ...).
+#[derive(Debug, Clone, Serialize)]
+pub struct Fact {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub node: String,
+    pub facts: Vec<Fact>,
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    fn fact(&mut self, name: &str, value: impl Into<String>) {
+        self.facts.push(Fact {
+            name: name.into(),
+            value: value.into(),
+        });
+    }
+
+    fn finding(&mut self, check: &'static str, severity: Severity, problem: String, fix: String) {
+        self.findings.push(Finding {
+            check,
+            severity,
+            problem,
+            fix,
+        });
+    }
+
+    /// Whether nothing is wrong.
+    pub fn ok(&self) -> bool {
+        self.findings.is_empty()
+    }
+
+    pub fn text(&self) -> String {
+        let mut out = format!("kvip doctor on node {}\n", self.node);
+        for f in &self.facts {
+            out.push_str(&format!("  {}: {}\n", f.name, f.value));
+        }
+        for f in &self.findings {
+            let sev = match f.severity {
+                Severity::Error => "ERROR  ",
+                Severity::Warning => "WARNING",
+            };
+            out.push_str(&format!(
+                "{sev} {}: {}\n        fix: {}\n",
+                f.check, f.problem, f.fix
+            ));
+        }
+        out.push_str(&match self.findings.len() {
+            0 => "no problem found\n".to_string(),
+            1 => "1 problem found\n".to_string(),
+            n => format!("{n} problems found\n"),
+        });
+        out
+    }
+}
+
+fn sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/sys/{path}"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+async fn tool(cmd: &str, args: &[&str]) -> Option<String> {
+    match run_tool(cmd, args, None).await {
+        Ok(o) if o.status_ok => Some(o.stdout),
+        _ => None,
+    }
+}
+
+/// Runs every check; the API's only when a client can be made and answers.
+pub async fn run(cfg: &AgentConfig) -> Report {
+    let mut r = Report {
+        node: cfg.node_name.clone(),
+        ..Report::default()
+    };
+    let interface = cfg
+        .services_interface
+        .clone()
+        .or_else(|| cfg.vip_interface.clone());
+    check_interface(&mut r, interface.as_deref()).await;
+    check_sysctls(&mut r, interface.as_deref());
+    check_kube_vip(&mut r).await;
+    check_iptables_split(&mut r).await;
+    let instance = match Instance::new(cfg.instance_name.as_deref()) {
+        Ok(i) => i,
+        Err(e) => {
+            r.finding(
+                "kvip-stray",
+                Severity::Error,
+                format!("instance_name: {e}"),
+                "fix instance_name".into(),
+            );
+            return r;
+        }
+    };
+    check_masquerade_first(&mut r, &instance).await;
+    let dp = KernelDataplane::new(Config {
+        instance,
+        backend: match cfg.egress_with_nftables {
+            Some(true) => BackendKind::Nftables,
+            Some(false) => BackendKind::Iptables,
+            None => BackendKind::Auto,
+        },
+        iptables_variant: None,
+        no_conntrack_flush: true,
+        announce: Default::default(),
+    })
+    .await;
+    let observed = match &dp {
+        Ok(dp) => {
+            r.fact("backend", dp.backend().name());
+            match dp.observe().await {
+                Ok(o) => {
+                    if !o.stray.is_empty() {
+                        r.finding(
+                            "kvip-stray",
+                            Severity::Warning,
+                            format!("kvip's objects not in the form kvip writes: {}", o.stray.join("; ")),
+                            "the agent replaces them at its next read-back (resync_period); `kvip dataplane show` lists kvip's objects".into(),
+                        );
+                    }
+                    r.fact(
+                        "held now",
+                        format!(
+                            "{} VIP(s), {} egress pod(s)",
+                            o.state.vips().len(),
+                            o.state.source_count()
+                        ),
+                    );
+                    Some(o.state)
+                }
+                Err(e) => {
+                    r.fact("kvip's kernel state", format!("unreadable: {e}"));
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            r.fact("backend", format!("unusable: {e}"));
+            None
+        }
+    };
+    let client = match crate::agent::client(cfg).await {
+        Ok(c) => c,
+        Err(e) => {
+            r.fact(
+                "API",
+                format!("not used ({e}): the checks that need it were skipped"),
+            );
+            return r;
+        }
+    };
+    check_api(&mut r, cfg, client, interface, observed).await;
+    r
+}
+
+async fn check_interface(r: &mut Report, interface: Option<&str>) {
+    let Some(ifname) = interface else {
+        r.finding(
+            "vip-interface",
+            Severity::Error,
+            "vip_interface is not set: kvip has nowhere to put VIPs".into(),
+            "set vip_interface (or vip_servicesinterface) to the interface of the VIPs' subnet"
+                .into(),
+        );
+        return;
+    };
+    let Some(out) = tool("ip", &["-j", "link", "show", "dev", ifname]).await else {
+        r.finding(
+            "vip-interface",
+            Severity::Error,
+            format!("interface {ifname} (vip_interface) does not exist"),
+            "set vip_interface to an existing interface (`ip link` lists them)".into(),
+        );
+        return;
+    };
+    let links: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    let up = links[0]["flags"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|x| x == "UP"));
+    r.fact(
+        "interface",
+        format!(
+            "{ifname} ({})",
+            links[0]["operstate"].as_str().unwrap_or("unknown")
+        ),
+    );
+    if !up {
+        r.finding(
+            "vip-interface",
+            Severity::Error,
+            format!("interface {ifname} (vip_interface) is down: VIPs on it are unreachable"),
+            format!("ip link set {ifname} up (and find out who set it down)"),
+        );
+    }
+}
+
+fn check_sysctls(r: &mut Report, interface: Option<&str>) {
+    if sysctl("net/ipv4/ip_forward").as_deref() != Some("1") {
+        r.finding(
+            "ip-forward",
+            Severity::Error,
+            "net.ipv4.ip_forward is off: the node does not forward its pods' traffic, so no pod can leave through a VIP".into(),
+            "sysctl -w net.ipv4.ip_forward=1, and persist it in /etc/sysctl.d/".into(),
+        );
+    }
+    let Some(ifname) = interface else { return };
+    let level = |p: &str| sysctl(p).and_then(|v| v.parse::<u8>().ok()).unwrap_or(0);
+    // The kernel applies the larger of `all` and the interface's own value.
+    let effective = level("net/ipv4/conf/all/rp_filter")
+        .max(level(&format!("net/ipv4/conf/{ifname}/rp_filter")));
+    if effective == 1 {
+        r.finding(
+            "rp-filter",
+            Severity::Warning,
+            format!("strict reverse-path filtering (rp_filter=1) applies to {ifname}: packets to a VIP from clients whose route back leaves by another interface are dropped"),
+            format!("use loose mode: sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.{ifname}.rp_filter=2, persisted in /etc/sysctl.d/"),
+        );
+    }
+}
+
+async fn check_kube_vip(r: &mut Report) {
+    let found = kvip_dataplane::legacy::find_legacy().await;
+    if !found.removed.is_empty() {
+        r.finding(
+            "kube-vip-leftovers",
+            Severity::Warning,
+            format!(
+                "kube-vip's egress rules are still on this node (they may send pods out with a stale source): {}",
+                found.removed.join("; ")
+            ),
+            "kvip dataplane clean-legacy (removes exactly these), or start the agent with egress_clean=true".into(),
+        );
+    }
+}
+
+/// Rules (`-A` lines) of every table in one iptables variant, both families.
+async fn rule_count(variant: &str) -> usize {
+    let mut n = 0;
+    for fam in ["iptables", "ip6tables"] {
+        if let Some(out) = tool(&format!("{fam}-{variant}-save"), &[]).await {
+            n += out.lines().filter(|l| l.starts_with("-A ")).count();
+        }
+    }
+    n
+}
+
+async fn check_iptables_split(r: &mut Report) {
+    let (legacy, nft) = (rule_count("legacy").await, rule_count("nft").await);
+    if legacy > 0 && nft > 0 {
+        r.finding(
+            "iptables-split",
+            Severity::Warning,
+            format!("rules in both iptables variants: {legacy} in iptables-legacy, {nft} in iptables-nft; each `iptables` shows only its own, so no single listing shows what the kernel does"),
+            "settle on one variant (update-alternatives --config iptables; the CNI and kube-proxy must agree) and remove the other's rules; iptables-legacy-save and iptables-nft-save list each".into(),
+        );
+    }
+}
+
+/// kvip's SNAT must come before any masquerade: nftables chains hooked earlier than kvip's
+/// (priority srcnat - 10), or, with the iptables backend, rules above kvip's jump.
+async fn check_masquerade_first(r: &mut Report, instance: &Instance) {
+    let table = instance.nft_table();
+    if let Some(out) = tool("nft", &["-j", "list", "ruleset"]).await {
+        let listing: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let items = listing["nftables"].as_array().cloned().unwrap_or_default();
+        let ours = items.iter().any(|i| {
+            i["table"]["name"].as_str() == Some(table.as_str())
+                && i["table"]["family"].as_str() == Some("inet")
+        });
+        if ours {
+            let early: BTreeMap<(String, String, String), i64> = items
+                .iter()
+                .filter_map(|i| i.get("chain"))
+                .filter(|c| {
+                    c["type"] == "nat"
+                        && c["hook"] == "postrouting"
+                        && c["table"].as_str() != Some(table.as_str())
+                })
+                .filter_map(|c| {
+                    let prio = c["prio"].as_i64()?;
+                    (prio < 90).then(|| {
+                        (
+                            (
+                                c["family"].as_str().unwrap_or_default().to_string(),
+                                c["table"].as_str().unwrap_or_default().to_string(),
+                                c["name"].as_str().unwrap_or_default().to_string(),
+                            ),
+                            prio,
+                        )
+                    })
+                })
+                .collect();
+            for ((family, tbl, chain), prio) in &early {
+                let translates = items.iter().filter_map(|i| i.get("rule")).any(|rule| {
+                    rule["family"].as_str() == Some(family.as_str())
+                        && rule["table"].as_str() == Some(tbl.as_str())
+                        && rule["chain"].as_str() == Some(chain.as_str())
+                        && rule["expr"].as_array().is_some_and(|e| {
+                            e.iter()
+                                .any(|x| x.get("masquerade").is_some() || x.get("snat").is_some())
+                        })
+                });
+                if translates {
+                    r.finding(
+                        "masquerade-first",
+                        Severity::Error,
+                        format!("nftables chain {family} {tbl} {chain} translates at priority {prio}, before kvip's SNAT (priority 90): egress pods leave with that chain's address, not the VIP"),
+                        "hook that NAT at priority srcnat (100) or later, or exclude the egress pods from it".into(),
+                    );
+                }
+            }
+        }
+    }
+    let chain = format!("{}POST", instance.chain_prefix());
+    for variant in ["legacy", "nft"] {
+        for fam in ["iptables", "ip6tables"] {
+            let Some(save) = tool(&format!("{fam}-{variant}-save"), &["-t", "nat"]).await else {
+                continue;
+            };
+            if !save.contains(&format!(":{chain} ")) {
+                continue;
+            }
+            let post: Vec<&str> = save
+                .lines()
+                .filter(|l| l.starts_with("-A POSTROUTING "))
+                .collect();
+            let jump = post
+                .iter()
+                .position(|l| l.ends_with(&format!("-j {chain}")));
+            let before: Vec<&&str> = post[..jump.unwrap_or(post.len())]
+                .iter()
+                .filter(|l| l.contains("-j MASQUERADE") || l.contains("-j SNAT"))
+                .collect();
+            if jump.is_none() {
+                r.finding(
+                    "masquerade-first",
+                    Severity::Error,
+                    format!("{fam}-{variant}: kvip's chain {chain} exists but nat POSTROUTING does not jump to it: no egress pod is translated"),
+                    "the agent puts the jump back at its next read-back (resync_period); if it keeps disappearing, find what rewrites POSTROUTING".into(),
+                );
+            } else if !before.is_empty() {
+                r.finding(
+                    "masquerade-first",
+                    Severity::Error,
+                    format!("{fam}-{variant}: nat POSTROUTING translates before kvip's jump: {}", before.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("; ")),
+                    "kvip keeps its jump first; something inserted rules above it since: the agent repairs it at its next read-back, and the other tool should append, not insert".into(),
+                );
+            }
+        }
+    }
+}
+
+/// Whether `lease` names `node` as a holder whose term has not run out.
+fn holds(lease: &Lease, node: &str) -> bool {
+    let Some(spec) = &lease.spec else {
+        return false;
+    };
+    let renewed = spec.renew_time.as_ref().map(|t| t.0.as_microsecond());
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0)) * 1_000_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    spec.holder_identity.as_deref() == Some(node) && renewed.is_some_and(|t| t + duration > now)
+}
+
+async fn check_api(
+    r: &mut Report,
+    cfg: &AgentConfig,
+    (client, url): (kube::Client, String),
+    interface: Option<String>,
+    observed: Option<kvip_core::DesiredState>,
+) {
+    let found = discovery::discover(
+        &client,
+        cfg.egress_pod_cidr.clone(),
+        cfg.egress_service_cidr.clone(),
+    )
+    .await;
+    for (kind, v) in [("pod CIDR", &found.pod), ("service CIDR", &found.service)] {
+        match v {
+            Some((cidrs, source)) => r.fact(
+                kind,
+                format!(
+                    "{} (from {source})",
+                    cidrs
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            None => r.finding(
+                "cidrs",
+                Severity::Warning,
+                format!("no {kind} configured or discovered{}: egress is refused for every Service (VIPs still work)", if found.denied.is_empty() { String::new() } else { format!(" (denied: {})", found.denied.join("; ")) }),
+                "set egress_podcidr and egress_servicecidr, or grant what discovery reads (`kvip manifest rbac` without --pod-cidr/--service-cidr)".into(),
+            ),
+        }
+    }
+    // RBAC, through SelfSubjectAccessReview: what the agent calls, for this identity.
+    let discovery_needed = cfg.egress_pod_cidr.is_none() || cfg.egress_service_cidr.is_none();
+    let own_ns = crate::agent::own_namespace();
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let mut missing = Vec::new();
+    for rule in rules_for(discovery_needed, cfg.svc_election) {
+        let namespace = match rule.scope {
+            Scope::Cluster => None,
+            Scope::OwnNamespace => Some(own_ns.clone()),
+            Scope::KubeSystem => Some("kube-system".to_string()),
+        };
+        let (resource, subresource) = match rule.resource.split_once('/') {
+            Some((r, s)) => (r.to_string(), Some(s.to_string())),
+            None => (rule.resource.to_string(), None),
+        };
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(rule.group.to_string()),
+                    resource: Some(resource),
+                    subresource,
+                    verb: Some(rule.verb.to_string()),
+                    namespace: namespace.clone(),
+                    ..ResourceAttributes::default()
+                }),
+                ..SelfSubjectAccessReviewSpec::default()
+            },
+            ..SelfSubjectAccessReview::default()
+        };
+        match reviews.create(&PostParams::default(), &review).await {
+            Ok(done) if done.status.as_ref().is_some_and(|s| s.allowed) => {}
+            Ok(_) => missing.push(format!(
+                "{} {}{} in {}",
+                rule.verb,
+                if rule.group.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}/", rule.group)
+                },
+                rule.resource,
+                namespace.as_deref().unwrap_or("all namespaces")
+            )),
+            Err(e) => {
+                r.fact("RBAC", format!("not checked: {e}"));
+                break;
+            }
+        }
+    }
+    if !missing.is_empty() {
+        r.finding(
+            "rbac",
+            Severity::Error,
+            format!("this identity may not: {}", missing.join("; ")),
+            format!("kvip manifest rbac --namespace {own_ns}{} | kubectl apply -f - (run the doctor with the agent's own service account to check the agent)", if cfg.svc_election { " --svc-election" } else { "" }),
+        );
+    }
+    // What this node should hold, from the API now, against what the kernel holds.
+    let Some(observed) = observed else { return };
+    let Some(interface) = interface else { return };
+    let networks = ClusterNetworks {
+        pod: found.pod.map(|p| p.0).unwrap_or_default(),
+        service: found.service.map(|s| s.0).unwrap_or_default(),
+        api_server: crate::agent::api_server_addresses(&url),
+    };
+    let (services, slices): (Api<Service>, Api<EndpointSlice>) = match &cfg.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let (Ok(svc_list), Ok(slice_list)) = (
+        services.list(&ListParams::default()).await,
+        slices.list(&ListParams::default()).await,
+    ) else {
+        r.fact(
+            "expected state",
+            "not computed: Services or EndpointSlices unreadable",
+        );
+        return;
+    };
+    let node_excluded = Api::<Node>::all(client.clone())
+        .get_opt(&cfg.node_name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|n| n.metadata.labels)
+        .is_some_and(|l| l.contains_key(EXCLUDE_FROM_LB_LABEL));
+    let mut endpoints: BTreeMap<ServiceKey, Vec<_>> = BTreeMap::new();
+    for s in &slice_list.items {
+        if let Some((k, eps)) = slice_endpoints(s) {
+            endpoints.entry(k).or_default().extend(eps);
+        }
+    }
+    let snapshot = Snapshot {
+        services: svc_list.items.iter().map(service_info).collect(),
+        endpoints,
+        networks,
+        node_excluded,
+    };
+    let node = NodeConfig {
+        node_name: cfg.node_name.clone(),
+        interface,
+        namespace: cfg.namespace.clone(),
+        class_only: cfg.lb_class_only,
+        class_name: cfg.lb_class_name.clone(),
+    };
+    let leadership = if !cfg.leader_election {
+        Leadership::Global(true)
+    } else if cfg.svc_election {
+        let mut held = BTreeSet::new();
+        for (key, sp) in plan(&snapshot, &Leadership::None, &node).services {
+            let name = sp
+                .lease_name
+                .clone()
+                .unwrap_or_else(|| format!("kubevip-{}", key.name));
+            let leases: Api<Lease> = Api::namespaced(client.clone(), &key.namespace);
+            if let Ok(Some(l)) = leases.get_opt(&name).await
+                && holds(&l, &cfg.node_name)
+            {
+                held.insert(key);
+            }
+        }
+        Leadership::PerService(held)
+    } else {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &own_ns);
+        Leadership::Global(
+            leases
+                .get_opt(&cfg.lease_name)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|l| holds(&l, &cfg.node_name)),
+        )
+    };
+    let want = plan(&snapshot, &leadership, &node).desired;
+    r.fact(
+        "should hold",
+        format!(
+            "{} VIP(s), {} egress pod(s)",
+            want.vips().len(),
+            want.source_count()
+        ),
+    );
+    let kinds = want.drift(&observed);
+    if !kinds.is_empty() {
+        let vips = |s: &kvip_core::DesiredState| {
+            s.vips()
+                .iter()
+                .map(|v| v.address.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        r.finding(
+            "state-differs",
+            Severity::Error,
+            format!(
+                "kvip's kernel state differs from what this node should hold ({}): VIPs held [{}], should be [{}]; egress pods held {}, should be {}",
+                kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", "),
+                vips(&observed),
+                vips(&want),
+                observed.source_count(),
+                want.source_count()
+            ),
+            "the agent repairs this within resync_period: if it stays, check that the agent runs on this node (with the same settings as this command) and read its log; during a failover a difference is expected for a few seconds".into(),
+        );
+    }
+}
+
+/// The command: prints the report, returns whether nothing is wrong.
+pub async fn command(cfg: &AgentConfig, json: bool) -> Result<bool> {
+    let report = run(cfg).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(report.ok())
+}
