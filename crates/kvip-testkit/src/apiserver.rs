@@ -722,6 +722,14 @@ impl ApiServer {
     }
 
     /// `http://127.0.0.1:<port>`
+    /// A kubeconfig (YAML text) pointing at `url`, without credentials (the test server
+    /// takes any client).
+    pub fn kubeconfig(url: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
+        )
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -6,13 +6,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crate::netns::{Netns, NetnsError};
+
+/// A frame and when it was received.
+pub type TimedFrame = (Instant, Vec<u8>);
 
 /// Frames received on one interface while the capture runs.
 pub struct Capture {
     stop: Arc<AtomicBool>,
-    frames: Arc<Mutex<Vec<Vec<u8>>>>,
+    frames: Arc<Mutex<Vec<TimedFrame>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -87,7 +91,7 @@ impl Capture {
                 if n > 0
                     && let Ok(mut v) = f.lock()
                 {
-                    v.push(buf[..n as usize].to_vec());
+                    v.push((Instant::now(), buf[..n as usize].to_vec()));
                 }
             }
         });
@@ -104,12 +108,24 @@ impl Capture {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.frames.lock().map(|v| v.clone()).unwrap_or_default()
+        self.snapshot()
     }
 
     /// The frames seen so far (capture goes on).
     pub fn snapshot(&self) -> Vec<Vec<u8>> {
-        self.frames.lock().map(|v| v.clone()).unwrap_or_default()
+        self.frames
+            .lock()
+            .map(|v| v.iter().map(|(_, f)| f.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The frames from the `from`-th on, with when each was received, and the index to
+    /// continue from.
+    pub fn timed_since(&self, from: usize) -> (Vec<TimedFrame>, usize) {
+        self.frames
+            .lock()
+            .map(|v| (v.get(from..).unwrap_or_default().to_vec(), v.len()))
+            .unwrap_or_default()
     }
 }
 

@@ -4,7 +4,6 @@
 //!     cargo bench -p kvip --bench agent
 //!     KVIP_BENCH_SERVICES=1000 KVIP_BENCH_ENDPOINTS=10 KVIP_BENCH_CHANGES=200 cargo bench -p kvip --bench agent
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -119,8 +118,7 @@ fn main() {
     let url = server.listen_in(&ns).expect("listen");
     let dir = std::env::temp_dir();
     let kubeconfig = dir.join(format!("kvip-bench-{}.kubeconfig", std::process::id()));
-    let mut f = std::fs::File::create(&kubeconfig).expect("kubeconfig");
-    write!(f, "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n").expect("write");
+    std::fs::write(&kubeconfig, ApiServer::kubeconfig(&url)).expect("kubeconfig");
     let mut agent = Command::new("ip")
         .args(["netns", "exec", ns.name(), "env", "-i"])
         .arg(format!(

@@ -66,12 +66,7 @@ pub fn write_kubeconfig(tag: &str, url: &str) -> std::path::PathBuf {
         "kvip-agent-{tag}-{}.kubeconfig",
         std::process::id()
     ));
-    let mut f = std::fs::File::create(&path).expect("kubeconfig");
-    write!(
-        f,
-        "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
-    )
-    .expect("write kubeconfig");
+    std::fs::write(&path, ApiServer::kubeconfig(url)).expect("kubeconfig");
     path
 }
 
