@@ -4,11 +4,13 @@
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
+use kube::runtime::{WatchStreamExt, watcher};
 use kvip_core::lease::{Action, Elector, LeaseRecord, Now, Timings, released};
 use thiserror::Error;
 use tokio::sync::watch;
@@ -124,6 +126,24 @@ impl LeaseLock {
     }
 }
 
+/// Waits until the watched Lease is seen released (empty holder). Errors of the watch are
+/// retried with backoff by the stream; an ended stream never wakes.
+async fn seen_released(
+    events: &mut (impl futures_util::Stream<Item = Result<Lease, watcher::Error>> + Unpin),
+) {
+    while let Some(ev) = events.next().await {
+        if let Ok(l) = ev
+            && l.spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref())
+                .is_none_or(str::is_empty)
+        {
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
 /// One node's participation in one Lease's election.
 pub struct Election {
     lock: LeaseLock,
@@ -193,6 +213,13 @@ impl Election {
         leader: watch::Sender<bool>,
         stop: CancellationToken,
     ) -> Release {
+        let released_events = watcher(
+            self.lock.api.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={}", self.lock.name)),
+        )
+        .default_backoff()
+        .applied_objects();
+        let mut released_events = Box::pin(released_events);
         while !stop.is_cancelled() {
             // A call in flight is abandoned on stop (shutdown must not wait a retry period
             // for a hanging API); the release below re-reads if it then conflicts.
@@ -252,6 +279,8 @@ impl Election {
                         std::future::pending::<()>().await;
                     }
                 } => {}
+                // A released Lease (empty holder) is taken at once, not a period later.
+                _ = seen_released(&mut released_events) => {}
                 _ = stop.cancelled() => {}
             }
         }

@@ -60,6 +60,9 @@ pub fn rules_for(discovery: bool, per_service_leases: bool) -> Vec<Rule> {
         r("events.k8s.io", "events", "create", Cluster),
         r("events.k8s.io", "events", "patch", Cluster),
         r("coordination.k8s.io", "leases", "get", lease_scope),
+        // Watched (by name) to take a released Lease at once.
+        r("coordination.k8s.io", "leases", "list", lease_scope),
+        r("coordination.k8s.io", "leases", "watch", lease_scope),
         r("coordination.k8s.io", "leases", "create", lease_scope),
         r("coordination.k8s.io", "leases", "update", lease_scope),
     ];
