@@ -45,6 +45,11 @@ enum Command {
         /// another value is an error.
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,
+        /// When discovery finds no pod or service CIDR, use kube-vip's guesses (10.0.0.0/16,
+        /// 10.96.0.0/12) with a warning instead of refusing egress; the same as
+        /// `--set egress_default_cidrs=true`.
+        #[arg(long)]
+        egress_default_cidrs: bool,
     },
     /// Print manifests to deploy the agent (YAML on stdout).
     Manifest {
@@ -352,6 +357,15 @@ async fn dataplane(opts: &DataplaneOpts, action: &DataplaneAction) -> Result<()>
 
 /// The environment, with `--set name=value` options merged in (as the lowercase spelling).
 /// A `--set` that disagrees with the environment (either spelling) is an error.
+/// `set` with `name=true` added when `flag` is on.
+fn with_flag(set: &[String], flag: bool, name: &str) -> Vec<String> {
+    let mut v = set.to_vec();
+    if flag {
+        v.push(format!("{name}=true"));
+    }
+    v
+}
+
 fn run_settings(set: &[String]) -> Result<std::collections::BTreeMap<String, String>> {
     let mut vars: std::collections::BTreeMap<String, String> = std::env::vars().collect();
     for item in set {
@@ -422,17 +436,24 @@ fn main() -> ExitCode {
             },
         )
         .map(|text| print!("{text}")),
-        Command::Run { set } => run_settings(set)
-            .and_then(|vars| {
-                kvip_core::config::AgentConfig::from_env(&vars).map_err(anyhow::Error::from)
-            })
-            .and_then(|cfg| {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("starting the runtime")?
-                    .block_on(agent::run(cfg))
-            }),
+        Command::Run {
+            set,
+            egress_default_cidrs,
+        } => run_settings(&with_flag(
+            set,
+            *egress_default_cidrs,
+            "egress_default_cidrs",
+        ))
+        .and_then(|vars| {
+            kvip_core::config::AgentConfig::from_env(&vars).map_err(anyhow::Error::from)
+        })
+        .and_then(|cfg| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(agent::run(cfg))
+        }),
         Command::Dataplane { opts, action } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

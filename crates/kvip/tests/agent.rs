@@ -21,6 +21,9 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
     let peer = Netns::new("agtp").expect("netns");
     ns.veth("eth0", &peer, "eth0").expect("veth");
     let server = ApiServer::start().expect("api server");
+    // kube-vip's cause 1: pods in kube-system may not be listed, but the CIDRs are
+    // configured: those are excluded (asserted below), and nothing is asked or guessed.
+    server.deny("pods");
     let url = server.listen_in(&ns).expect("listen in the node namespace");
     let mut agent = start_agent(&ns, &url, "a");
 
@@ -196,15 +199,7 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
     );
 
     // Egress annotation removed: egress goes, the VIP stays.
-    rt.block_on(async {
-        let cur = services.get("web").await.expect("get");
-        let mut next = service(false);
-        next.metadata.resource_version = cur.metadata.resource_version;
-        services
-            .replace("web", &PostParams::default(), &next)
-            .await
-            .expect("replace");
-    });
+    rt.block_on(put(&services, "web", service(false)));
     until("egress removed", &agent, Duration::from_secs(5), || {
         !rules(&ns).contains("table inet kvip")
     });
@@ -1353,4 +1348,45 @@ fn the_holder_refreshes_its_neighbours_periodically() {
     let (initial, later) = run("arz", "vip_arpRate=0");
     assert!(initial >= 3, "announced at acquisition: {initial}");
     assert_eq!(later, 0, "no refresh with vip_arpRate=0");
+}
+
+/// `egress_default_cidrs` (`--egress-default-cidrs`): for those who insist, kube-vip's guessed
+/// CIDRs when discovery finds none — with a warning and the source exported as `guessed`.
+#[test]
+fn guessed_cidrs_only_when_asked() {
+    require_kernel!();
+    let ns = Netns::new("gss").expect("netns");
+    let peer = Netns::new("gssp").expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let server = ApiServer::start().expect("api server");
+    server.deny("pods");
+    let url = server.listen_in(&ns).expect("listen");
+    let agent = start_agent_env(
+        &ns,
+        &url,
+        "gss",
+        "n1",
+        false,
+        false,
+        &["egress_default_cidrs=true"],
+    );
+    let (rt, services, slices) = api(&server);
+    create_web(&rt, &services, &slices, "10.244.1.5");
+    until(
+        "egress with guessed CIDRs",
+        &agent,
+        Duration::from_secs(15),
+        || {
+            let r = rules(&ns);
+            r.contains("10.244.1.5 : goto")
+                && r.contains("10.0.0.0/16")
+                && r.contains("10.96.0.0/12")
+        },
+    );
+    assert!(agent.log().contains("kube-vip's guess"), "{}", agent.log());
+    let m = http_get(&ns, "/metrics");
+    assert!(
+        m.contains("kvip_cidr_source{kind=\"pod\",source=\"guessed\"} 1"),
+        "{m}"
+    );
 }

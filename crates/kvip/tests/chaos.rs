@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{DeleteParams, PostParams};
 use kvip_testkit::apiserver::ApiServer;
 use kvip_testkit::{Netns, require_kernel};
 use serde_json::{Value, json};
@@ -143,56 +142,6 @@ fn slice_object(i: usize, eps: &[(String, usize, bool)]) -> EndpointSlice {
         "addressType": "IPv4", "endpoints": endpoints
     }))
     .expect("slice")
-}
-
-/// The test's own writes, retried through the short API faults the test injects.
-async fn retried<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, kube::Error>>,
-{
-    let mut last = None;
-    for _ in 0..40 {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: {last:?}")
-}
-
-/// Creates `obj` named `name`, or replaces it (guarded by its resourceVersion).
-async fn put<K>(api: &kube::Api<K>, name: &str, obj: K)
-where
-    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    retried(name, || async {
-        match api.get_opt(name).await? {
-            Some(cur) => {
-                let mut next = obj.clone();
-                next.meta_mut().resource_version = cur.meta().resource_version.clone();
-                api.replace(name, &PostParams::default(), &next).await
-            }
-            None => api.create(&PostParams::default(), &obj).await,
-        }
-    })
-    .await;
-}
-
-/// Deletes `name` if it exists.
-async fn remove<K>(api: &kube::Api<K>, name: &str)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    retried(name, || async {
-        match api.delete(name, &DeleteParams::default()).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(e) => Err(e),
-        }
-    })
-    .await;
 }
 
 /// kvip's state on a node as VIP → pods, read back by `kvip dataplane show`.

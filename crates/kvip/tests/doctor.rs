@@ -251,6 +251,12 @@ fn cidrs_and_rbac_through_the_api() {
         Some(&kubeconfig),
     );
     expect(&r, &["rbac"], "kvip manifest rbac --namespace kube-system");
+    let facts = r.1["facts"].to_string();
+    assert!(
+        facts.contains("10.244.0.0/16 (from config)")
+            && facts.contains("10.96.0.0/12 (from config)"),
+        "the CIDRs and where they came from: {facts}"
+    );
     assert!(
         r.1.to_string().contains("coordination.k8s.io/leases"),
         "{:#}",

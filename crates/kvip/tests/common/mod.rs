@@ -182,15 +182,7 @@ pub fn create_web(
 
 /// Replaces the pod of default/web's EndpointSlice (guarded by its resourceVersion).
 pub fn set_web_pod(rt: &tokio::runtime::Runtime, slices: &Api<EndpointSlice>, pod: &str) {
-    rt.block_on(async {
-        let cur = slices.get("web-1").await.expect("get");
-        let mut next = slice(pod);
-        next.metadata.resource_version = cur.metadata.resource_version;
-        slices
-            .replace("web-1", &PostParams::default(), &next)
-            .await
-            .expect("replace");
-    });
+    rt.block_on(put(slices, "web-1", slice(pod)));
 }
 
 pub fn until(what: &str, agent: &Agent, limit: Duration, mut f: impl FnMut() -> bool) {
@@ -357,4 +349,54 @@ pub fn kvip_state(ns: &Netns) -> String {
         out.push_str("VIP 192.0.2.10\n");
     }
     out
+}
+
+/// The test's own writes, retried through the short API faults the test injects.
+pub async fn retried<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut last = None;
+    for _ in 0..40 {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: {last:?}")
+}
+
+/// Creates `obj` named `name`, or replaces it (guarded by its resourceVersion).
+pub async fn put<K>(api: &kube::Api<K>, name: &str, obj: K)
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    retried(name, || async {
+        match api.get_opt(name).await? {
+            Some(cur) => {
+                let mut next = obj.clone();
+                next.meta_mut().resource_version = cur.meta().resource_version.clone();
+                api.replace(name, &PostParams::default(), &next).await
+            }
+            None => api.create(&PostParams::default(), &obj).await,
+        }
+    })
+    .await;
+}
+
+/// Deletes `name` if it exists.
+pub async fn remove<K>(api: &kube::Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    retried(name, || async {
+        match api.delete(name, &kube::api::DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
 }
