@@ -311,6 +311,22 @@ impl AgentConfig {
                 });
             }
         }
+        // kube-vip's VIP mask: kvip adds Service VIPs as host addresses only. Anything else
+        // would silently change what the VIP's subnet route looks like: refuse it.
+        for var in ["vip_subnet", "vip_cidr"] {
+            if let Some(v) = env.get(var)?
+                && !v
+                    .split(',')
+                    .map(str::trim)
+                    .all(|m| m.is_empty() || m == "32" || m == "128")
+            {
+                return Err(ConfigError::Invalid {
+                    var: var.into(),
+                    value: v,
+                    reason: "kvip adds VIPs as host addresses (/32, /128) only; unset it or use 32 (and 128)".into(),
+                });
+            }
+        }
         if !env.bool("svc_enable", true)? {
             return Err(ConfigError::Invalid {
                 var: "svc_enable".into(),
@@ -478,6 +494,13 @@ mod tests {
         let e = AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_leaseduration", "3")]))
             .unwrap_err();
         assert!(e.to_string().contains("renew deadline"));
+        let e =
+            AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_subnet", "24")])).unwrap_err();
+        assert!(e.to_string().contains("vip_subnet") && e.to_string().contains("host addresses"));
+        assert!(
+            AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_subnet", "32,128")])).is_ok()
+        );
+        assert!(AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("VIP_CIDR", "32")])).is_ok());
         let e =
             AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_arpRate", "50")])).unwrap_err();
         assert!(e.to_string().contains("vip_arpRate") && e.to_string().contains("\"50\""));
