@@ -50,6 +50,26 @@ pub(crate) async fn client(cfg: &AgentConfig) -> Result<(kube::Client, String)> 
     ))
 }
 
+/// `plan()`'s view of this node, from the configuration.
+pub(crate) fn node_config(cfg: &AgentConfig, interface: String) -> NodeConfig {
+    NodeConfig {
+        node_name: cfg.node_name.clone(),
+        interface,
+        namespace: cfg.namespace.clone(),
+        class_only: cfg.lb_class_only,
+        class_name: cfg.lb_class_name.clone(),
+    }
+}
+
+/// The rule backend `egress_withnftables` asks for.
+pub(crate) fn backend_kind(cfg: &AgentConfig) -> BackendKind {
+    match cfg.egress_with_nftables {
+        Some(true) => BackendKind::Nftables,
+        Some(false) => BackendKind::Iptables,
+        None => BackendKind::Auto,
+    }
+}
+
 /// The agent's own namespace: `POD_NAMESPACE`, else the service account's, else kube-system.
 pub(crate) fn own_namespace() -> String {
     std::env::var("POD_NAMESPACE")
@@ -415,11 +435,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .context("vip_interface is not set (kvip does not pick an interface by itself yet)")?;
     let mut dp = KernelDataplane::new(Config {
         instance: Instance::new(cfg.instance_name.as_deref())?,
-        backend: match cfg.egress_with_nftables {
-            Some(true) => BackendKind::Nftables,
-            Some(false) => BackendKind::Iptables,
-            None => BackendKind::Auto,
-        },
+        backend: backend_kind(&cfg),
         iptables_variant: None,
         no_conntrack_flush: false,
         announce: AnnounceConfig {
@@ -616,13 +632,7 @@ async fn agent(
         service: service.map(|s| s.0).unwrap_or_default(),
         api_server: api_server_addresses(&api_url),
     };
-    let node = NodeConfig {
-        node_name: cfg.node_name.clone(),
-        interface,
-        namespace: cfg.namespace.clone(),
-        class_only: cfg.lb_class_only,
-        class_name: cfg.lb_class_name.clone(),
-    };
+    let node = node_config(cfg, interface);
 
     let (dirty_tx, mut dirty) = watch::channel(0u64);
     let cache = ClusterCache::start(

@@ -14,9 +14,9 @@ use kube::Api;
 use kube::api::{ListParams, PostParams};
 use kvip_core::config::AgentConfig;
 use kvip_core::plan::{ClusterNetworks, ServiceKey};
-use kvip_core::{Leadership, NodeConfig, Snapshot, plan};
+use kvip_core::{Leadership, Snapshot, plan};
 use kvip_dataplane::exec::run_tool;
-use kvip_dataplane::{BackendKind, Config, Dataplane, Instance, KernelDataplane};
+use kvip_dataplane::{Config, Dataplane, Instance, KernelDataplane};
 use kvip_kube::cluster::{EXCLUDE_FROM_LB_LABEL, service_info, slice_endpoints};
 use kvip_kube::discovery;
 use kvip_kube::rbac::{Scope, rules_for};
@@ -147,11 +147,7 @@ pub async fn run(cfg: &AgentConfig) -> Report {
     check_masquerade_first(&mut r, &instance).await;
     let dp = KernelDataplane::new(Config {
         instance,
-        backend: match cfg.egress_with_nftables {
-            Some(true) => BackendKind::Nftables,
-            Some(false) => BackendKind::Iptables,
-            None => BackendKind::Auto,
-        },
+        backend: crate::agent::backend_kind(cfg),
         iptables_variant: None,
         no_conntrack_flush: true,
         announce: Default::default(),
@@ -549,13 +545,7 @@ async fn check_api(
         networks,
         node_excluded,
     };
-    let node = NodeConfig {
-        node_name: cfg.node_name.clone(),
-        interface,
-        namespace: cfg.namespace.clone(),
-        class_only: cfg.lb_class_only,
-        class_name: cfg.lb_class_name.clone(),
-    };
+    let node = crate::agent::node_config(cfg, interface);
     let leadership = if !cfg.leader_election {
         Leadership::Global(true)
     } else if cfg.svc_election {
