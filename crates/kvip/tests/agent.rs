@@ -324,14 +324,7 @@ fn three_agents_one_holder_and_failover() {
             .await
             .expect("service");
     });
-    let log = |agents: &[Option<Agent>]| -> String {
-        agents
-            .iter()
-            .flatten()
-            .map(Agent::log)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
+    let log = |agents: &[Option<Agent>]| logs(agents.iter().flatten());
     let wait_for = |what: &str,
                     agents: &[Option<Agent>],
                     limit: Duration,
@@ -580,13 +573,7 @@ fn per_service_election_follows_local_endpoints() {
             )
         })
         .collect();
-    let log = || {
-        agents
-            .iter()
-            .map(Agent::log)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
+    let log = || logs(&agents);
     let (rt, services, slices) = api(&server);
     rt.block_on(async {
         services
@@ -719,13 +706,7 @@ fn holder_pod_egresses_with_the_vip_and_the_other_with_the_node_address() {
             start_agent_as(&labs[i].node, &url, &format!("pk{i}"), &format!("n{i}"))
         })
         .collect();
-    let log = |agents: &[Agent]| {
-        agents
-            .iter()
-            .map(Agent::log)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
+    let log = |agents: &[Agent]| logs(agents);
     let (rt, services, slices) = api(&server);
     let mut both = slice("10.244.1.5");
     let mut second = both.endpoints[0].clone();
@@ -906,13 +887,7 @@ fn per_service_leases_fail_over_on_sigkill_and_sigterm() {
             .await
             .expect("slice");
     });
-    let log = |agents: &[Agent]| {
-        agents
-            .iter()
-            .map(Agent::log)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
+    let log = |agents: &[Agent]| logs(agents);
     // The one holder, once it holds the VIP and translates its own pod (and nobody else
     // holds anything).
     let holder = || -> Option<usize> {
@@ -1113,13 +1088,7 @@ fn a_node_excluded_from_load_balancers_hands_its_vips_over() {
             start_agent_as(&nodes[i], &url, &format!("ex{i}"), &format!("n{i}"))
         })
         .collect();
-    let log = || {
-        agents
-            .iter()
-            .map(Agent::log)
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
+    let log = || logs(&agents);
     let (rt, services, _) = api(&server);
     let node_api: Api<Node> = {
         let _in = rt.enter();

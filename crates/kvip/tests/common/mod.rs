@@ -59,6 +59,15 @@ impl Drop for Agent {
     }
 }
 
+/// The logs of several agents, one after the other.
+pub fn logs<'a>(agents: impl IntoIterator<Item = &'a Agent>) -> String {
+    agents
+        .into_iter()
+        .map(Agent::log)
+        .collect::<Vec<_>>()
+        .join("\n----\n")
+}
+
 /// A kubeconfig for `url` (no credentials: the test API server takes any), named by `tag`;
 /// removed with the agent's log.
 pub fn write_kubeconfig(tag: &str, url: &str) -> std::path::PathBuf {
