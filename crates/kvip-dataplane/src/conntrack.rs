@@ -7,13 +7,9 @@ use std::net::IpAddr;
 use crate::error::DataplaneError;
 use crate::exec::{one_line, run_tool};
 
-/// Original source addresses of the entries currently tracked, both families.
-pub async fn tracked_sources() -> Result<BTreeSet<IpAddr>, DataplaneError> {
-    tracked_sources_of(true, true).await
-}
-
-/// As [`tracked_sources`], listing only the families asked for (one process each).
-async fn tracked_sources_of(v4: bool, v6: bool) -> Result<BTreeSet<IpAddr>, DataplaneError> {
+/// Original source addresses of the entries currently tracked, in the families asked for
+/// (one `conntrack` process each).
+async fn tracked_sources(v4: bool, v6: bool) -> Result<BTreeSet<IpAddr>, DataplaneError> {
     let mut out = BTreeSet::new();
     let families = [("ipv4", v4), ("ipv6", v6)];
     for fam in families.iter().filter(|f| f.1).map(|f| f.0) {
@@ -45,7 +41,7 @@ pub async fn flush_sources(sources: &BTreeSet<IpAddr>) -> Result<usize, Dataplan
     if sources.is_empty() {
         return Ok(0);
     }
-    let tracked = tracked_sources_of(
+    let tracked = tracked_sources(
         sources.iter().any(IpAddr::is_ipv4),
         sources.iter().any(IpAddr::is_ipv6),
     )

@@ -14,10 +14,6 @@ use kvip_testkit::apiserver::ApiServer;
 use serde_json::json;
 use tokio::sync::watch;
 
-fn client(server: &ApiServer) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(server.url().parse().expect("url"))).expect("client")
-}
-
 fn service() -> Service {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
@@ -93,7 +89,7 @@ fn ip(s: &str) -> IpAddr {
 #[tokio::test]
 async fn snapshot_follows_the_api_through_faults() {
     let server = ApiServer::start().expect("api server");
-    let c = client(&server);
+    let c = server.client();
     let services: Api<Service> = Api::namespaced(c.clone(), "default");
     let slices: Api<EndpointSlice> = Api::namespaced(c.clone(), "default");
     let (dirty_tx, dirty_rx) = watch::channel(0u64);

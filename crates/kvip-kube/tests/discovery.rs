@@ -10,10 +10,6 @@ use kvip_kube::discovery::{Source, discover};
 use kvip_testkit::apiserver::ApiServer;
 use serde_json::json;
 
-fn client(server: &ApiServer) -> kube::Client {
-    kube::Client::try_from(kube::Config::new(server.url().parse().expect("url"))).expect("client")
-}
-
 fn cidrs(v: &[&str]) -> Vec<Cidr> {
     v.iter().map(|s| s.parse().expect("cidr")).collect()
 }
@@ -56,7 +52,7 @@ async fn kubeadm_config(c: &kube::Client) {
 async fn configured_cidrs_make_no_call() {
     let server = ApiServer::start().expect("api server");
     let d = discover(
-        &client(&server),
+        &server.client(),
         Some(cidrs(&["10.1.0.0/16"])),
         Some(cidrs(&["10.2.0.0/16"])),
     )
@@ -70,7 +66,7 @@ async fn configured_cidrs_make_no_call() {
 async fn controller_manager_flags_in_command_or_args() {
     for args_form in [false, true] {
         let server = ApiServer::start().expect("api server");
-        let c = client(&server);
+        let c = server.client();
         controller_manager(&c, args_form).await;
         kubeadm_config(&c).await;
         let d = discover(&c, None, None).await;
@@ -94,7 +90,7 @@ async fn controller_manager_flags_in_command_or_args() {
 #[tokio::test]
 async fn denied_pods_fall_through_and_are_named() {
     let server = ApiServer::start().expect("api server");
-    let c = client(&server);
+    let c = server.client();
     controller_manager(&c, false).await;
     kubeadm_config(&c).await;
     server.deny("pods");
@@ -120,7 +116,7 @@ async fn denied_pods_fall_through_and_are_named() {
 #[tokio::test]
 async fn nodes_are_summarised_and_servicecidrs_read() {
     let server = ApiServer::start().expect("api server");
-    let c = client(&server);
+    let c = server.client();
     for (i, r) in [
         ("n1", ["10.244.0.0/24", "fd00:10:244::/64"]),
         ("n2", ["10.244.3.0/24", "fd00:10:244:1::/64"]),
@@ -165,7 +161,7 @@ async fn nothing_readable_means_nothing_guessed() {
     for r in ["pods", "configmaps", "nodes", "servicecidrs"] {
         server.deny(r);
     }
-    let d = discover(&client(&server), None, None).await;
+    let d = discover(&server.client(), None, None).await;
     assert_eq!((d.pod, d.service), (None, None));
     assert_eq!(
         d.denied,

@@ -31,13 +31,8 @@ impl Node {
     }
 }
 
-fn client(server: &ApiServer) -> kube::Client {
-    let config = kube::Config::new(server.url().parse().expect("url"));
-    kube::Client::try_from(config).expect("client")
-}
-
 fn spawn(server: &ApiServer, id: &str) -> Node {
-    let lock = LeaseLock::new(client(server), "kube-system", "plndr-svcs-lock");
+    let lock = LeaseLock::new(server.client(), "kube-system", "plndr-svcs-lock");
     let (cand_tx, cand_rx) = watch::channel(true);
     let (lead_tx, lead_rx) = watch::channel(false);
     let stop = CancellationToken::new();

@@ -722,6 +722,26 @@ impl ApiServer {
     }
 
     /// `http://127.0.0.1:<port>`
+    /// A kube client for this server (loopback of the test's own namespace). Call it
+    /// inside a tokio runtime: the client's request buffer runs as a task there.
+    pub fn client(&self) -> kube::Client {
+        let url = self.url().parse().expect("the test server's URL is valid");
+        kube::Client::try_from(kube::Config::new(url)).expect("a kube client")
+    }
+
+    /// A single-threaded runtime for blocking test code, and a client for this server on it.
+    pub fn runtime_and_client(&self) -> (tokio::runtime::Runtime, kube::Client) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let client = {
+            let _in = rt.enter();
+            self.client()
+        };
+        (rt, client)
+    }
+
     /// A kubeconfig (YAML text) pointing at `url`, without credentials (the test server
     /// takes any client).
     pub fn kubeconfig(url: &str) -> String {

@@ -119,6 +119,11 @@ impl Capture {
             .unwrap_or_default()
     }
 
+    /// How many frames have been seen so far.
+    pub fn count(&self) -> usize {
+        self.frames.lock().map(|v| v.len()).unwrap_or_default()
+    }
+
     /// The frames from the `from`-th on, with when each was received, and the index to
     /// continue from.
     pub fn timed_since(&self, from: usize) -> (Vec<TimedFrame>, usize) {

@@ -95,6 +95,19 @@ impl Netns {
         self.exec_ok("sh", &["-ec", script])
     }
 
+    /// A command that runs inside the namespace with an empty environment but for `PATH`
+    /// (add variables with `.arg("NAME=value")`, then the program and its arguments): how
+    /// tests start kvip as a node would, configured only by what they pass.
+    pub fn clean_env_command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, "env", "-i"])
+            .arg(format!(
+                "PATH={}",
+                std::env::var("PATH").unwrap_or_default()
+            ));
+        cmd
+    }
+
     /// Writes a sysctl inside the namespace (e.g. `net.ipv4.ip_forward`, `1`).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), NetnsError> {
         self.exec_ok("sysctl", &["-qw", &format!("{key}={value}")])

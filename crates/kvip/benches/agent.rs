@@ -119,12 +119,8 @@ fn main() {
     let dir = std::env::temp_dir();
     let kubeconfig = dir.join(format!("kvip-bench-{}.kubeconfig", std::process::id()));
     std::fs::write(&kubeconfig, ApiServer::kubeconfig(&url)).expect("kubeconfig");
-    let mut agent = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "env", "-i"])
-        .arg(format!(
-            "PATH={}",
-            std::env::var("PATH").unwrap_or_default()
-        ))
+    let mut agent = ns
+        .clean_env_command()
         .args([
             "NODE_NAME=n1",
             "vip_interface=eth0",
@@ -145,8 +141,7 @@ fn main() {
         .build()
         .expect("runtime");
     let _in = rt.enter();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-        .expect("client");
+    let client = server.client();
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let slices: Api<EndpointSlice> = Api::namespaced(client, "default");
     let mut pods: Vec<Vec<String>> = (0..n_svc)

@@ -109,12 +109,8 @@ fn start_agent(
     kubeconfig: &std::path::Path,
     timings: (u64, u64, u64),
 ) -> Agent {
-    let child = Command::new("ip")
-        .args(["netns", "exec", node.name(), "env", "-i"])
-        .arg(format!(
-            "PATH={}",
-            std::env::var("PATH").unwrap_or_default()
-        ))
+    let child = node
+        .clean_env_command()
         .arg(format!("NODE_NAME=n{i}"))
         .arg(format!("vip_leaseduration={}", timings.0))
         .arg(format!("vip_renewdeadline={}", timings.1))
@@ -242,15 +238,7 @@ fn run(rounds: usize, timings: (u64, u64, u64), kill: bool) -> Samples {
         })
         .collect();
     // The Service, with a ready pod on every node.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let client = {
-        let _in = rt.enter();
-        kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-            .expect("client")
-    };
+    let (rt, client) = server.runtime_and_client();
     let svc: Service = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web", "namespace": "default",
@@ -363,7 +351,7 @@ fn run(rounds: usize, timings: (u64, u64, u64), kill: bool) -> Samples {
         let holder = steady(limit);
         // Let the holder renew a few times, at a random point of its renewal period.
         std::thread::sleep(Duration::from_millis(1000 + (round as u64 * 137) % 1000));
-        let (_, cap_from) = capture.timed_since(usize::MAX);
+        let cap_from = capture.count();
         let pid = agents[holder]
             .as_ref()
             .map(|a| a.child.id())

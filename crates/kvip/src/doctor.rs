@@ -119,7 +119,7 @@ async fn tool(cmd: &str, args: &[&str]) -> Option<String> {
 }
 
 /// Runs every check; the API's only when a client can be made and answers.
-pub async fn run(cfg: &AgentConfig) -> Report {
+pub async fn run(cfg: &AgentConfig) -> Result<Report> {
     let mut r = Report {
         node: cfg.node_name.clone(),
         ..Report::default()
@@ -132,18 +132,7 @@ pub async fn run(cfg: &AgentConfig) -> Report {
     check_sysctls(&mut r, interface.as_deref());
     check_kube_vip(&mut r).await;
     check_iptables_split(&mut r).await;
-    let instance = match Instance::new(cfg.instance_name.as_deref()) {
-        Ok(i) => i,
-        Err(e) => {
-            r.finding(
-                "kvip-stray",
-                Severity::Error,
-                format!("instance_name: {e}"),
-                "fix instance_name".into(),
-            );
-            return r;
-        }
-    };
+    let instance = Instance::new(cfg.instance_name.as_deref())?;
     check_masquerade_first(&mut r, &instance).await;
     let dp = KernelDataplane::new(Config {
         instance,
@@ -194,11 +183,11 @@ pub async fn run(cfg: &AgentConfig) -> Report {
                 "API",
                 format!("not used ({e}): the checks that need it were skipped"),
             );
-            return r;
+            return Ok(r);
         }
     };
     check_api(&mut r, cfg, client, interface, observed).await;
-    r
+    Ok(r)
 }
 
 async fn check_interface(r: &mut Report, interface: Option<&str>) {
@@ -610,7 +599,7 @@ async fn check_api(
 
 /// The command: prints the report, returns whether nothing is wrong.
 pub async fn command(cfg: &AgentConfig, json: bool) -> Result<bool> {
-    let report = run(cfg).await;
+    let report = run(cfg).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -11,20 +11,16 @@ use common::*;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use kvip_testkit::apiserver::ApiServer;
-use kvip_testkit::{Netns, require_kernel};
+use kvip_testkit::require_kernel;
 use serde_json::json;
 
 #[test]
 fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
     require_kernel!();
-    let ns = Netns::new("agt").expect("netns");
-    let peer = Netns::new("agtp").expect("netns");
-    ns.veth("eth0", &peer, "eth0").expect("veth");
-    let server = ApiServer::start().expect("api server");
+    let (ns, _peer, server, url) = node_with_api("agt");
     // kube-vip's cause 1: pods in kube-system may not be listed, but the CIDRs are
     // configured: those are excluded (asserted below), and nothing is asked or guessed.
     server.deny("pods");
-    let url = server.listen_in(&ns).expect("listen in the node namespace");
     let mut agent = start_agent(&ns, &url, "a");
 
     let (rt, services, slices) = api(&server);
@@ -282,7 +278,7 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
     // Every call the agent made is allowed by `kvip manifest rbac`, and the RBAC allows
     // nothing the agent never called.
     let used = used_permissions(&server, 1);
-    let granted = granted_permissions(false);
+    let granted = granted_permissions(false, false);
     let not_granted: Vec<_> = used.difference(&granted).collect();
     let never_used: Vec<_> = granted.difference(&used).collect();
     assert!(
@@ -301,12 +297,7 @@ fn agent_follows_the_cluster_and_leaves_nothing_on_sigterm() {
 #[test]
 fn three_agents_one_holder_and_failover() {
     require_kernel!();
-    let server = ApiServer::start().expect("api server");
-    let (nodes, _peers) = node_pairs("fo", 3);
-    let urls: Vec<String> = nodes
-        .iter()
-        .map(|n| server.listen_in(n).expect("listen"))
-        .collect();
+    let (server, nodes, _peers, urls) = nodes_with_api("fo", 3);
     let mut agents: Vec<Option<Agent>> = (0..3)
         .map(|i| {
             Some(start_agent_as(
@@ -330,19 +321,12 @@ fn three_agents_one_holder_and_failover() {
                     limit: Duration,
                     f: &dyn Fn(&[usize]) -> bool|
      -> Duration {
-        let start = Instant::now();
-        loop {
-            let h = holders(&nodes);
-            if f(&h) {
-                return start.elapsed();
-            }
-            assert!(
-                start.elapsed() < limit,
-                "{what}: holders {h:?} after {limit:?}\n{}",
-                log(agents)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(
+            what,
+            limit,
+            || format!("holders {:?}\n{}", holders(&nodes), log(agents)),
+            || f(&holders(&nodes)),
+        )
     };
     wait_for("a first holder", &agents, Duration::from_secs(15), &|h| {
         h.len() == 1
@@ -362,11 +346,7 @@ fn three_agents_one_holder_and_failover() {
 
     // SIGKILL the holder: its VIP stays on its (dead) node; another node takes over.
     if let Some(a) = agents[first].as_mut() {
-        Command::new("kill")
-            .args(["-KILL", &a.child.id().to_string()])
-            .status()
-            .expect("kill");
-        let _ = a.child.wait();
+        a.sigkill();
     }
     let took = wait_for(
         "takeover after SIGKILL",
@@ -428,11 +408,7 @@ fn three_agents_one_holder_and_failover() {
 #[test]
 fn agent_survives_api_faults_and_steps_down_when_cut_off() {
     require_kernel!();
-    let ns = Netns::new("flt").expect("netns");
-    let peer = Netns::new("fltp").expect("netns");
-    ns.veth("eth0", &peer, "eth0").expect("veth");
-    let server = ApiServer::start().expect("api server");
-    let url = server.listen_in(&ns).expect("listen");
+    let (ns, _peer, server, url) = node_with_api("flt");
     let mut agent = start_agent(&ns, &url, "flt");
     let (rt, services, slices) = api(&server);
     create_web(&rt, &services, &slices, "10.244.1.5");
@@ -498,12 +474,8 @@ fn agent_survives_api_faults_and_steps_down_when_cut_off() {
 #[test]
 fn denied_discovery_refuses_egress_and_keeps_the_vip() {
     require_kernel!();
-    let ns = Netns::new("dsc").expect("netns");
-    let peer = Netns::new("dscp").expect("netns");
-    ns.veth("eth0", &peer, "eth0").expect("veth");
-    let server = ApiServer::start().expect("api server");
+    let (ns, _peer, server, url) = node_with_api("dsc");
     server.deny("pods");
-    let url = server.listen_in(&ns).expect("listen");
     let agent = start_agent_with(&ns, &url, "dsc", "n1", false);
     let (rt, services, slices) = api(&server);
     create_web(&rt, &services, &slices, "10.244.1.5");
@@ -537,14 +509,14 @@ fn denied_discovery_refuses_egress_and_keeps_the_vip() {
     );
     // The discovery permissions the RBAC grants are exactly those discovery used.
     let used = used_permissions(&server, 1);
-    let discovery_only: Vec<_> = granted_permissions(true)
-        .difference(&granted_permissions(false))
+    let discovery_only: Vec<_> = granted_permissions(true, false)
+        .difference(&granted_permissions(false, false))
         .cloned()
         .collect();
     for p in &discovery_only {
         assert!(used.contains(p), "discovery never used {p:?}");
     }
-    let granted = granted_permissions(true);
+    let granted = granted_permissions(true, false);
     let not_granted: Vec<_> = used.difference(&granted).collect();
     assert!(
         not_granted.is_empty(),
@@ -558,14 +530,13 @@ fn denied_discovery_refuses_egress_and_keeps_the_vip() {
 #[test]
 fn per_service_election_follows_local_endpoints() {
     require_kernel!();
-    let server = ApiServer::start().expect("api server");
-    let (nodes, _peers) = node_pairs("ps", 3);
+    let (server, nodes, _peers, urls) = nodes_with_api("ps", 3);
     let agents: Vec<Agent> = (0..3)
         .map(|i| {
-            let url = server.listen_in(&nodes[i]).expect("listen");
+            let url = &urls[i];
             start_agent_full(
                 &nodes[i],
-                &url,
+                url,
                 &format!("ps{i}"),
                 &format!("n{i}"),
                 true,
@@ -599,15 +570,7 @@ fn per_service_election_follows_local_endpoints() {
             .expect("svc");
     });
     let wait = |what: &str, limit: Duration, f: &dyn Fn() -> bool| {
-        let start = Instant::now();
-        while !f() {
-            assert!(
-                start.elapsed() < limit,
-                "{what}: not within {limit:?}\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(what, limit, log, f);
     };
     wait(
         "egress Service held by the endpoint's node",
@@ -667,17 +630,7 @@ fn per_service_election_follows_local_endpoints() {
         "the plain Service still has exactly one holder"
     );
     // `kvip manifest rbac --svc-election` allows every call the three agents made.
-    let granted: std::collections::BTreeSet<Permission> = kvip_kube::rbac::rules_for(false, true)
-        .iter()
-        .map(|r| {
-            (
-                r.group.to_string(),
-                r.resource.to_string(),
-                r.verb.to_string(),
-                r.scope,
-            )
-        })
-        .collect();
+    let granted = granted_permissions(false, true);
     for listener in 1..=3 {
         let used = used_permissions(&server, listener);
         let not_granted: Vec<_> = used.difference(&granted).collect();
@@ -777,11 +730,7 @@ fn holder_pod_egresses_with_the_vip_and_the_other_with_the_node_address() {
 fn teardown_goes_on_past_state_removed_by_hand() {
     require_kernel!();
     for (i, nftables) in [true, false].into_iter().enumerate() {
-        let ns = Netns::new(&format!("td{i}")).expect("netns");
-        let peer = Netns::new(&format!("td{i}p")).expect("netns");
-        ns.veth("eth0", &peer, "eth0").expect("veth");
-        let server = ApiServer::start().expect("api server");
-        let url = server.listen_in(&ns).expect("listen");
+        let (ns, _peer, server, url) = node_with_api(&format!("td{i}"));
         let backend = format!("egress_withnftables={nftables}");
         let mut agent =
             start_agent_env(&ns, &url, &format!("td{i}"), "n1", true, false, &[&backend]);
@@ -857,12 +806,7 @@ fn teardown_goes_on_past_state_removed_by_hand() {
 #[test]
 fn per_service_leases_fail_over_on_sigkill_and_sigterm() {
     require_kernel!();
-    let server = ApiServer::start().expect("api server");
-    let (nodes, _peers) = node_pairs("pf", 3);
-    let urls: Vec<String> = nodes
-        .iter()
-        .map(|n| server.listen_in(n).expect("listen"))
-        .collect();
+    let (server, nodes, _peers, urls) = nodes_with_api("pf", 3);
     let start_node = |i: usize, tag: &str| {
         start_agent_full(&nodes[i], &urls[i], tag, &format!("n{i}"), true, true)
     };
@@ -901,17 +845,12 @@ fn per_service_leases_fail_over_on_sigkill_and_sigterm() {
         .then(|| h[0])
     };
     let wait = |what: &str, agents: &[Agent], limit: Duration, f: &dyn Fn() -> bool| {
-        let start = Instant::now();
-        while !f() {
-            assert!(
-                start.elapsed() < limit,
-                "{what}: not within {limit:?}; holders {:?}\n{}",
-                holders(&nodes),
-                log(agents)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        start.elapsed()
+        wait_until(
+            what,
+            limit,
+            || format!("holders {:?}\n{}", holders(&nodes), log(agents)),
+            f,
+        )
     };
     wait("a first holder", &agents, Duration::from_secs(15), &|| {
         holder().is_some()
@@ -930,11 +869,7 @@ fn per_service_leases_fail_over_on_sigkill_and_sigterm() {
 
     // SIGKILL: the dead node keeps its VIP; another node takes over within lease duration (3
     // s) + retry period (1 s), plus the debounce and a sync.
-    Command::new("kill")
-        .args(["-KILL", &agents[first].child.id().to_string()])
-        .status()
-        .expect("kill");
-    let _ = agents[first].child.wait();
+    agents[first].sigkill();
     let took = wait(
         "takeover after SIGKILL",
         &agents,
@@ -987,22 +922,14 @@ fn per_service_leases_fail_over_on_sigkill_and_sigterm() {
 #[test]
 fn startup_clears_stale_state_without_the_api_and_stops_on_sigterm() {
     require_kernel!();
-    let ns = Netns::new("stl").expect("netns");
-    let peer = Netns::new("stlp").expect("netns");
-    ns.veth("eth0", &peer, "eth0").expect("veth");
-    let server = ApiServer::start().expect("api server");
-    let url = server.listen_in(&ns).expect("listen");
+    let (ns, _peer, server, url) = node_with_api("stl");
     let mut first = start_agent(&ns, &url, "stl");
     let (rt, services, slices) = api(&server);
     create_web(&rt, &services, &slices, "10.244.1.5");
     until("held", &first, Duration::from_secs(15), || {
         has_vip(&ns) && rules(&ns).contains("10.244.1.5 : goto")
     });
-    Command::new("kill")
-        .args(["-KILL", &first.child.id().to_string()])
-        .status()
-        .expect("kill");
-    let _ = first.child.wait();
+    first.sigkill();
     assert!(!kvip_state(&ns).is_empty(), "SIGKILL leaves the state");
 
     // Nothing listens on this port in the node's namespace: the API is unreachable.
@@ -1031,11 +958,7 @@ fn startup_clears_stale_state_without_the_api_and_stops_on_sigterm() {
 #[test]
 fn shutdown_timeout_bounds_the_exit_when_the_api_hangs() {
     require_kernel!();
-    let ns = Netns::new("sdt").expect("netns");
-    let peer = Netns::new("sdtp").expect("netns");
-    ns.veth("eth0", &peer, "eth0").expect("veth");
-    let server = ApiServer::start().expect("api server");
-    let url = server.listen_in(&ns).expect("listen");
+    let (ns, _peer, server, url) = node_with_api("sdt");
     let mut agent = start_agent_env(
         &ns,
         &url,
@@ -1080,22 +1003,18 @@ fn shutdown_timeout_bounds_the_exit_when_the_api_hangs() {
 fn a_node_excluded_from_load_balancers_hands_its_vips_over() {
     use k8s_openapi::api::core::v1::Node;
     require_kernel!();
-    let server = ApiServer::start().expect("api server");
-    let (nodes, _peers) = node_pairs("ex", 2);
+    let (server, nodes, _peers, urls) = nodes_with_api("ex", 2);
     let agents: Vec<Agent> = (0..2)
         .map(|i| {
-            let url = server.listen_in(&nodes[i]).expect("listen");
-            start_agent_as(&nodes[i], &url, &format!("ex{i}"), &format!("n{i}"))
+            let url = &urls[i];
+            start_agent_as(&nodes[i], url, &format!("ex{i}"), &format!("n{i}"))
         })
         .collect();
     let log = || logs(&agents);
     let (rt, services, _) = api(&server);
     let node_api: Api<Node> = {
         let _in = rt.enter();
-        Api::all(
-            kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-                .expect("client"),
-        )
+        Api::all(server.client())
     };
     let set_excluded = |name: &str, excluded: bool| {
         let labels = if excluded {
@@ -1135,18 +1054,7 @@ fn a_node_excluded_from_load_balancers_hands_its_vips_over() {
             .await
             .expect("service");
     });
-    let wait = |what: &str, limit: Duration, f: &dyn Fn() -> bool| {
-        let start = Instant::now();
-        while !f() {
-            assert!(
-                start.elapsed() < limit,
-                "{what}: not within {limit:?}\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        start.elapsed()
-    };
+    let wait = |what: &str, limit: Duration, f: &dyn Fn() -> bool| wait_until(what, limit, log, f);
     wait("a holder", Duration::from_secs(15), &|| {
         holders(&nodes).len() == 1
     });
@@ -1177,11 +1085,7 @@ fn a_node_excluded_from_load_balancers_hands_its_vips_over() {
 #[test]
 fn resync_repairs_drift_and_counts_it_by_kind() {
     require_kernel!();
-    let ns = Netns::new("dft").expect("netns");
-    let peer = Netns::new("dftp").expect("netns");
-    ns.veth("eth0", &peer, "eth0").expect("veth");
-    let server = ApiServer::start().expect("api server");
-    let url = server.listen_in(&ns).expect("listen");
+    let (ns, _peer, server, url) = node_with_api("dft");
     let agent = start_agent_env(&ns, &url, "dft", "n1", true, false, &["resync_period=1"]);
     let (rt, services, slices) = api(&server);
     // Two pods: removing one element leaves the policy's rules in place.
@@ -1277,9 +1181,7 @@ fn the_holder_refreshes_its_neighbours_periodically() {
     use kvip_testkit::capture::{Capture, parse_garp};
     require_kernel!();
     let run = |tag: &str, rate: &str| -> (usize, usize) {
-        let ns = Netns::new(tag).expect("netns");
-        let peer = Netns::new(&format!("{tag}p")).expect("netns");
-        ns.veth("eth0", &peer, "eth0").expect("veth");
+        let (ns, peer) = node_pair(tag);
         let capture = Capture::start(&peer, "eth0").expect("capture");
         let server = ApiServer::start().expect("api server");
         let url = server.listen_in(&ns).expect("listen");
@@ -1324,12 +1226,8 @@ fn the_holder_refreshes_its_neighbours_periodically() {
 #[test]
 fn guessed_cidrs_only_when_asked() {
     require_kernel!();
-    let ns = Netns::new("gss").expect("netns");
-    let peer = Netns::new("gssp").expect("netns");
-    ns.veth("eth0", &peer, "eth0").expect("veth");
-    let server = ApiServer::start().expect("api server");
+    let (ns, _peer, server, url) = node_with_api("gss");
     server.deny("pods");
-    let url = server.listen_in(&ns).expect("listen");
     let agent = start_agent_env(
         &ns,
         &url,

@@ -325,12 +325,7 @@ fn chaos_against_the_model() {
         });
     eprintln!("chaos: KVIP_CHAOS_SEED={seed} KVIP_CHAOS_OPS={ops}");
     let mut rng = Rng(seed);
-    let server = ApiServer::start().expect("api server");
-    let (nodes, peers) = node_pairs("ch", NODES);
-    let urls: Vec<String> = nodes
-        .iter()
-        .map(|n| server.listen_in(n).expect("listen"))
-        .collect();
+    let (server, nodes, peers, urls) = nodes_with_api("ch", NODES);
     let (rt, services, slices) = api(&server);
     let mut c = Cluster {
         server,
@@ -459,10 +454,7 @@ fn chaos_against_the_model() {
                     let kill = rng.chance(50);
                     if let Some(a) = c.agents[n].as_mut() {
                         if kill {
-                            let _ = std::process::Command::new("kill")
-                                .args(["-KILL", &a.child.id().to_string()])
-                                .status();
-                            let _ = a.child.wait();
+                            a.sigkill();
                         } else {
                             let (status, _) = sigterm(a, Duration::from_secs(15));
                             assert!(status.success(), "n{n} exited with {status}\n{}", a.log());

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::{KVIP, service, write_kubeconfig};
+use common::{KVIP, node_pair, service, write_kubeconfig};
 use kube::Api;
 use kube::api::PostParams;
 use kvip_testkit::apiserver::ApiServer;
@@ -16,9 +14,7 @@ use serde_json::{Value, json};
 /// A healthy node: `eth0` up (its peer in another namespace), forwarding on, loose
 /// reverse-path filtering.
 fn node(tag: &str) -> (Netns, Netns) {
-    let ns = Netns::new(tag).expect("netns");
-    let peer = Netns::new(&format!("{tag}p")).expect("netns");
-    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let (ns, peer) = node_pair(tag);
     ns.sysctl("net.ipv4.ip_forward", "1").expect("sysctl");
     ns.sysctl("net.ipv4.conf.all.rp_filter", "2")
         .expect("sysctl");
@@ -27,17 +23,12 @@ fn node(tag: &str) -> (Netns, Netns) {
 
 /// Runs `kvip doctor --output json` in `ns` with `settings`: exit code and report.
 fn doctor(ns: &Netns, settings: &[&str], kubeconfig: Option<&std::path::Path>) -> (i32, Value) {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns.name(), "env", "-i"])
-        .arg(format!(
-            "PATH={}",
-            std::env::var("PATH").unwrap_or_default()
-        ))
-        .args([
-            "NODE_NAME=n1",
-            "vip_interface=eth0",
-            "POD_NAMESPACE=kube-system",
-        ]);
+    let mut cmd = ns.clean_env_command();
+    cmd.args([
+        "NODE_NAME=n1",
+        "vip_interface=eth0",
+        "POD_NAMESPACE=kube-system",
+    ]);
     if let Some(k) = kubeconfig {
         cmd.arg(format!("k8s_config_file={}", k.display()));
     }
@@ -274,15 +265,7 @@ fn kernel_state_differs_from_what_the_node_should_hold() {
     let server = ApiServer::start().expect("api server");
     let url = server.listen_in(&ns).expect("listen");
     let kubeconfig = write_kubeconfig("dsd", &url);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let client = {
-        let _in = rt.enter();
-        kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-            .expect("client")
-    };
+    let (rt, client) = server.runtime_and_client();
     let lease = |holder: &str| -> k8s_openapi::api::coordination::v1::Lease {
         let now = k8s_openapi::jiff::Timestamp::now();
         serde_json::from_value(json!({

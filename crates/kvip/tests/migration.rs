@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -163,11 +162,7 @@ fn switching_backends_leaves_nothing_of_the_other() {
             );
         }
         wait_seen(&lab, &agent, VIP4, &format!("round {round}"));
-        Command::new("kill")
-            .args(["-KILL", &agent.child.id().to_string()])
-            .status()
-            .expect("kill");
-        let _ = agent.child.wait();
+        agent.sigkill();
     }
     // The last agent was killed: its state stays (only a SIGTERM or the next start removes
     // it); the pod still leaves with the VIP, never with a stale source.

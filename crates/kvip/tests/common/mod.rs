@@ -48,6 +48,12 @@ impl Agent {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// SIGKILL (the child is kvip itself: `ip netns exec` and `env` exec it), and reap it.
+    pub fn sigkill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Agent {
@@ -118,12 +124,8 @@ pub fn start_agent_env(
     let dir = std::env::temp_dir();
     let kubeconfig = write_kubeconfig(tag, url);
     let log = dir.join(format!("kvip-agent-{tag}-{}.log", std::process::id()));
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "env", "-i"])
-        .arg(format!(
-            "PATH={}",
-            std::env::var("PATH").unwrap_or_default()
-        ))
+    let child = ns
+        .clean_env_command()
         .arg(format!("NODE_NAME={node}"))
         .args([
             "vip_interface=eth0",
@@ -154,15 +156,7 @@ pub fn start_agent_env(
 
 /// A runtime and the Service and EndpointSlice APIs of the test API server (loopback).
 pub fn api(server: &ApiServer) -> (tokio::runtime::Runtime, Api<Service>, Api<EndpointSlice>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let client = {
-        let _in_runtime = rt.enter();
-        kube::Client::try_from(kube::Config::new(server.url().parse().expect("url")))
-            .expect("client")
-    };
+    let (rt, client) = server.runtime_and_client();
     (
         rt,
         Api::namespaced(client.clone(), "default"),
@@ -194,16 +188,29 @@ pub fn set_web_pod(rt: &tokio::runtime::Runtime, slices: &Api<EndpointSlice>, po
     rt.block_on(put(slices, "web-1", slice(pod)));
 }
 
-pub fn until(what: &str, agent: &Agent, limit: Duration, mut f: impl FnMut() -> bool) {
+/// Polls `f` every 20 ms until it holds and returns how long that took; fails after `limit`
+/// naming `what`, with `context()` (the agents' logs, say).
+pub fn wait_until(
+    what: &str,
+    limit: Duration,
+    context: impl Fn() -> String,
+    mut f: impl FnMut() -> bool,
+) -> Duration {
     let start = Instant::now();
     while !f() {
         assert!(
             start.elapsed() < limit,
-            "{what}: not within {limit:?}\nagent log:\n{}",
-            agent.log()
+            "{what}: not within {limit:?}\n{}",
+            context()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
+    start.elapsed()
+}
+
+/// [`wait_until`] with one agent's log as the context.
+pub fn until(what: &str, agent: &Agent, limit: Duration, f: impl FnMut() -> bool) {
+    wait_until(what, limit, || format!("agent log:\n{}", agent.log()), f);
 }
 
 pub fn rules(ns: &Netns) -> String {
@@ -255,8 +262,12 @@ pub fn used_permissions(
         .collect()
 }
 
-pub fn granted_permissions(discovery: bool) -> std::collections::BTreeSet<Permission> {
-    kvip_kube::rbac::rules(discovery)
+/// What `kvip manifest rbac` grants, in the form [`used_permissions`] reports calls.
+pub fn granted_permissions(
+    discovery: bool,
+    per_service_leases: bool,
+) -> std::collections::BTreeSet<Permission> {
+    kvip_kube::rbac::rules_for(discovery, per_service_leases)
         .iter()
         .map(|r| {
             (
@@ -271,14 +282,35 @@ pub fn granted_permissions(discovery: bool) -> std::collections::BTreeSet<Permis
 
 /// `n` node namespaces, each with an `eth0` whose peer is in a namespace of its own.
 pub fn node_pairs(tag: &str, n: usize) -> (Vec<Netns>, Vec<Netns>) {
-    (0..n)
-        .map(|i| {
-            let ns = Netns::new(&format!("{tag}{i}")).expect("netns");
-            let peer = Netns::new(&format!("{tag}{i}p")).expect("netns");
-            ns.veth("eth0", &peer, "eth0").expect("veth");
-            (ns, peer)
-        })
-        .unzip()
+    (0..n).map(|i| node_pair(&format!("{tag}{i}"))).unzip()
+}
+
+/// `n` nodes (see [`node_pairs`]) and the test API server, listening in each: the server,
+/// the nodes, their peers, and the URL to use in each node.
+pub fn nodes_with_api(tag: &str, n: usize) -> (ApiServer, Vec<Netns>, Vec<Netns>, Vec<String>) {
+    let server = ApiServer::start().expect("api server");
+    let (nodes, peers) = node_pairs(tag, n);
+    let urls = nodes
+        .iter()
+        .map(|ns| server.listen_in(ns).expect("listen in the node namespace"))
+        .collect();
+    (server, nodes, peers, urls)
+}
+
+/// A node namespace with an `eth0` whose peer is in a namespace of its own.
+pub fn node_pair(tag: &str) -> (Netns, Netns) {
+    let ns = Netns::new(tag).expect("netns");
+    let peer = Netns::new(&format!("{tag}p")).expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    (ns, peer)
+}
+
+/// A node (see [`node_pair`]) and the test API server, listening in it at the URL returned.
+pub fn node_with_api(tag: &str) -> (Netns, Netns, ApiServer, String) {
+    let (ns, peer) = node_pair(tag);
+    let server = ApiServer::start().expect("api server");
+    let url = server.listen_in(&ns).expect("listen in the node namespace");
+    (ns, peer, server, url)
 }
 
 pub fn holders(nodes: &[Netns]) -> Vec<usize> {
