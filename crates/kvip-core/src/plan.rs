@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use crate::annotations::{AnnotationProblem, ServiceAnnotations};
 use crate::cidr::Cidr;
+use crate::error::ModelError;
 use crate::model::{DesiredState, EgressPolicy, Family, VipClaim};
 
 /// `namespace/name` of a Service.
@@ -146,9 +147,12 @@ pub struct ServicePlan {
 }
 
 /// The result of `plan()`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    pub desired: DesiredState,
+    /// What this node must hold, or why that cannot be computed. An error here is a bug in
+    /// `plan()` (its checks make every state valid); the agent keeps the last good kernel
+    /// state and reports it rather than emptying the node.
+    pub desired: Result<DesiredState, ModelError>,
     pub services: BTreeMap<ServiceKey, ServicePlan>,
 }
 
@@ -275,13 +279,34 @@ pub fn plan(snap: &Snapshot, lead: &Leadership, cfg: &NodeConfig) -> Plan {
         }
         services.insert(key, sp);
     }
-    let desired = match DesiredState::new(vips.into_values().collect(), policies) {
-        Ok(d) => d,
-        // Unreachable by construction (unique VIPs, unique names, one owner per pod); keep the
-        // node safe rather than panic: hold nothing new.
-        Err(_) => DesiredState::empty(),
-    };
+    let desired = DesiredState::new(vips.into_values().collect(), policies);
     Plan { desired, services }
+}
+
+/// What may stay of `last` (a state applied earlier) when the current plan's desired state
+/// is invalid: only the VIPs of Services the plan still holds, and the egress through them.
+/// Keeping the last good state must never mean keeping a VIP whose Lease is gone.
+pub fn still_held(last: &DesiredState, plan: &Plan) -> DesiredState {
+    let held: BTreeSet<IpAddr> = plan
+        .services
+        .values()
+        .filter(|sp| sp.held)
+        .flat_map(|sp| sp.vips.iter().copied())
+        .collect();
+    let vips = last
+        .vips()
+        .iter()
+        .filter(|v| held.contains(&v.address))
+        .cloned()
+        .collect();
+    let egress = last
+        .egress()
+        .iter()
+        .filter(|p| held.contains(&p.vip()))
+        .cloned()
+        .collect();
+    // A part of a valid state is valid; should it not be, holding nothing is always safe.
+    DesiredState::new(vips, egress).unwrap_or_default()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -465,6 +490,41 @@ mod tests {
     }
 
     #[test]
+    fn still_held_keeps_only_what_the_plan_still_holds() {
+        let mk = |name: &str, vip: &str| {
+            svc(
+                "default",
+                name,
+                &[(ann::LOADBALANCER_IPS, vip), (ann::EGRESS, "true")],
+            )
+        };
+        let sn = snap(
+            vec![mk("a", "198.51.100.10"), mk("b", "198.51.100.11")],
+            vec![
+                ("default/a", vec![ep("10.244.1.5", "n1")]),
+                ("default/b", vec![ep("10.244.1.6", "n1")]),
+            ],
+        );
+        let both = plan(&sn, &Leadership::Global(true), &cfg());
+        let last = both.desired.clone().unwrap();
+        assert_eq!(last.vips().len(), 2);
+        assert_eq!(still_held(&last, &both), last);
+        let only_a: BTreeSet<ServiceKey> = [ServiceKey {
+            namespace: "default".into(),
+            name: "a".into(),
+        }]
+        .into();
+        let a = plan(&sn, &Leadership::PerService(only_a), &cfg());
+        let kept = still_held(&last, &a);
+        let vips: Vec<String> = kept.vips().iter().map(|v| v.address.to_string()).collect();
+        assert_eq!(vips, ["198.51.100.10"]);
+        assert_eq!(kept.egress().len(), 1);
+        assert_eq!(kept.egress()[0].name(), "default/a");
+        let none = plan(&sn, &Leadership::Global(false), &cfg());
+        assert!(still_held(&last, &none).is_empty());
+    }
+
+    #[test]
     fn holder_gets_vip_and_every_local_ready_endpoint() {
         let s = svc(
             "default",
@@ -489,8 +549,8 @@ mod tests {
             )],
         );
         let p = plan(&sn, &Leadership::Global(true), &cfg());
-        assert_eq!(p.desired.vips().len(), 1);
-        let pol = &p.desired.egress()[0];
+        assert_eq!(p.desired.as_ref().unwrap().vips().len(), 1);
+        let pol = &p.desired.as_ref().unwrap().egress()[0];
         assert_eq!(pol.name(), "default/web");
         let srcs: Vec<String> = pol.sources().iter().map(ToString::to_string).collect();
         assert_eq!(
@@ -502,7 +562,7 @@ mod tests {
         assert_eq!(ex, vec!["10.96.0.0/12", "10.244.0.0/16", "192.0.2.1/32"]);
         // Not the holder: nothing.
         let p = plan(&sn, &Leadership::Global(false), &cfg());
-        assert!(p.desired.is_empty());
+        assert!(p.desired.as_ref().unwrap().is_empty());
     }
 
     #[test]
@@ -518,8 +578,8 @@ mod tests {
         let mut sn = snap(vec![s], vec![("default/web", vec![ep("10.244.1.5", "n1")])]);
         sn.networks = ClusterNetworks::default();
         let p = plan(&sn, &Leadership::Global(true), &cfg());
-        assert_eq!(p.desired.vips().len(), 1);
-        assert!(p.desired.egress().is_empty());
+        assert_eq!(p.desired.as_ref().unwrap().vips().len(), 1);
+        assert!(p.desired.as_ref().unwrap().egress().is_empty());
         let w = &p.services.values().next().unwrap().warnings;
         assert!(
             matches!(&w[0], ServiceWarning::EgressRefused(r) if r.contains("nothing is guessed")),
@@ -576,8 +636,8 @@ mod tests {
             "{text:?}"
         );
         // Both Services still get their IPv4 egress (the bad one with the valid parts).
-        assert_eq!(p.desired.egress().len(), 2);
-        let b = p.desired.policy("b/bad").unwrap();
+        assert_eq!(p.desired.as_ref().unwrap().egress().len(), 2);
+        let b = p.desired.as_ref().unwrap().policy("b/bad").unwrap();
         assert_eq!(b.ports().map(<[_]>::len), Some(1));
     }
 
@@ -590,7 +650,7 @@ mod tests {
         let sp = p.services.values().next().unwrap();
         assert!(!sp.candidate && !sp.held);
         assert!(
-            p.desired.is_empty(),
+            p.desired.as_ref().unwrap().is_empty(),
             "a holder without a local endpoint holds nothing"
         );
         s.traffic_policy_local = false;
@@ -618,12 +678,12 @@ mod tests {
         let mut sn = snap(vec![s], vec![("d/x", vec![ep("10.244.1.5", "n1")])]);
         let held = plan(&sn, &Leadership::Global(true), &cfg());
         assert!(held.services.values().all(|sp| sp.candidate && sp.held));
-        assert!(!held.desired.is_empty());
+        assert!(!held.desired.as_ref().unwrap().is_empty());
         sn.node_excluded = true;
         let p = plan(&sn, &Leadership::Global(true), &cfg());
         assert!(p.services.values().all(|sp| !sp.candidate && !sp.held));
         assert!(
-            p.desired.is_empty(),
+            p.desired.as_ref().unwrap().is_empty(),
             "even while it still leads, an excluded node holds nothing"
         );
     }
@@ -691,8 +751,17 @@ mod tests {
             ],
         );
         let p = plan(&sn, &Leadership::Global(true), &cfg());
-        assert_eq!(p.desired.policy("a/one").unwrap().sources().len(), 1);
-        let two = p.desired.policy("b/two").unwrap();
+        assert_eq!(
+            p.desired
+                .as_ref()
+                .unwrap()
+                .policy("a/one")
+                .unwrap()
+                .sources()
+                .len(),
+            1
+        );
+        let two = p.desired.as_ref().unwrap().policy("b/two").unwrap();
         assert_eq!(two.sources(), &["10.244.1.6".parse::<IpAddr>().unwrap()]);
         let w = &p.services[&ServiceKey {
             namespace: "b".into(),
@@ -727,6 +796,8 @@ mod tests {
         assert!(!x.held);
         let addrs: Vec<String> = p
             .desired
+            .as_ref()
+            .unwrap()
             .vips()
             .iter()
             .map(|v| v.address.to_string())
@@ -753,8 +824,15 @@ mod tests {
             )],
         );
         let p = plan(&sn, &Leadership::Global(true), &cfg());
-        let names: Vec<&str> = p.desired.egress().iter().map(|p| p.name()).collect();
+        let names: Vec<&str> = p
+            .desired
+            .as_ref()
+            .unwrap()
+            .egress()
+            .iter()
+            .map(|p| p.name())
+            .collect();
         assert_eq!(names, vec!["d/x", "d/x/ipv6"]);
-        assert_eq!(p.desired.vips().len(), 2);
+        assert_eq!(p.desired.as_ref().unwrap().vips().len(), 2);
     }
 }

@@ -190,20 +190,20 @@ mod planning {
                 .flat_map(|(_, e)| e.iter().filter(|e| e.ready && e.node.as_deref() == Some("n0")).map(|e| e.address))
                 .collect();
             let mut seen = std::collections::BTreeSet::new();
-            for pol in p.desired.egress() {
+            for pol in p.desired.as_ref().unwrap().egress() {
                 for s in pol.sources() {
                     prop_assert!(local_ready.contains(s));
                     prop_assert!(seen.insert(*s), "pod {} in two policies", s);
                 }
             }
             if !held || excluded {
-                prop_assert!(p.desired.is_empty());
+                prop_assert!(p.desired.as_ref().unwrap().is_empty());
             }
             if excluded {
                 prop_assert!(p.services.values().all(|s| !s.candidate));
             }
             let egress_services = p.services.values().filter(|s| !s.egress_pods.is_empty()).count();
-            prop_assert_eq!(egress_services, p.desired.egress().len());
+            prop_assert_eq!(egress_services, p.desired.as_ref().unwrap().egress().len());
         }
     }
 }

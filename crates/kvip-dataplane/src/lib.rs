@@ -12,6 +12,7 @@ pub mod announce;
 pub mod conntrack;
 pub mod error;
 pub mod exec;
+pub mod fake;
 pub mod iptables;
 pub mod legacy;
 pub mod names;
@@ -143,6 +144,12 @@ pub trait Dataplane {
     fn observe(&self) -> impl Future<Output = Result<Observed, DataplaneError>>;
     /// Removes everything kvip owns.
     fn teardown(&mut self) -> impl Future<Output = TeardownReport>;
+    /// Forgets what was applied: the next apply reads the kernel and replaces everything.
+    fn invalidate(&mut self);
+    /// Announces every VIP held now (neighbour upkeep); returns how many were sent.
+    fn reannounce(&mut self) -> impl Future<Output = Result<usize, DataplaneError>>;
+    /// The rule backend in use, for logs.
+    fn backend_name(&self) -> &'static str;
 }
 
 /// The kernel dataplane. Lives in the network namespace of the thread that created it.
@@ -206,8 +213,7 @@ impl KernelDataplane {
         &self.cfg
     }
 
-    /// Forgets what was applied: the next apply reads the kernel and replaces everything.
-    pub fn invalidate(&mut self) {
+    fn forget(&mut self) {
         self.applied = None;
         if let RuleBackend::Nftables(n) = &mut self.rules {
             n.invalidate();
@@ -218,7 +224,7 @@ impl KernelDataplane {
     /// switch or router that aged its neighbour entry learns it again. Reads the addresses
     /// from the kernel, so it announces what is held, not what was meant to be. Nothing when
     /// announcements are off (count 0). Returns how many were sent.
-    pub async fn reannounce(&mut self) -> Result<usize, DataplaneError> {
+    async fn announce_held(&mut self) -> Result<usize, DataplaneError> {
         if self.cfg.announce.count == 0 {
             return Ok(0);
         }
@@ -522,6 +528,18 @@ impl Dataplane for KernelDataplane {
         let state =
             DesiredState::new(vips, egress).map_err(|e| DataplaneError::readback(e.to_string()))?;
         Ok(Observed { state, stray })
+    }
+
+    fn invalidate(&mut self) {
+        self.forget();
+    }
+
+    async fn reannounce(&mut self) -> Result<usize, DataplaneError> {
+        self.announce_held().await
+    }
+
+    fn backend_name(&self) -> &'static str {
+        self.rules.name()
     }
 
     async fn teardown(&mut self) -> TeardownReport {

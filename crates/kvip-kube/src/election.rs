@@ -31,6 +31,13 @@ pub enum ElectionError {
     },
 }
 
+impl ElectionError {
+    /// The API refused the call (403): a missing permission, not a passing fault.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, ElectionError::Api { source: kube::Error::Api(s), .. } if s.code == 403)
+    }
+}
+
 /// One Lease object, read and written with resourceVersion guards.
 #[derive(Clone)]
 pub struct LeaseLock {
@@ -150,6 +157,7 @@ pub struct Election {
     elector: Elector,
     timings: Timings,
     start: Instant,
+    forbidden: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 fn wall_us() -> i64 {
@@ -165,7 +173,24 @@ impl Election {
             elector: Elector::new(identity, timings),
             timings,
             start: Instant::now(),
+            forbidden: None,
         }
+    }
+
+    /// Wakes `n` whenever a call about the Lease is refused (403), so the agent checks its
+    /// permissions at once instead of retrying in silence.
+    pub fn on_forbidden(mut self, n: std::sync::Arc<tokio::sync::Notify>) -> Election {
+        self.forbidden = Some(n);
+        self
+    }
+
+    fn failed(&self, what: &str, e: &ElectionError) {
+        if e.is_forbidden()
+            && let Some(n) = &self.forbidden
+        {
+            n.notify_one();
+        }
+        tracing::debug!(lease = self.lock.name(), error = %e, "{what}");
     }
 
     fn now(&self) -> Now {
@@ -229,9 +254,7 @@ impl Election {
             };
             match read {
                 Ok(r) => self.elector.observe(r, self.now()),
-                Err(e) => {
-                    tracing::debug!(lease = self.lock.name(), error = %e, "reading the lease")
-                }
+                Err(e) => self.failed("reading the lease", &e),
             }
             if stop.is_cancelled() {
                 break;
@@ -252,7 +275,7 @@ impl Election {
             match result {
                 Some(Ok(stored)) => self.elector.written(stored, sent),
                 Some(Err(e)) => {
-                    tracing::debug!(lease = self.lock.name(), error = %e, "writing the lease");
+                    self.failed("writing the lease", &e);
                     self.elector.write_failed();
                 }
                 None => {}

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod discovery;
 pub mod election;
+pub mod elections;
 pub mod publish;
 pub mod rbac;
 

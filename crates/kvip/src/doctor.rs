@@ -4,14 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use kvip_core::config::AgentConfig;
 use kvip_core::plan::{ClusterNetworks, ServiceKey};
 use kvip_core::{Leadership, Snapshot, plan};
@@ -19,7 +16,6 @@ use kvip_dataplane::exec::run_tool;
 use kvip_dataplane::{Config, Dataplane, Instance, KernelDataplane};
 use kvip_kube::cluster::{EXCLUDE_FROM_LB_LABEL, service_info, slice_endpoints};
 use kvip_kube::discovery;
-use kvip_kube::rbac::{Scope, rules_for};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -403,7 +399,7 @@ fn holds(lease: &Lease, node: &str) -> bool {
 async fn check_api(
     r: &mut Report,
     cfg: &AgentConfig,
-    (client, url): (kube::Client, String),
+    (client, url): (kube::Client, http::Uri),
     interface: Option<String>,
     observed: Option<kvip_core::DesiredState>,
 ) {
@@ -434,61 +430,42 @@ async fn check_api(
             ),
         }
     }
-    // RBAC, through SelfSubjectAccessReview: what the agent calls, for this identity.
-    let discovery_needed = cfg.egress_pod_cidr.is_none() || cfg.egress_service_cidr.is_none();
-    let own_ns = crate::agent::own_namespace();
-    let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
-    let mut missing = Vec::new();
-    for rule in rules_for(discovery_needed, cfg.svc_election) {
-        let namespace = match rule.scope {
-            Scope::Cluster => None,
-            Scope::OwnNamespace => Some(own_ns.clone()),
-            Scope::KubeSystem => Some("kube-system".to_string()),
+    // RBAC, through SelfSubjectAccessReview: what the agent calls, for this identity — the
+    // agent's own check, with the namespaces of the Services it would select.
+    let needs = crate::agent::permissions::Needs::for_config(cfg);
+    let mut namespaces = BTreeSet::new();
+    if cfg.svc_election {
+        let services: Api<Service> = match &cfg.namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
         };
-        let (resource, subresource) = match rule.resource.split_once('/') {
-            Some((r, s)) => (r.to_string(), Some(s.to_string())),
-            None => (rule.resource.to_string(), None),
-        };
-        let review = SelfSubjectAccessReview {
-            spec: SelfSubjectAccessReviewSpec {
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some(rule.group.to_string()),
-                    resource: Some(resource),
-                    subresource,
-                    verb: Some(rule.verb.to_string()),
-                    namespace: namespace.clone(),
-                    ..ResourceAttributes::default()
-                }),
-                ..SelfSubjectAccessReviewSpec::default()
-            },
-            ..SelfSubjectAccessReview::default()
-        };
-        match reviews.create(&PostParams::default(), &review).await {
-            Ok(done) if done.status.as_ref().is_some_and(|s| s.allowed) => {}
-            Ok(_) => missing.push(format!(
-                "{} {}{} in {}",
-                rule.verb,
-                if rule.group.is_empty() {
-                    String::new()
-                } else {
-                    format!("{}/", rule.group)
-                },
-                rule.resource,
-                namespace.as_deref().unwrap_or("all namespaces")
-            )),
-            Err(e) => {
-                r.fact("RBAC", format!("not checked: {e}"));
-                break;
-            }
+        if let Ok(list) = services.list(&ListParams::default()).await {
+            namespaces.extend(
+                list.items
+                    .iter()
+                    .filter_map(|s| s.metadata.namespace.clone()),
+            );
         }
     }
-    if !missing.is_empty() {
-        r.finding(
+    match crate::agent::permissions::check(&client, &needs, &namespaces).await {
+        Ok(missing) if !missing.is_empty() => r.finding(
             "rbac",
             Severity::Error,
-            format!("this identity may not: {}", missing.join("; ")),
-            format!("kvip manifest rbac --namespace {own_ns}{} | kubectl apply -f - (run the doctor with the agent's own service account to check the agent)", if cfg.svc_election { " --svc-election" } else { "" }),
-        );
+            format!(
+                "this identity may not: {}",
+                missing
+                    .iter()
+                    .map(|m| m.what())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            format!(
+                "{} (run the doctor with the agent's own service account to check the agent)",
+                needs.fix()
+            ),
+        ),
+        Ok(_) => {}
+        Err(e) => r.fact("RBAC", format!("not checked: {e}")),
     }
     // What this node should hold, from the API now, against what the kernel holds.
     let Some(observed) = observed else { return };
@@ -553,7 +530,7 @@ async fn check_api(
         }
         Leadership::PerService(held)
     } else {
-        let leases: Api<Lease> = Api::namespaced(client.clone(), &own_ns);
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &needs.own_namespace);
         Leadership::Global(
             leases
                 .get_opt(&cfg.lease_name)
@@ -563,7 +540,18 @@ async fn check_api(
                 .is_some_and(|l| holds(&l, &cfg.node_name)),
         )
     };
-    let want = plan(&snapshot, &leadership, &node).desired;
+    let want = match plan(&snapshot, &leadership, &node).desired {
+        Ok(w) => w,
+        Err(e) => {
+            r.finding(
+                "state-differs",
+                Severity::Error,
+                format!("the desired state cannot be computed: {e}"),
+                "this is a bug in kvip: report it with the Services of this cluster".into(),
+            );
+            return;
+        }
+    };
     r.fact(
         "should hold",
         format!(

@@ -1,8 +1,9 @@
 //! `/metrics` (Prometheus text), `/healthz` and `/readyz` on `prometheus_server`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -33,6 +34,25 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PermissionLabel {
+    pub verb: String,
+    pub resource: String,
+    /// Empty for a cluster-wide permission.
+    pub namespace: String,
+}
+
+/// Why `/readyz` answers not ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NotReady {
+    /// No sync has succeeded yet (or the last one failed).
+    NotSynced,
+    /// A permission the configuration needs is missing.
+    Permissions,
+    /// The desired state could not be computed; the kernel keeps the last good one.
+    InvalidState,
+}
+
 /// The agent's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -46,7 +66,11 @@ pub struct Metrics {
     pub egress_pods: Gauge,
     pub leader_transitions: Counter,
     pub cidr_source: Family<SourceLabel, Gauge>,
-    pub ready: AtomicBool,
+    pub permission_missing: Family<PermissionLabel, Gauge>,
+    pub permission_check_errors: Counter,
+    pub plan_errors: Counter,
+    /// Why the agent is not ready (empty: ready), with a line each for `/readyz`.
+    not_ready: Mutex<BTreeMap<NotReady, String>>,
 }
 
 impl Metrics {
@@ -65,7 +89,13 @@ impl Metrics {
             egress_pods: Gauge::default(),
             leader_transitions: Counter::default(),
             cidr_source: Family::default(),
-            ready: AtomicBool::new(false),
+            permission_missing: Family::default(),
+            permission_check_errors: Counter::default(),
+            plan_errors: Counter::default(),
+            not_ready: Mutex::new(BTreeMap::from([(
+                NotReady::NotSynced,
+                "no sync has completed yet".to_string(),
+            )])),
         };
         // The registry keeps clones: each metric is shared, updated through `m`'s handles.
         let r = &mut m.registry;
@@ -119,10 +149,40 @@ impl Metrics {
             "Where each cluster CIDR came from (1 = in use)",
             m.cidr_source.clone(),
         );
+        r.register(
+            "permission_missing",
+            "Permissions the configuration needs and the agent's identity lacks (1 = missing), from SelfSubjectAccessReview",
+            m.permission_missing.clone(),
+        );
+        r.register(
+            "permission_check_errors",
+            "Permission checks that could not be made (the API did not answer)",
+            m.permission_check_errors.clone(),
+        );
+        r.register(
+            "plan_errors",
+            "Syncs whose desired state was invalid (the kernel kept the last good state)",
+            m.plan_errors.clone(),
+        );
         Arc::new(m)
     }
 
-    fn render(&self) -> Result<String, std::fmt::Error> {
+    /// Sets (`Some(reason)`) or clears (`None`) one cause of not being ready.
+    pub fn not_ready(&self, cause: NotReady, reason: Option<String>) {
+        let mut g = self.not_ready.lock().unwrap_or_else(|p| p.into_inner());
+        match reason {
+            Some(r) => g.insert(cause, r),
+            None => g.remove(&cause),
+        };
+    }
+
+    /// The reasons the agent is not ready, one per line; empty when ready.
+    pub fn readiness(&self) -> Vec<String> {
+        let g = self.not_ready.lock().unwrap_or_else(|p| p.into_inner());
+        g.values().cloned().collect()
+    }
+
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -145,10 +205,16 @@ async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok\n")
+    let reasons = m.readiness();
+    if reasons.is_empty() {
+        (StatusCode::OK, "ok\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")
+        let mut body = String::new();
+        for r in reasons {
+            body.push_str(&r);
+            body.push('\n');
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, body)
     }
 }
 
@@ -163,16 +229,13 @@ pub fn listen_address(s: &str) -> Result<SocketAddr> {
         .with_context(|| format!("prometheus_server={s:?} is not host:port"))
 }
 
-/// Binds `addr` and serves the endpoints on `tasks` until `stop` is cancelled.
-pub async fn serve(
-    addr: SocketAddr,
+/// Serves the endpoints on `listener`, on `tasks`, until `stop` is cancelled.
+pub fn serve(
+    listener: tokio::net::TcpListener,
     m: Arc<Metrics>,
     tasks: &tokio_util::task::TaskTracker,
     stop: tokio_util::sync::CancellationToken,
-) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on {addr} (prometheus_server)"))?;
+) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -186,5 +249,4 @@ pub async fn serve(
             tracing::error!(error = %e, "metrics server stopped");
         }
     });
-    Ok(())
 }

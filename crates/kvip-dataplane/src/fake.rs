@@ -1,0 +1,162 @@
+//! An in-memory [`Dataplane`]: a "kernel" that holds a [`DesiredState`], records every call,
+//! and fails on request. It lets the agent's loop (leadership changes, debounce, drift
+//! repair, invalid states, shutdown order) be tested without root.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kvip_core::DesiredState;
+
+use crate::{ApplyReport, Dataplane, DataplaneError, Observed, SyncMode, TeardownReport};
+
+/// One call the fake received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    Apply(DesiredState),
+    Observe,
+    Teardown,
+    Invalidate,
+    Reannounce,
+}
+
+#[derive(Debug, Default)]
+struct Kernel {
+    state: DesiredState,
+    calls: Vec<Call>,
+    /// Applies still to fail (each failing one leaves `state` as it was).
+    failures: usize,
+}
+
+/// The fake; clones share one kernel, so a test keeps a clone to look and to meddle.
+#[derive(Debug, Clone, Default)]
+pub struct FakeDataplane {
+    kernel: Arc<Mutex<Kernel>>,
+    /// What this handle last applied (as the kernel dataplane remembers for deltas).
+    applied: Option<DesiredState>,
+}
+
+impl FakeDataplane {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn kernel(&self) -> MutexGuard<'_, Kernel> {
+        // A test that panicked while holding the lock has failed already; go on with its data.
+        self.kernel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the "kernel" holds now.
+    pub fn state(&self) -> DesiredState {
+        self.kernel().state.clone()
+    }
+
+    /// Changes the "kernel" behind kvip's back (drift).
+    pub fn set_state(&self, s: DesiredState) {
+        self.kernel().state = s;
+    }
+
+    /// Makes the next `n` applies fail, changing nothing.
+    pub fn fail_applies(&self, n: usize) {
+        self.kernel().failures = n;
+    }
+
+    /// Every call so far, oldest first.
+    pub fn calls(&self) -> Vec<Call> {
+        self.kernel().calls.clone()
+    }
+
+    /// The states applied so far, oldest first.
+    pub fn applied(&self) -> Vec<DesiredState> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Apply(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Dataplane for FakeDataplane {
+    async fn apply(&mut self, desired: &DesiredState) -> Result<ApplyReport, DataplaneError> {
+        let mut k = self.kernel();
+        k.calls.push(Call::Apply(desired.clone()));
+        if k.failures > 0 {
+            k.failures -= 1;
+            drop(k);
+            self.applied = None;
+            return Err(DataplaneError::Config("injected failure".into()));
+        }
+        let before = std::mem::replace(&mut k.state, desired.clone());
+        let has = |s: &DesiredState, a| s.vips().iter().any(|v| v.address == a);
+        let report = ApplyReport {
+            backend: "fake",
+            mode: if before == *desired {
+                SyncMode::Unchanged
+            } else {
+                SyncMode::Full
+            },
+            vips_added: desired
+                .vips()
+                .iter()
+                .map(|v| v.address)
+                .filter(|a| !has(&before, *a))
+                .collect(),
+            vips_removed: before
+                .vips()
+                .iter()
+                .map(|v| v.address)
+                .filter(|a| !has(desired, *a))
+                .collect(),
+            vips_repaired: self
+                .applied
+                .as_ref()
+                .map(|prev| {
+                    prev.vips()
+                        .iter()
+                        .map(|v| v.address)
+                        .filter(|a| !has(&before, *a) && has(desired, *a))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            duration: Duration::ZERO,
+            ..ApplyReport::default()
+        };
+        drop(k);
+        self.applied = Some(desired.clone());
+        Ok(report)
+    }
+
+    async fn observe(&self) -> Result<Observed, DataplaneError> {
+        let mut k = self.kernel();
+        k.calls.push(Call::Observe);
+        Ok(Observed {
+            state: k.state.clone(),
+            stray: Vec::new(),
+        })
+    }
+
+    async fn teardown(&mut self) -> TeardownReport {
+        let mut k = self.kernel();
+        k.calls.push(Call::Teardown);
+        k.state = DesiredState::empty();
+        drop(k);
+        self.applied = None;
+        TeardownReport::default()
+    }
+
+    fn invalidate(&mut self) {
+        self.kernel().calls.push(Call::Invalidate);
+        self.applied = None;
+    }
+
+    async fn reannounce(&mut self) -> Result<usize, DataplaneError> {
+        let mut k = self.kernel();
+        k.calls.push(Call::Reannounce);
+        Ok(k.state.vips().len())
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "fake"
+    }
+}

@@ -1,0 +1,380 @@
+//! The elections this node takes part in, as one task: one global Lease, one Lease per
+//! Service (`svc_election`), or none (`vip_leaderelection=false`). It publishes which
+//! Services this node holds ([`LeadershipView`]) and learns after each successful sync
+//! ([`Synced`]) which Services it may compete for.
+//!
+//! Ordering, the point of this module: a Lease is handed on only after a sync has removed the
+//! VIPs held under it. An election that ends (its Service gone, its Lease renamed) first stops
+//! counting as held; its release is written only once a sync computed without it has been
+//! applied. A node that stops being a candidate hears of it only from a sync (which holds
+//! nothing for that Service any more). At shutdown the caller tears the kernel state down
+//! first and writes the releases this task hands back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use kvip_core::Leadership;
+use kvip_core::lease::Timings;
+use kvip_core::plan::{Plan, ServiceKey};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use crate::election::Release;
+use crate::election::{Election, LeaseLock};
+
+/// kube-vip's Lease name for a Service without `kube-vip.io/leaseName`.
+pub fn default_service_lease(service: &str) -> String {
+    format!("kubevip-{service}")
+}
+
+/// Which elections run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// `vip_leaderelection=false`: this node holds every selected Service.
+    Off,
+    /// One Lease for every Service.
+    Global { namespace: String, lease: String },
+    /// One Lease per Service, in the Service's namespace.
+    PerService,
+}
+
+/// What a sync tells the elections, once it is applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Synced {
+    /// The [`LeadershipView::seq`] the applied plan was computed from.
+    pub seq: u64,
+    /// This node is excluded from load balancing (competes for nothing).
+    pub node_excluded: bool,
+    /// Per selected Service: its Lease name and whether this node may compete for it.
+    pub candidacy: BTreeMap<ServiceKey, Candidacy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidacy {
+    pub lease: String,
+    pub candidate: bool,
+}
+
+impl Synced {
+    /// From an applied plan.
+    pub fn from_plan(seq: u64, node_excluded: bool, plan: &Plan) -> Synced {
+        Synced {
+            seq,
+            node_excluded,
+            candidacy: plan
+                .services
+                .iter()
+                .map(|(k, sp)| {
+                    let lease = sp
+                        .lease_name
+                        .clone()
+                        .unwrap_or_else(|| default_service_lease(&k.name));
+                    (
+                        k.clone(),
+                        Candidacy {
+                            lease,
+                            candidate: sp.candidate,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Which Services this node holds, numbered: every change gets a higher `seq`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeadershipView {
+    pub seq: u64,
+    pub leadership: Leadership,
+}
+
+/// What the elections need to run.
+#[derive(Clone)]
+pub struct Settings {
+    pub client: kube::Client,
+    pub identity: String,
+    pub timings: Timings,
+    pub mode: Mode,
+    /// Woken when an election's call is refused (403), so permissions are checked at once.
+    pub forbidden: Arc<Notify>,
+}
+
+/// The running elections: their leadership and, when they end, their releases.
+pub struct Handle {
+    pub leadership: watch::Receiver<LeadershipView>,
+    /// Ends after the root is cancelled, with every release still to be written.
+    pub releases: JoinHandle<Vec<Release>>,
+}
+
+/// Starts the elections on `tasks`; they stop when `root` is cancelled.
+pub fn start(
+    settings: Settings,
+    synced: watch::Receiver<Option<Synced>>,
+    tasks: &TaskTracker,
+    root: CancellationToken,
+) -> Handle {
+    let initial = match settings.mode {
+        Mode::Off => Leadership::Global(true),
+        Mode::Global { .. } => Leadership::Global(false),
+        Mode::PerService => Leadership::PerService(BTreeSet::new()),
+    };
+    let (tx, rx) = watch::channel(LeadershipView {
+        seq: 0,
+        leadership: initial,
+    });
+    let releases = match settings.mode.clone() {
+        // The sender lives as long as the task: a dropped sender would wake the loop at once.
+        Mode::Off => tasks.spawn(async move {
+            root.cancelled().await;
+            drop(tx);
+            Vec::new()
+        }),
+        Mode::Global { namespace, lease } => {
+            let t = tasks.clone();
+            tasks.spawn(global(settings, namespace, lease, synced, tx, t, root))
+        }
+        Mode::PerService => {
+            let t = tasks.clone();
+            tasks.spawn(PerService::new(settings, tx, t, root).run(synced))
+        }
+    };
+    Handle {
+        leadership: rx,
+        releases,
+    }
+}
+
+fn publish(tx: &watch::Sender<LeadershipView>, l: Leadership) {
+    tx.send_if_modified(|v| {
+        if v.leadership == l {
+            return false;
+        }
+        v.seq += 1;
+        v.leadership = l;
+        true
+    });
+}
+
+async fn global(
+    s: Settings,
+    namespace: String,
+    lease: String,
+    mut synced: watch::Receiver<Option<Synced>>,
+    tx: watch::Sender<LeadershipView>,
+    tasks: TaskTracker,
+    root: CancellationToken,
+) -> Vec<Release> {
+    let lock = LeaseLock::new(s.client.clone(), &namespace, &lease);
+    let (cand_tx, cand_rx) = watch::channel(false);
+    let (lead_tx, mut lead_rx) = watch::channel(false);
+    let election = tasks.spawn(
+        Election::new(lock, &s.identity, s.timings)
+            .on_forbidden(s.forbidden.clone())
+            .run(cand_rx, lead_tx, root.child_token()),
+    );
+    loop {
+        tokio::select! {
+            r = lead_rx.changed() => {
+                if r.is_err() { break; }
+                publish(&tx, Leadership::Global(*lead_rx.borrow_and_update()));
+            }
+            r = synced.changed() => {
+                if r.is_err() { break; }
+                // A node excluded from load balancing competes for nothing; it hears of it
+                // only after a sync, which has removed its VIPs.
+                if let Some(sy) = &*synced.borrow_and_update() {
+                    let c = !sy.node_excluded;
+                    cand_tx.send_if_modified(|v| std::mem::replace(v, c) != c);
+                }
+            }
+            _ = root.cancelled() => break,
+        }
+    }
+    publish(&tx, Leadership::Global(false));
+    match election.await {
+        Ok(r) => vec![r],
+        Err(e) => {
+            tracing::error!(error = %e, "the election task failed; its Lease will expire");
+            Vec::new()
+        }
+    }
+}
+
+struct Running {
+    lease: String,
+    task: JoinHandle<Release>,
+    candidate: watch::Sender<bool>,
+    leader: watch::Receiver<bool>,
+    stop: CancellationToken,
+}
+
+/// One election per selected Service.
+struct PerService {
+    s: Settings,
+    tx: watch::Sender<LeadershipView>,
+    running: BTreeMap<ServiceKey, Running>,
+    /// Stopped elections, by the leadership seq that no longer counts them: their release is
+    /// written once a sync computed from that seq (or a later one) is applied.
+    retiring: Vec<(u64, JoinHandle<Release>)>,
+    /// Woken when any election gains or loses its Lease.
+    changed: Arc<Notify>,
+    tasks: TaskTracker,
+    root: CancellationToken,
+}
+
+impl PerService {
+    fn new(
+        s: Settings,
+        tx: watch::Sender<LeadershipView>,
+        tasks: TaskTracker,
+        root: CancellationToken,
+    ) -> Self {
+        PerService {
+            s,
+            tx,
+            running: BTreeMap::new(),
+            retiring: Vec::new(),
+            changed: Arc::new(Notify::new()),
+            tasks,
+            root,
+        }
+    }
+
+    fn held(&self) -> BTreeSet<ServiceKey> {
+        self.running
+            .iter()
+            .filter(|(_, e)| *e.leader.borrow())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn publish_held(&self) {
+        publish(&self.tx, Leadership::PerService(self.held()));
+    }
+
+    fn start_election(&mut self, key: &ServiceKey, c: &Candidacy) {
+        let lock = LeaseLock::new(self.s.client.clone(), &key.namespace, &c.lease);
+        let (cand_tx, cand_rx) = watch::channel(c.candidate);
+        let (lead_tx, lead_rx) = watch::channel(false);
+        let stop = self.root.child_token();
+        let task = self.tasks.spawn(
+            Election::new(lock, &self.s.identity, self.s.timings)
+                .on_forbidden(self.s.forbidden.clone())
+                .run(cand_rx, lead_tx, stop.clone()),
+        );
+        // Ends with the election (its sender is dropped then).
+        let mut forward = lead_rx.clone();
+        let changed = self.changed.clone();
+        self.tasks.spawn(async move {
+            while forward.changed().await.is_ok() {
+                changed.notify_one();
+            }
+        });
+        self.running.insert(
+            key.clone(),
+            Running {
+                lease: c.lease.clone(),
+                task,
+                candidate: cand_tx,
+                leader: lead_rx,
+                stop,
+            },
+        );
+    }
+
+    /// Stops an election: it no longer counts as held from the next published seq on (the
+    /// caller publishes it).
+    fn retire(&mut self, key: &ServiceKey) {
+        if let Some(e) = self.running.remove(key) {
+            e.stop.cancel();
+            self.retiring.push((self.tx.borrow().seq + 1, e.task));
+        }
+    }
+
+    /// After a sync: start, update and stop elections to match its Services, and write the
+    /// releases that sync made safe.
+    fn apply(&mut self, sy: &Synced) {
+        let mut retired = false;
+        for (key, c) in &sy.candidacy {
+            match self.running.get(key) {
+                Some(e) if e.lease == c.lease => {
+                    e.candidate
+                        .send_if_modified(|v| std::mem::replace(v, c.candidate) != c.candidate);
+                }
+                Some(_) => {
+                    self.retire(key);
+                    retired = true;
+                    self.start_election(key, c);
+                }
+                None => self.start_election(key, c),
+            }
+        }
+        let gone: Vec<ServiceKey> = self
+            .running
+            .keys()
+            .filter(|k| !sy.candidacy.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.retire(&k);
+            retired = true;
+        }
+        if retired {
+            // Always a new seq, held set changed or not: the releases wait for a sync
+            // computed from it.
+            let held = Leadership::PerService(self.held());
+            self.tx.send_modify(|v| {
+                v.seq += 1;
+                v.leadership = held;
+            });
+        }
+        let (safe, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
+            .into_iter()
+            .partition(|(seq, _)| *seq <= sy.seq);
+        self.retiring = wait;
+        let limit = self.s.timings.retry_period;
+        for (_, task) in safe {
+            self.tasks.spawn(async move {
+                match task.await {
+                    Ok(r) => {
+                        r.write(limit).await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "an election task failed"),
+                }
+            });
+        }
+    }
+
+    async fn run(mut self, mut synced: watch::Receiver<Option<Synced>>) -> Vec<Release> {
+        loop {
+            tokio::select! {
+                _ = self.changed.notified() => self.publish_held(),
+                r = synced.changed() => {
+                    if r.is_err() { break; }
+                    let sy = synced.borrow_and_update().clone();
+                    if let Some(sy) = sy {
+                        self.apply(&sy);
+                    }
+                }
+                _ = self.root.cancelled() => break,
+            }
+        }
+        publish(&self.tx, Leadership::PerService(BTreeSet::new()));
+        let tasks = self
+            .retiring
+            .into_iter()
+            .map(|(_, t)| t)
+            .chain(self.running.into_values().map(|e| e.task));
+        let mut out = Vec::new();
+        for t in tasks {
+            match t.await {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::error!(error = %e, "an election task failed"),
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,285 @@
+//! The reconcile loop: snapshot → `plan()` → dataplane, and nothing else. It never waits on
+//! the API: what it decided goes out on watch channels (to the elections, the reporter, the
+//! permission checker), and a leadership change wakes it at once.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvip_core::plan::{ClusterNetworks, still_held};
+use kvip_core::{DesiredState, DriftKind, Leadership, NodeConfig, Plan, Snapshot};
+use kvip_dataplane::{Dataplane, SyncMode};
+use kvip_kube::elections::{LeadershipView, Synced};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::reporter::Report;
+use crate::metrics::{KindLabel, Metrics, ModeLabel, NotReady};
+
+/// How long after a failed sync the next one is tried, without a change.
+const RETRY_FAILED: Duration = Duration::from_secs(1);
+
+/// Where the loop reads the cluster from.
+pub(crate) trait SnapshotSource {
+    fn snapshot(&self, networks: ClusterNetworks) -> Snapshot;
+}
+
+impl SnapshotSource for kvip_kube::ClusterCache {
+    fn snapshot(&self, networks: ClusterNetworks) -> Snapshot {
+        kvip_kube::ClusterCache::snapshot(self, networks)
+    }
+}
+
+/// The pure planner the loop calls (`kvip_core::plan`; tests substitute it).
+pub(crate) type Planner = fn(&Snapshot, &Leadership, &NodeConfig) -> Plan;
+
+pub(crate) struct Settings {
+    pub node: NodeConfig,
+    pub networks: ClusterNetworks,
+    pub resync_period: Duration,
+    /// Re-announce held VIPs this often (`vip_arpRate` with `vip_arp`).
+    pub arp_refresh: Option<Duration>,
+    /// At most one sync per this interval (a lone change applies at once).
+    pub debounce: Duration,
+    pub planner: Planner,
+}
+
+/// The loop's inputs and outputs.
+pub(crate) struct Channels {
+    /// Bumped on every change of the watched objects.
+    pub dirty: watch::Receiver<u64>,
+    pub leadership: watch::Receiver<LeadershipView>,
+    /// Each applied plan, for the elections.
+    pub synced: watch::Sender<Option<Synced>>,
+    /// Each plan (applied, or refused as invalid), for the reporter.
+    pub reports: watch::Sender<Option<Report>>,
+    /// The namespaces of the selected Services (for per-Service Lease permissions).
+    pub namespaces: watch::Sender<BTreeSet<String>>,
+}
+
+/// The loop's own state between syncs.
+#[derive(Default)]
+struct Memory {
+    was_leading: Option<Leadership>,
+    was_excluded: bool,
+    /// The state the kernel was last made to hold.
+    applied: Option<DesiredState>,
+    last_invalid: Option<String>,
+}
+
+/// Runs until `root` is cancelled.
+pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
+    dp: &mut D,
+    source: &S,
+    s: &Settings,
+    mut ch: Channels,
+    m: &Metrics,
+    root: &CancellationToken,
+) {
+    let mut mem = Memory::default();
+    let mut next_resync = tokio::time::Instant::now() + s.resync_period;
+    let mut refresh = s.arp_refresh.map(|d| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
+    loop {
+        let last_sync = tokio::time::Instant::now();
+        let ok = sync_once(dp, source, s, &mut ch, m, &mut mem).await;
+        // A failed sync is tried again after a pause, change or not.
+        let retry = (!ok).then(|| last_sync + RETRY_FAILED);
+        // Wait for a change (or the resync timer), then let a burst of changes settle. The
+        // neighbours' refresh announces what is held without a sync.
+        loop {
+            tokio::select! {
+                _ = ch.dirty.changed() => {}
+                _ = ch.leadership.changed() => {}
+                _ = async {
+                    match retry {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {}
+                // On its own clock: a steady stream of changes does not postpone it.
+                _ = tokio::time::sleep_until(next_resync) => {
+                    next_resync = tokio::time::Instant::now() + s.resync_period;
+                    check_drift(dp, mem.applied.as_ref(), m).await;
+                }
+                _ = async {
+                    match refresh.as_mut() {
+                        Some(i) => { i.tick().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {
+                    match dp.reannounce().await {
+                        Ok(n) => m.announcements.inc_by(n as u64),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "announcing the held VIPs");
+                            0
+                        }
+                    };
+                    continue;
+                }
+                _ = root.cancelled() => return,
+            }
+            break;
+        }
+        // Debounce: at most one sync per interval. A change after a quiet spell is applied at
+        // once; the changes of a burst wait for the rest of the interval and go together. A
+        // leadership change waits for nothing.
+        let wait = tokio::time::sleep(s.debounce.saturating_sub(last_sync.elapsed()));
+        tokio::select! {
+            _ = wait => {}
+            _ = ch.leadership.changed() => {}
+            _ = root.cancelled() => return,
+        }
+    }
+}
+
+/// Drift: someone changed kvip's objects by hand. Count it and replace everything next time.
+async fn check_drift<D: Dataplane>(dp: &mut D, applied: Option<&DesiredState>, m: &Metrics) {
+    let Some(applied) = applied else { return };
+    match dp.observe().await {
+        Ok(o) if o.state == *applied && o.stray.is_empty() => {}
+        Ok(o) => {
+            let mut kinds = applied.drift(&o.state);
+            if !o.stray.is_empty() {
+                kinds.insert(DriftKind::Rule);
+            }
+            for k in &kinds {
+                m.drift_repairs
+                    .get_or_create(&KindLabel {
+                        kind: k.as_str().into(),
+                    })
+                    .inc();
+            }
+            tracing::warn!(kinds = ?kinds, stray = ?o.stray, "kernel state drifted from the desired state; repairing");
+            dp.invalidate();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading kvip's kernel state back");
+            dp.invalidate();
+        }
+    }
+}
+
+/// One sync; false when the dataplane failed.
+async fn sync_once<D: Dataplane, S: SnapshotSource>(
+    dp: &mut D,
+    source: &S,
+    s: &Settings,
+    ch: &mut Channels,
+    m: &Metrics,
+    mem: &mut Memory,
+) -> bool {
+    let view = ch.leadership.borrow_and_update().clone();
+    if mem.was_leading.as_ref() != Some(&view.leadership) {
+        if mem.was_leading.is_some() {
+            m.leader_transitions.inc();
+        }
+        tracing::info!(leadership = ?view.leadership, "leadership changed");
+        mem.was_leading = Some(view.leadership.clone());
+    }
+    let generation = *ch.dirty.borrow_and_update();
+    m.generation_observed.set(generation as i64);
+    let snapshot = Arc::new(source.snapshot(s.networks.clone()));
+    if snapshot.node_excluded != mem.was_excluded {
+        mem.was_excluded = snapshot.node_excluded;
+        tracing::info!(
+            excluded = mem.was_excluded,
+            label = kvip_kube::cluster::EXCLUDE_FROM_LB_LABEL,
+            "this node's exclusion from load balancing changed"
+        );
+    }
+    let p = Arc::new((s.planner)(&snapshot, &view.leadership, &s.node));
+    let namespaces: BTreeSet<String> = p.services.keys().map(|k| k.namespace.clone()).collect();
+    ch.namespaces
+        .send_if_modified(|v| std::mem::replace(v, namespaces.clone()) != namespaces);
+    let (desired, invalid) = match &p.desired {
+        Ok(d) => (d.clone(), None),
+        Err(e) => {
+            // Keep the last good state, less anything whose Lease is gone.
+            let error = e.to_string();
+            m.plan_errors.inc();
+            m.not_ready(
+                NotReady::InvalidState,
+                Some(format!(
+                    "the desired state is invalid ({error}); keeping the last good state"
+                )),
+            );
+            if mem.last_invalid.as_deref() != Some(error.as_str()) {
+                tracing::error!(%error, "the desired state is invalid; keeping the last good kernel state (less what is no longer held)");
+            }
+            mem.last_invalid = Some(error.clone());
+            let kept = mem
+                .applied
+                .as_ref()
+                .map(|last| still_held(last, &p))
+                .unwrap_or_default();
+            (kept, Some(error))
+        }
+    };
+    if invalid.is_none() && mem.last_invalid.take().is_some() {
+        m.not_ready(NotReady::InvalidState, None);
+        tracing::info!("the desired state is valid again");
+    }
+    match dp.apply(&desired).await {
+        Ok(r) => {
+            m.sync_seconds
+                .get_or_create(&ModeLabel {
+                    mode: format!("{:?}", r.mode).to_lowercase(),
+                })
+                .observe(r.duration.as_secs_f64());
+            m.vips_held.set(desired.vips().len() as i64);
+            m.egress_pods.set(desired.source_count() as i64);
+            m.not_ready(NotReady::NotSynced, None);
+            m.generation_realised.set(generation as i64);
+            if !r.vips_repaired.is_empty() {
+                tracing::warn!(vips = ?r.vips_repaired, "VIPs removed by someone else were added back");
+                m.drift_repairs
+                    .get_or_create(&KindLabel {
+                        kind: DriftKind::Address.as_str().into(),
+                    })
+                    .inc_by(r.vips_repaired.len() as u64);
+            }
+            mem.applied = Some(desired.clone());
+            // Only now, with the VIPs of what this node may no longer hold removed, do the
+            // elections learn it (and release).
+            ch.synced.send_replace(Some(Synced::from_plan(
+                view.seq,
+                snapshot.node_excluded,
+                &p,
+            )));
+            if r.mode != SyncMode::Unchanged
+                || !r.vips_added.is_empty()
+                || !r.vips_removed.is_empty()
+            {
+                tracing::info!(
+                    mode = ?r.mode, pods = desired.source_count(),
+                    vips_added = ?r.vips_added, vips_removed = ?r.vips_removed,
+                    ms = r.duration.as_secs_f64() * 1e3, "synced"
+                );
+            }
+            for w in &r.warnings {
+                tracing::warn!("{w}");
+            }
+        }
+        Err(e) => {
+            m.sync_errors.inc();
+            m.not_ready(
+                NotReady::NotSynced,
+                Some(format!("the last sync failed: {e}")),
+            );
+            tracing::error!(error = %e, "sync failed; the next sync replaces everything");
+            dp.invalidate();
+            // Nothing to report: the kernel may not hold what the plan says.
+            return false;
+        }
+    }
+    ch.reports.send_replace(Some(Report {
+        snapshot,
+        plan: p,
+        invalid,
+    }));
+    true
+}

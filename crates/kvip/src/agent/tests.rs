@@ -1,0 +1,321 @@
+//! The reconcile loop on the fake dataplane, in paused time: no root, no API, no kernel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvip_core::annotations as ann;
+use kvip_core::plan::{ClusterNetworks, EndpointInfo, ServiceInfo, ServiceKey};
+use kvip_core::{Leadership, ModelError, NodeConfig, Plan, Snapshot};
+use kvip_dataplane::fake::{Call, FakeDataplane};
+use kvip_kube::elections::{LeadershipView, Synced};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::reconcile::{self, Channels, Settings, SnapshotSource};
+use super::reporter::Report;
+use crate::metrics::Metrics;
+
+#[derive(Default)]
+struct Source(Mutex<Snapshot>);
+
+impl SnapshotSource for Source {
+    fn snapshot(&self, networks: ClusterNetworks) -> Snapshot {
+        let mut s = self.0.lock().unwrap().clone();
+        s.networks = networks;
+        s
+    }
+}
+
+fn web(name: &str, vip: &str) -> ServiceInfo {
+    ServiceInfo {
+        namespace: "default".into(),
+        name: name.into(),
+        load_balancer: true,
+        annotations: BTreeMap::from([
+            (ann::LOADBALANCER_IPS.to_string(), vip.to_string()),
+            (ann::EGRESS.to_string(), "true".to_string()),
+        ]),
+        ..ServiceInfo::default()
+    }
+}
+
+fn snapshot(services: &[(&str, &str, &str)]) -> Snapshot {
+    Snapshot {
+        services: services.iter().map(|(n, vip, _)| web(n, vip)).collect(),
+        endpoints: services
+            .iter()
+            .map(|(n, _, pod)| {
+                (
+                    ServiceKey {
+                        namespace: "default".into(),
+                        name: n.to_string(),
+                    },
+                    vec![EndpointInfo {
+                        address: pod.parse().unwrap(),
+                        node: Some("n1".into()),
+                        ready: true,
+                    }],
+                )
+            })
+            .collect(),
+        ..Snapshot::default()
+    }
+}
+
+/// A Service named `break` makes the plan invalid, as a bug in `plan()` would.
+fn breakable(s: &Snapshot, l: &Leadership, n: &NodeConfig) -> Plan {
+    let mut p = kvip_core::plan(s, l, n);
+    if s.services.iter().any(|x| x.name == "break") {
+        p.desired = Err(ModelError::DuplicatePolicy {
+            name: "default/break".into(),
+        });
+    }
+    p
+}
+
+struct Harness {
+    fake: FakeDataplane,
+    source: Arc<Source>,
+    dirty: watch::Sender<u64>,
+    leadership: watch::Sender<LeadershipView>,
+    synced: watch::Receiver<Option<Synced>>,
+    reports: watch::Receiver<Option<Report>>,
+    metrics: Arc<Metrics>,
+    root: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    fn start(snap: Snapshot, leading: bool) -> Harness {
+        let fake = FakeDataplane::new();
+        let source = Arc::new(Source(Mutex::new(snap)));
+        let (dirty, dirty_rx) = watch::channel(0);
+        let (leadership, leadership_rx) = watch::channel(LeadershipView {
+            seq: 0,
+            leadership: Leadership::Global(leading),
+        });
+        let (synced_tx, synced) = watch::channel(None);
+        let (reports_tx, reports) = watch::channel(None);
+        let (namespaces, _) = watch::channel(BTreeSet::new());
+        let metrics = Metrics::new();
+        let root = CancellationToken::new();
+        let settings = Settings {
+            node: NodeConfig {
+                node_name: "n1".into(),
+                interface: "eth0".into(),
+                ..NodeConfig::default()
+            },
+            networks: ClusterNetworks {
+                pod: vec!["10.244.0.0/16".parse().unwrap()],
+                service: vec!["10.96.0.0/12".parse().unwrap()],
+                api_server: vec![],
+            },
+            resync_period: Duration::from_secs(30),
+            arp_refresh: None,
+            debounce: Duration::from_millis(50),
+            planner: breakable,
+        };
+        let channels = Channels {
+            dirty: dirty_rx,
+            leadership: leadership_rx,
+            synced: synced_tx,
+            reports: reports_tx,
+            namespaces,
+        };
+        let task = tokio::spawn({
+            let (mut dp, source, m, root) =
+                (fake.clone(), source.clone(), metrics.clone(), root.clone());
+            async move { reconcile::run(&mut dp, &*source, &settings, channels, &m, &root).await }
+        });
+        Harness {
+            fake,
+            source,
+            dirty,
+            leadership,
+            synced,
+            reports,
+            metrics,
+            root,
+            task,
+        }
+    }
+
+    fn lead(&self, l: Leadership) {
+        self.leadership.send_modify(|v| {
+            v.seq += 1;
+            v.leadership = l;
+        });
+    }
+
+    fn change(&self, snap: Snapshot) {
+        *self.source.0.lock().unwrap() = snap;
+        self.dirty.send_modify(|g| *g += 1);
+    }
+
+    fn vips(&self) -> Vec<String> {
+        self.fake
+            .state()
+            .vips()
+            .iter()
+            .map(|v| v.address.to_string())
+            .collect()
+    }
+
+    fn applies(&self) -> usize {
+        self.fake.applied().len()
+    }
+}
+
+/// Waits (in paused time) until `f` holds; fails after 60 virtual seconds.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn leadership_reaches_the_kernel_and_the_elections_hear_after() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
+    until("first sync", || h.applies() >= 1).await;
+    assert!(h.vips().is_empty());
+    h.lead(Leadership::Global(true));
+    until("VIP held", || h.vips() == ["198.51.100.10"]).await;
+    assert_eq!(h.fake.state().source_count(), 1);
+    // The elections learn of the sync computed from seq 1 only once it is applied.
+    until("synced seq 1", || {
+        h.synced.borrow().as_ref().is_some_and(|s| s.seq == 1)
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    h.lead(Leadership::Global(false));
+    until("VIP dropped", || h.vips().is_empty()).await;
+    // At once: no debounce, no wait on anything else.
+    assert!(started.elapsed() < Duration::from_millis(60));
+    until("synced seq 2", || {
+        h.synced.borrow().as_ref().is_some_and(|s| s.seq == 2)
+    })
+    .await;
+    h.root.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_changes_is_one_or_two_syncs() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), true);
+    until("first sync", || h.vips().len() == 1).await;
+    let before = h.applies();
+    for i in 0..20 {
+        let pod = format!("10.244.1.{}", 10 + i);
+        h.change(snapshot(&[("a", "198.51.100.10", &pod)]));
+        tokio::task::yield_now().await;
+    }
+    until("last pod applied", || {
+        h.fake.state().egress()[0].sources() == ["10.244.1.29".parse::<std::net::IpAddr>().unwrap()]
+    })
+    .await;
+    let syncs = h.applies() - before;
+    assert!((1..=2).contains(&syncs), "{syncs} syncs for one burst");
+    h.root.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn drift_is_found_by_the_resync_and_repaired() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), true);
+    until("first sync", || h.vips().len() == 1).await;
+    let good = h.fake.state();
+    h.fake.set_state(kvip_core::DesiredState::empty());
+    until("repaired", || h.fake.state() == good).await;
+    assert!(h.fake.calls().contains(&Call::Observe));
+    assert!(h.fake.calls().contains(&Call::Invalidate));
+    let text = h.metrics_text();
+    assert!(
+        text.contains(r#"kvip_drift_repairs_total{kind="address"} 1"#),
+        "{text}"
+    );
+    h.root.cancel();
+    h.task.await.unwrap();
+}
+
+impl Harness {
+    fn metrics_text(&self) -> String {
+        self.metrics.render().unwrap()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_state_keeps_the_last_good_one_less_what_is_not_held() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), true);
+    until("first sync", || h.vips().len() == 1).await;
+    let good = h.fake.state();
+    h.change(snapshot(&[
+        ("a", "198.51.100.10", "10.244.1.5"),
+        ("break", "198.51.100.11", "10.244.1.6"),
+    ]));
+    until("reported invalid", || {
+        h.reports
+            .borrow()
+            .as_ref()
+            .is_some_and(|r| r.invalid.is_some())
+    })
+    .await;
+    assert_eq!(h.fake.state(), good, "the last good state is kept");
+    assert!(
+        h.metrics
+            .readiness()
+            .iter()
+            .any(|r| r.contains("desired state is invalid")),
+        "{:?}",
+        h.metrics.readiness()
+    );
+    // Losing the Lease still drops the VIP and its egress.
+    h.lead(Leadership::Global(false));
+    until("VIP dropped", || h.vips().is_empty()).await;
+    assert!(h.fake.state().is_empty());
+    // Valid again: ready again.
+    h.lead(Leadership::Global(true));
+    h.change(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]));
+    until("held again", || h.fake.state() == good).await;
+    until("ready", || h.metrics.readiness().is_empty()).await;
+    h.root.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_sync_is_retried_and_not_announced_to_the_elections() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
+    until("first sync", || h.applies() >= 1).await;
+    let seen = h.synced.borrow().clone();
+    h.fake.fail_applies(2);
+    h.lead(Leadership::Global(true));
+    until("two failures", || h.applies() >= 3).await;
+    assert!(h.vips().is_empty());
+    assert_eq!(*h.synced.borrow(), seen, "no sync was announced");
+    assert!(!h.metrics.readiness().is_empty(), "not ready while failing");
+    // Retried without any change, then announced.
+    until("held", || h.vips().len() == 1).await;
+    until("synced seq 1", || {
+        h.synced.borrow().as_ref().is_some_and(|s| s.seq == 1)
+    })
+    .await;
+    until("ready", || h.metrics.readiness().is_empty()).await;
+    h.root.cancel();
+    h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_loop_stops_on_cancel_even_while_changes_keep_coming() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), true);
+    until("first sync", || h.vips().len() == 1).await;
+    h.change(snapshot(&[("a", "198.51.100.10", "10.244.1.6")]));
+    h.root.cancel();
+    tokio::time::timeout(Duration::from_secs(1), h.task)
+        .await
+        .expect("the loop stops at once")
+        .unwrap();
+    // The loop itself never tears down: that is the shutdown path's job, after it.
+    assert!(!h.fake.calls().contains(&Call::Teardown));
+}
