@@ -53,7 +53,9 @@ where
     let stream = reflector::reflector(writer, watcher(api, config))
         // Errors (500s, dropped or expired watches) restart the watch with backoff; the
         // store keeps serving its last state meanwhile.
-        .default_backoff();
+        .backoff(crate::backoff::WatchBackoff::up_to(
+            std::time::Duration::from_secs(30),
+        ));
     let kind = K::kind(&());
     tasks.spawn(async move {
         futures_util::pin_mut!(stream);

@@ -242,7 +242,10 @@ impl Election {
             self.lock.api.clone(),
             watcher::Config::default().fields(&format!("metadata.name={}", self.lock.name)),
         )
-        .default_backoff()
+        // Only a shortcut (the polling finds a released Lease too): back off long on errors.
+        .backoff(crate::backoff::WatchBackoff::up_to(
+            std::time::Duration::from_secs(60),
+        ))
         .applied_objects();
         let mut released_events = Box::pin(released_events);
         while !stop.is_cancelled() {

@@ -2,6 +2,7 @@
 //! resourceVersion-guarded writes, driven by the pure [`kvip_core::lease::Elector`], and the
 //! watches (reflector stores) that feed [`kvip_core::plan`].
 
+pub mod backoff;
 pub mod cluster;
 pub mod discovery;
 pub mod election;

@@ -57,6 +57,34 @@ struct Inner {
     denied: Vec<String>,
     fail_until: Option<Instant>,
     stall: Duration,
+    /// With `Some`, RBAC is enforced: only these permissions are granted (everything else is
+    /// 403, as with a real authorizer); SelfSubjectAccessReviews are answered from them.
+    grants: Option<Vec<Grant>>,
+    /// Calls that never get an answer, as (verb, resource with subresource).
+    hung: Vec<(String, String)>,
+    /// Resources answered with 500 until lifted.
+    failing: Vec<String>,
+}
+
+/// One granted permission, as an RBAC rule bound to the caller grants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// API group ("" for the core group).
+    pub group: String,
+    /// Resource, with its subresource (`services/status`).
+    pub resource: String,
+    pub verb: String,
+    /// `None`: every namespace (a ClusterRole through a ClusterRoleBinding).
+    pub namespace: Option<String>,
+}
+
+fn granted(grants: &[Grant], group: &str, resource: &str, verb: &str, namespace: &str) -> bool {
+    grants.iter().any(|g| {
+        g.group == group
+            && g.resource == resource
+            && g.verb == verb
+            && g.namespace.as_deref().is_none_or(|n| n == namespace)
+    })
 }
 
 struct Shared {
@@ -64,6 +92,8 @@ struct Shared {
     changes: broadcast::Sender<Change>,
     /// Bumped to end every open watch.
     watch_epoch: watch::Sender<u64>,
+    /// While true, no request is answered (a frozen API server); answers resume when false.
+    frozen: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -420,6 +450,36 @@ async fn handle(
             resource: resource.clone(),
             namespace: t.namespace.clone(),
         });
+        if g.failing.contains(&t.resource) || g.failing.contains(&resource) {
+            return status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                format!("injected failure for {resource}"),
+            );
+        }
+        let group = t
+            .group_version
+            .rsplit_once('/')
+            .map_or("", |(g, _)| g)
+            .to_string();
+        let review = verb == "create" && t.resource == "selfsubjectaccessreviews";
+        if let Some(grants) = g.grants.as_ref().filter(|_| listener != 0)
+            && !review
+            && !granted(grants, &group, &resource, verb, &t.namespace)
+        {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "{resource} is forbidden: User \"system:serviceaccount:test:kvip\" cannot {verb} resource {resource:?} in API group {group:?} {}",
+                    if t.namespace.is_empty() {
+                        "at the cluster scope".to_string()
+                    } else {
+                        format!("in the namespace {:?}", t.namespace)
+                    }
+                ),
+            );
+        }
         if g.fail_until.is_some_and(|u| Instant::now() < u) {
             return status(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -437,11 +497,19 @@ async fn handle(
                 ),
             );
         }
-        g.stall
+        let hung = g.hung.iter().any(|(v, r)| v == verb && *r == resource);
+        (g.stall, hung)
     };
+    let (stall, hung) = stall;
+    if hung {
+        return std::future::pending().await;
+    }
     if !stall.is_zero() {
         tokio::time::sleep(stall).await;
     }
+    let mut frozen = shared.frozen.subscribe();
+    // An error means the server is going away: answer then.
+    let _ = frozen.wait_for(|f| !*f).await;
     if verb == "watch" {
         return watch_response(&shared, &t, q);
     }
@@ -457,7 +525,28 @@ async fn handle(
         let mut review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let attrs = &review["spec"]["resourceAttributes"];
         let resource = attrs["resource"].as_str().unwrap_or_default().to_string();
-        let allowed = !g.denied.contains(&resource);
+        let allowed = match g.grants.as_ref().filter(|_| listener != 0) {
+            Some(grants) => {
+                let str_of = |k: &str| attrs[k].as_str().unwrap_or_default().to_string();
+                let full = match str_of("subresource") {
+                    sub if sub.is_empty() => resource.clone(),
+                    sub => format!("{resource}/{sub}"),
+                };
+                let ns = str_of("namespace");
+                // A cluster-wide question is granted only by a cluster-wide grant.
+                grants.iter().any(|gr| {
+                    gr.group == str_of("group")
+                        && gr.resource == full
+                        && gr.verb == str_of("verb")
+                        && match (&gr.namespace, ns.as_str()) {
+                            (None, _) => true,
+                            (Some(_), "") => false,
+                            (Some(n), ns) => n == ns,
+                        }
+                })
+            }
+            None => !g.denied.contains(&resource),
+        };
         review["status"] = serde_json::json!({
             "allowed": allowed,
             "reason": if allowed { "allowed by the test server" } else { "denied by the test server" },
@@ -653,10 +742,12 @@ impl ApiServer {
     pub fn start() -> std::io::Result<ApiServer> {
         let (changes, _) = broadcast::channel(4096);
         let (watch_epoch, _) = watch::channel(0u64);
+        let (frozen, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::default()),
             changes,
             watch_epoch,
+            frozen,
         });
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         std_listener.set_nonblocking(true)?;
@@ -772,6 +863,42 @@ impl ApiServer {
     /// Answers requests for `resource` (e.g. "pods") with 403, like a missing RBAC rule.
     pub fn deny(&self, resource: &str) {
         self.with(|g| g.denied.push(resource.to_string()));
+    }
+
+    /// Enforces RBAC from now on for the identities of the namespaces' listeners (those of
+    /// [`ApiServer::listen_in`]): only `grants` are allowed (see [`Grant`]). Calls through the
+    /// test process's own loopback listener stay an administrator's.
+    pub fn enforce(&self, grants: Vec<Grant>) {
+        self.with(|g| g.grants = Some(grants));
+    }
+
+    /// Calls of `verb` on `resource` (with subresource, e.g. `services/status`) never get an
+    /// answer from now on.
+    pub fn hang(&self, verb: &str, resource: &str) {
+        self.with(|g| g.hung.push((verb.into(), resource.into())));
+    }
+
+    /// Answers every call on `resource` with 500 until [`ApiServer::heal`].
+    pub fn fail_resource(&self, resource: &str) {
+        self.with(|g| g.failing.push(resource.into()));
+    }
+
+    /// Lifts [`ApiServer::fail_resource`] and [`ApiServer::hang`] (calls already hanging stay so).
+    pub fn heal(&self) {
+        self.with(|g| {
+            g.failing.clear();
+            g.hung.clear();
+        });
+    }
+
+    /// Freezes the server: requests (new and open) get no answer until [`ApiServer::thaw`],
+    /// as with a stopped kube-apiserver process whose sockets stay open.
+    pub fn freeze(&self) {
+        self.shared.frozen.send_replace(true);
+    }
+
+    pub fn thaw(&self) {
+        self.shared.frozen.send_replace(false);
     }
 
     /// Ends every open watch (clients must watch again).

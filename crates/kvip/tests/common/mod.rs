@@ -213,18 +213,30 @@ pub fn until(what: &str, agent: &Agent, limit: Duration, f: impl FnMut() -> bool
     wait_until(what, limit, || format!("agent log:\n{}", agent.log()), f);
 }
 
+/// `nft list ruleset` in `ns`; the test fails when the listing does.
 pub fn rules(ns: &Netns) -> String {
-    ns.exec_ok("nft", &["list", "ruleset"]).unwrap_or_default()
+    ns.exec_ok("nft", &["list", "ruleset"])
+        .expect("nft list ruleset")
+}
+
+/// The addresses of `eth0` in `ns`; the test fails when the listing does.
+pub fn addresses(ns: &Netns) -> String {
+    ns.exec_ok("ip", &["addr", "show", "eth0"])
+        .expect("ip addr show eth0")
 }
 
 pub fn has_vip(ns: &Netns) -> bool {
-    ns.exec_ok("ip", &["addr", "show", "eth0"])
-        .unwrap_or_default()
-        .contains("192.0.2.10/32")
+    addresses(ns).contains("192.0.2.10/32")
 }
 
-/// A plain HTTP GET from inside `ns` (the agent's metrics server listens there).
+/// A plain HTTP GET from inside `ns` (the agent's metrics server listens there); the test
+/// fails when the server cannot be reached.
 pub fn http_get(ns: &Netns, path: &str) -> String {
+    try_http_get(ns, path).expect("the agent's metrics server answers")
+}
+
+/// [`http_get`], `None` when the server cannot be reached (yet).
+pub fn try_http_get(ns: &Netns, path: &str) -> Option<String> {
     use std::io::Read;
     let path = path.to_string();
     ns.enter(move || -> std::io::Result<String> {
@@ -236,12 +248,14 @@ pub fn http_get(ns: &Netns, path: &str) -> String {
         Ok(out)
     })
     .expect("netns")
-    .unwrap_or_default()
+    .ok()
 }
 
 pub type Permission = (String, String, String, kvip_kube::rbac::Scope);
 
-/// The permissions the calls through `listener` needed.
+/// The permissions the calls through `listener` needed. SelfSubjectAccessReviews (the
+/// agent's permission checks) are left out: Kubernetes grants them to every authenticated
+/// identity (the `system:basic-user` ClusterRole), so kvip's RBAC does not.
 pub fn used_permissions(
     server: &ApiServer,
     listener: usize,
@@ -249,7 +263,7 @@ pub fn used_permissions(
     server
         .calls()
         .iter()
-        .filter(|c| c.listener == listener)
+        .filter(|c| c.listener == listener && c.resource != "selfsubjectaccessreviews")
         .map(|c| {
             kvip_kube::rbac::rule_for(
                 &c.verb,
@@ -338,12 +352,7 @@ pub fn named_slice(service: &str, pod: &str, node: &str) -> EndpointSlice {
 
 pub fn holders_of(nodes: &[Netns], vip: &str) -> Vec<usize> {
     (0..nodes.len())
-        .filter(|i| {
-            nodes[*i]
-                .exec_ok("ip", &["addr", "show", "eth0"])
-                .unwrap_or_default()
-                .contains(&format!("{vip}/32"))
-        })
+        .filter(|i| addresses(&nodes[*i]).contains(&format!("{vip}/32")))
         .collect()
 }
 
@@ -370,16 +379,21 @@ pub fn sigterm(agent: &mut Agent, limit: Duration) -> (std::process::ExitStatus,
 /// Everything kvip may own in a namespace, as text: its nft table, its chains in both
 /// iptables variants of both families, and the VIP.
 pub fn kvip_state(ns: &Netns) -> String {
-    let mut out = ns
-        .exec_ok("nft", &["list", "table", "inet", "kvip"])
-        .unwrap_or_default();
+    // The table may be absent (then `nft list table` fails): read the whole ruleset.
+    let all = rules(ns);
+    let mut out: String = all
+        .split("\ntable ")
+        .filter(|t| t.trim_start_matches("table ").starts_with("inet kvip "))
+        .collect();
     for (cmd, args) in [
         ("iptables-nft-save", &["-t", "nat"][..]),
         ("ip6tables-nft-save", &["-t", "nat"][..]),
         ("iptables-legacy-save", &["-t", "nat"][..]),
         ("ip6tables-legacy-save", &["-t", "nat"][..]),
     ] {
-        let text = ns.exec_ok(cmd, args).unwrap_or_default();
+        let text = ns
+            .exec_ok(cmd, args)
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"));
         out.extend(
             text.lines()
                 .filter(|l| l.contains("kvip") || l.contains("KVIP"))
