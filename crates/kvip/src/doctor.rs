@@ -595,3 +595,27 @@ pub async fn command(cfg: &AgentConfig, json: bool) -> Result<bool> {
     }
     Ok(report.ok())
 }
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum DoctorOutput {
+    Text,
+    Json,
+}
+
+/// `kvip doctor`: whether nothing is wrong.
+pub(crate) fn from_cli(set: &[String], output: DoctorOutput) -> Result<bool> {
+    let mut vars = crate::settings::run_settings(set)?;
+    let has_name = ["vip_nodename", "VIP_NODENAME", "NODE_NAME"]
+        .iter()
+        .any(|k| vars.get(*k).is_some_and(|v| !v.trim().is_empty()));
+    if !has_name {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_err(|e| anyhow::anyhow!("no vip_nodename or NODE_NAME, and no host name: {e}"))?;
+        vars.insert("NODE_NAME".into(), host.trim().to_string());
+    }
+    let cfg = kvip_core::config::AgentConfig::from_env(&vars)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))?
+        .block_on(command(&cfg, matches!(output, DoctorOutput::Json)))
+}

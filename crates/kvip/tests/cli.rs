@@ -152,6 +152,7 @@ fn bad_input_is_rejected_and_applies_nothing() {
             "vips: [{address: 192.0.2.11, interface: nosuch0}]\n".to_string(),
             "nosuch0",
         ),
+        ("empty file", "\n  \n".to_string(), "the state is empty"),
     ];
     for (what, body, needle) in cases {
         let p = write_state(&dir, "bad.yaml", &body);
@@ -167,6 +168,43 @@ fn bad_input_is_rejected_and_applies_nothing() {
             "{what}: {err}"
         );
         assert!(!err.contains("panicked"), "{what}: {err}");
+        assert_eq!(listing(&ns), before, "{what}: the kernel changed");
+    }
+    // Past the size limit (a sparse file: nothing is written) and past the announcement limit.
+    let huge = dir.path().join("huge.yaml");
+    std::fs::File::create(&huge)
+        .and_then(|f| f.set_len((64 << 20) + 1))
+        .expect("sparse file");
+    let good = write_state(&dir, "good.yaml", "vips: []\n");
+    for (what, args, needle) in [
+        (
+            "huge file",
+            vec![
+                "dataplane",
+                "apply",
+                "--state",
+                huge.to_str().expect("path"),
+            ],
+            "more than the",
+        ),
+        (
+            "announce count",
+            vec![
+                "dataplane",
+                "apply",
+                "--announce-count",
+                "101",
+                "--state",
+                good.to_str().expect("path"),
+            ],
+            "--announce-count 101",
+        ),
+    ] {
+        let out = kvip(&ns, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: not one line: {err}");
+        assert!(err.contains(needle), "{what}: {err}");
         assert_eq!(listing(&ns), before, "{what}: the kernel changed");
     }
 }
