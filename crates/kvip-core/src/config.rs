@@ -298,6 +298,13 @@ pub(crate) fn parse_bool(v: &str) -> Option<bool> {
 }
 
 impl AgentConfig {
+    /// The interface Service VIPs go on: `vip_servicesinterface`, else `vip_interface`.
+    pub fn interface(&self) -> Option<&str> {
+        self.services_interface
+            .as_deref()
+            .or(self.vip_interface.as_deref())
+    }
+
     /// Reads the configuration from the environment (as a map of variables).
     pub fn from_env(vars: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError> {
         let env = Env(vars);

@@ -2,7 +2,7 @@
 //! writes the Lease (with resourceVersion-guarded replaces) and passes the time in. Keeping the
 //! decisions here, free of I/O, lets tests drive many electors through adversarial schedules.
 //!
-//! The rule that keeps a VIP on at most one node (DESIGN invariant 6): a holder counts itself
+//! The rule that keeps a VIP on at most one node (invariant 6 in docs/design.md): a holder counts itself
 //! leader only until `renew_deadline` after its last *successful* renewal, and another node
 //! takes over only after the Lease has stayed unchanged for `lease_duration` *as that node
 //! observed it*. With `renew_deadline < lease_duration`, the old holder has stepped down before

@@ -342,7 +342,7 @@ mod election {
         #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
         /// Writes whose answers arrive late, nodes cut off from the API and restarted: at no
-        /// instant do two nodes believe they hold the Lease (DESIGN invariant 6).
+        /// instant do two nodes believe they hold the Lease (invariant 6 in docs/design.md).
         #[test]
         fn never_two_leaders(events in proptest::collection::vec(node_events(400), 3)) {
             for (step, leaders) in simulate(&events, 400).iter().enumerate() {

@@ -67,7 +67,7 @@ impl Variant {
 }
 
 /// Number of rules (`-A` lines) a variant holds, or `None` when its tools do not run.
-async fn rule_count(v: Variant) -> Option<usize> {
+pub async fn rule_count(v: Variant) -> Option<usize> {
     let mut total = 0;
     let mut any = false;
     for f in [Family::V4, Family::V6] {

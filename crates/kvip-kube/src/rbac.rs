@@ -1,5 +1,5 @@
 //! The permissions the agent uses — exactly those — and the manifests that grant them.
-//! Tests compare every API call the agent makes against [`rules`], both ways.
+//! Tests compare every API call the agent makes against [`rules_for`], both ways.
 
 use serde_json::{Value, json};
 
@@ -33,13 +33,9 @@ const fn r(group: &'static str, resource: &'static str, verb: &'static str, scop
 }
 
 /// What the agent calls. With `discovery`, also what CIDR discovery reads (not needed when
-/// both `egress_podcidr` and `egress_servicecidr` are set).
-pub fn rules(discovery: bool) -> Vec<Rule> {
-    rules_for(discovery, false)
-}
-
-/// As [`rules`]; with `per_service_leases` (`svc_election`), Leases live in every Service's
-/// namespace, so they are granted cluster-wide instead of in the agent's namespace.
+/// both `egress_podcidr` and `egress_servicecidr` are set). With `per_service_leases`
+/// (`svc_election`), Leases live in every Service's namespace, so they are granted
+/// cluster-wide instead of in the agent's namespace.
 pub fn rules_for(discovery: bool, per_service_leases: bool) -> Vec<Rule> {
     use Scope::*;
     let lease_scope = if per_service_leases {

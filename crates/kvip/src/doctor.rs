@@ -9,13 +9,17 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::ListParams;
+use kvip_core::Family;
 use kvip_core::config::AgentConfig;
 use kvip_core::plan::{ClusterNetworks, ServiceKey};
 use kvip_core::{Leadership, Snapshot, plan};
 use kvip_dataplane::exec::run_tool;
-use kvip_dataplane::{Config, Dataplane, Instance, KernelDataplane};
+use kvip_dataplane::iptables::{Chains, rule_count};
+use kvip_dataplane::nft::NAT_PRIORITY;
+use kvip_dataplane::{Config, Dataplane, Instance, KernelDataplane, Variant};
 use kvip_kube::cluster::{EXCLUDE_FROM_LB_LABEL, service_info, slice_endpoints};
 use kvip_kube::discovery;
+use kvip_kube::elections::default_service_lease;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -120,10 +124,7 @@ pub async fn run(cfg: &AgentConfig) -> Result<Report> {
         node: cfg.node_name.clone(),
         ..Report::default()
     };
-    let interface = cfg
-        .services_interface
-        .clone()
-        .or_else(|| cfg.vip_interface.clone());
+    let interface = cfg.interface().map(str::to_string);
     check_interface(&mut r, interface.as_deref()).await;
     check_sysctls(&mut r, interface.as_deref());
     check_kube_vip(&mut r).await;
@@ -266,19 +267,9 @@ async fn check_kube_vip(r: &mut Report) {
     }
 }
 
-/// Rules (`-A` lines) of every table in one iptables variant, both families.
-async fn rule_count(variant: &str) -> usize {
-    let mut n = 0;
-    for fam in ["iptables", "ip6tables"] {
-        if let Some(out) = tool(&format!("{fam}-{variant}-save"), &[]).await {
-            n += out.lines().filter(|l| l.starts_with("-A ")).count();
-        }
-    }
-    n
-}
-
 async fn check_iptables_split(r: &mut Report) {
-    let (legacy, nft) = (rule_count("legacy").await, rule_count("nft").await);
+    let count = |v| async move { rule_count(v).await.unwrap_or(0) };
+    let (legacy, nft) = (count(Variant::Legacy).await, count(Variant::Nft).await);
     if legacy > 0 && nft > 0 {
         r.finding(
             "iptables-split",
@@ -289,8 +280,33 @@ async fn check_iptables_split(r: &mut Report) {
     }
 }
 
-/// kvip's SNAT must come before any masquerade: nftables chains hooked earlier than kvip's
-/// (priority srcnat - 10), or, with the iptables backend, rules above kvip's jump.
+/// Whether `chain` of `family` `table` translates (masquerade or snat), itself or through
+/// the chains it jumps or goes to.
+fn translates(
+    rules: &BTreeMap<(String, String, String), Vec<Value>>,
+    (family, table, chain): (&str, &str, &str),
+    seen: &mut BTreeSet<String>,
+) -> bool {
+    if !seen.insert(chain.to_string()) {
+        return false;
+    }
+    let key = (family.to_string(), table.to_string(), chain.to_string());
+    rules.get(&key).into_iter().flatten().any(|expr| {
+        expr.as_array().into_iter().flatten().any(|x| {
+            if x.get("masquerade").is_some() || x.get("snat").is_some() {
+                return true;
+            }
+            let target = x["jump"]["target"]
+                .as_str()
+                .or_else(|| x["goto"]["target"].as_str());
+            target.is_some_and(|t| translates(rules, (family, table, t), seen))
+        })
+    })
+}
+
+/// kvip's SNAT must come before any masquerade: nftables chains hooked at or before kvip's
+/// priority (at the same priority the order is not defined) that translate, themselves or
+/// through a jump; or, with the iptables backend, rules above kvip's jump.
 async fn check_masquerade_first(r: &mut Report, instance: &Instance) {
     let table = instance.nft_table();
     if let Some(out) = tool("nft", &["-j", "list", "ruleset"]).await {
@@ -300,56 +316,50 @@ async fn check_masquerade_first(r: &mut Report, instance: &Instance) {
             i["table"]["name"].as_str() == Some(table.as_str())
                 && i["table"]["family"].as_str() == Some("inet")
         });
-        if ours {
-            let early: BTreeMap<(String, String, String), i64> = items
-                .iter()
-                .filter_map(|i| i.get("chain"))
-                .filter(|c| {
-                    c["type"] == "nat"
-                        && c["hook"] == "postrouting"
-                        && c["table"].as_str() != Some(table.as_str())
-                })
-                .filter_map(|c| {
-                    let prio = c["prio"].as_i64()?;
-                    (prio < 90).then(|| {
-                        (
-                            (
-                                c["family"].as_str().unwrap_or_default().to_string(),
-                                c["table"].as_str().unwrap_or_default().to_string(),
-                                c["name"].as_str().unwrap_or_default().to_string(),
-                            ),
-                            prio,
-                        )
-                    })
-                })
-                .collect();
-            for ((family, tbl, chain), prio) in &early {
-                let translates = items.iter().filter_map(|i| i.get("rule")).any(|rule| {
-                    rule["family"].as_str() == Some(family.as_str())
-                        && rule["table"].as_str() == Some(tbl.as_str())
-                        && rule["chain"].as_str() == Some(chain.as_str())
-                        && rule["expr"].as_array().is_some_and(|e| {
-                            e.iter()
-                                .any(|x| x.get("masquerade").is_some() || x.get("snat").is_some())
-                        })
-                });
-                if translates {
-                    r.finding(
-                        "masquerade-first",
-                        Severity::Error,
-                        format!("nftables chain {family} {tbl} {chain} translates at priority {prio}, before kvip's SNAT (priority 90): egress pods leave with that chain's address, not the VIP"),
-                        "hook that NAT at priority srcnat (100) or later, or exclude the egress pods from it".into(),
-                    );
-                }
+        let text = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+        let mut rules: BTreeMap<(String, String, String), Vec<Value>> = BTreeMap::new();
+        for rule in items.iter().filter_map(|i| i.get("rule")) {
+            rules
+                .entry((
+                    text(rule, "family"),
+                    text(rule, "table"),
+                    text(rule, "chain"),
+                ))
+                .or_default()
+                .push(rule["expr"].clone());
+        }
+        let early = items
+            .iter()
+            .filter_map(|i| i.get("chain"))
+            .filter(|c| {
+                ours && c["type"] == "nat"
+                    && c["hook"] == "postrouting"
+                    && c["table"].as_str() != Some(table.as_str())
+            })
+            .filter_map(|c| {
+                let prio = c["prio"].as_i64()?;
+                (prio <= i64::from(NAT_PRIORITY))
+                    .then(|| (text(c, "family"), text(c, "table"), text(c, "name"), prio))
+            });
+        for (family, tbl, chain, prio) in early {
+            if translates(&rules, (&family, &tbl, &chain), &mut BTreeSet::new()) {
+                r.finding(
+                    "masquerade-first",
+                    Severity::Error,
+                    format!("nftables chain {family} {tbl} {chain} translates at priority {prio}, not after kvip's SNAT (priority {NAT_PRIORITY}): egress pods may leave with that chain's address, not the VIP"),
+                    "hook that NAT at priority srcnat (100) or later, or exclude the egress pods from it".into(),
+                );
             }
         }
     }
-    let chain = format!("{}POST", instance.chain_prefix());
-    for variant in ["legacy", "nft"] {
-        for fam in ["iptables", "ip6tables"] {
-            let Some(save) = tool(&format!("{fam}-{variant}-save"), &["-t", "nat"]).await else {
+    let chain = Chains::new(instance.chain_prefix()).post();
+    for variant in [Variant::Legacy, Variant::Nft] {
+        for fam in [Family::V4, Family::V6] {
+            let cmd = variant.save_cmd(fam);
+            let Some(save) = tool(cmd, &["-t", "nat"]).await else {
                 continue;
             };
+            let who = cmd.trim_end_matches("-save");
             if !save.contains(&format!(":{chain} ")) {
                 continue;
             }
@@ -368,14 +378,14 @@ async fn check_masquerade_first(r: &mut Report, instance: &Instance) {
                 r.finding(
                     "masquerade-first",
                     Severity::Error,
-                    format!("{fam}-{variant}: kvip's chain {chain} exists but nat POSTROUTING does not jump to it: no egress pod is translated"),
+                    format!("{who}: kvip's chain {chain} exists but nat POSTROUTING does not jump to it: no egress pod is translated"),
                     "the agent puts the jump back at its next read-back (resync_period); if it keeps disappearing, find what rewrites POSTROUTING".into(),
                 );
             } else if !before.is_empty() {
                 r.finding(
                     "masquerade-first",
                     Severity::Error,
-                    format!("{fam}-{variant}: nat POSTROUTING translates before kvip's jump: {}", before.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("; ")),
+                    format!("{who}: nat POSTROUTING translates before kvip's jump: {}", before.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("; ")),
                     "kvip keeps its jump first; something inserted rules above it since: the agent repairs it at its next read-back, and the other tool should append, not insert".into(),
                 );
             }
@@ -520,7 +530,7 @@ async fn check_api(
             let name = sp
                 .lease_name
                 .clone()
-                .unwrap_or_else(|| format!("kubevip-{}", key.name));
+                .unwrap_or_else(|| default_service_lease(&key.name));
             let leases: Api<Lease> = Api::namespaced(client.clone(), &key.namespace);
             if let Ok(Some(l)) = leases.get_opt(&name).await
                 && holds(&l, &cfg.node_name)

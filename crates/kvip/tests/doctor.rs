@@ -184,6 +184,19 @@ fn a_masquerade_before_kvips_snat() {
     expect(&r, &["masquerade-first"], "priority srcnat (100) or later");
     assert!(r.1.to_string().contains("ip cni post"), "{:#}", r.1);
 
+    // At kvip's own priority (the order between the two is not defined), and through a jump.
+    let (ns, _peer) = node("dmj");
+    ns.sh("nft add table inet kvip
+           nft add table ip cni
+           nft add chain ip cni post '{ type nat hook postrouting priority 90; }'
+           nft add chain ip cni masq
+           nft add rule ip cni masq masquerade
+           nft add rule ip cni post ip saddr 10.244.0.0/16 jump masq")
+        .expect("nft");
+    let r = doctor(&ns, &[], None);
+    expect(&r, &["masquerade-first"], "priority srcnat (100) or later");
+    assert!(r.1.to_string().contains("ip cni post"), "{:#}", r.1);
+
     let (ns, _peer) = node("dmi");
     ns.sh("iptables-nft -t nat -N KVIP-POST
            iptables-nft -t nat -A POSTROUTING -j KVIP-POST
@@ -226,7 +239,10 @@ fn cidrs_and_rbac_through_the_api() {
     let r = doctor(&ns, &[], Some(&kubeconfig));
     expect(&r, &["cidrs", "rbac"], "egress_podcidr");
     let rbac = findings(&r.1, "rbac")[0].to_string();
-    assert!(rbac.contains("list pods in kube-system"), "{rbac}");
+    assert!(
+        rbac.contains("list pods in namespace kube-system"),
+        "{rbac}"
+    );
     assert!(rbac.contains("kvip manifest rbac"), "{rbac}");
 
     let server = ApiServer::start().expect("api server");
@@ -249,7 +265,7 @@ fn cidrs_and_rbac_through_the_api() {
         "the CIDRs and where they came from: {facts}"
     );
     assert!(
-        r.1.to_string().contains("coordination.k8s.io/leases"),
+        r.1.to_string().contains("leases.coordination.k8s.io"),
         "{:#}",
         r.1
     );

@@ -90,9 +90,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // Everything that can be checked without the API or the kernel is checked before the
     // kernel is touched: a bad setting must not cost the node its VIPs.
     let interface = cfg
-        .services_interface
-        .clone()
-        .or_else(|| cfg.vip_interface.clone())
+        .interface()
+        .map(str::to_string)
         .context("vip_interface is not set (kvip does not pick an interface by itself yet)")?;
     let (client, api_url) = client(&cfg).await?;
     let listen = metrics::listen_address(&cfg.prometheus_server)?;
