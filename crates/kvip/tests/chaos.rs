@@ -245,6 +245,31 @@ impl Cluster {
             .join("\n")
     }
 
+    /// Every running node drops its VIPs and egress within `limit` (the Lease duration: before
+    /// another node could take the Lease).
+    fn all_dropped_within(&self, limit: Duration, done: &[String]) {
+        let start = Instant::now();
+        loop {
+            let holding: Vec<String> = (0..NODES)
+                .filter(|n| self.state[*n] == AgentState::Running)
+                .filter_map(|n| match observed(&self.nodes[n]) {
+                    Ok(m) if m.is_empty() => None,
+                    Ok(m) => Some(format!("n{n} holds {m:?}")),
+                    Err(e) => panic!("n{n}: reading kvip's state: {e}"),
+                })
+                .collect();
+            if holding.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "not dropped within {limit:?} of losing the API: {holding:?}\noperations: {done:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn holder(&self) -> Option<usize> {
         let h = self
             .server
@@ -469,7 +494,7 @@ fn chaos_against_the_model() {
                 }
             }
             // API faults.
-            75..=84 => match rng.below(4) {
+            75..=84 => match rng.below(6) {
                 0 => {
                     c.server.drop_watches();
                     "API drops every watch".to_string()
@@ -484,12 +509,30 @@ fn chaos_against_the_model() {
                     std::thread::sleep(Duration::from_millis(ms));
                     format!("API answers 500 for {ms} ms")
                 }
-                _ => {
+                3 => {
                     let ms = 200 + rng.below(800) as u64;
                     c.server.stall(Duration::from_millis(ms));
                     std::thread::sleep(Duration::from_secs(2));
                     c.server.stall(Duration::ZERO);
                     format!("API answers {ms} ms late for 2 s")
+                }
+                // Longer than the renew deadline: every node drops everything by then.
+                4 => {
+                    c.server.freeze();
+                    c.all_dropped_within(Duration::from_secs(3), &done);
+                    c.server.thaw();
+                    "API frozen past the renew deadline".to_string()
+                }
+                _ => {
+                    // A status write that never answers, then no renewal either: the
+                    // hanging write must not keep the holder from stepping down.
+                    c.server.hang("patch", "services/status");
+                    c.server.hang("patch", "services");
+                    std::thread::sleep(Duration::from_millis(200));
+                    c.server.fail_resource("leases");
+                    c.all_dropped_within(Duration::from_secs(3), &done);
+                    c.server.heal();
+                    "Service writes hang forever, then Lease renewals fail".to_string()
                 }
             },
             // Drift by hand on the holder: kvip's table deleted, or a VIP removed.
