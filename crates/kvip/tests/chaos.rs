@@ -212,23 +212,30 @@ impl Cluster {
         self.repairs_seen[n] = 0;
     }
 
-    fn drift_repairs(&self, n: usize) -> u64 {
-        http_get(&self.nodes[n], "/metrics")
-            .lines()
-            .filter(|l| l.starts_with("kvip_drift_repairs_total{"))
-            .filter_map(|l| {
-                l.rsplit(' ')
-                    .next()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            })
-            .sum()
+    /// `None` while the agent's metrics server does not answer (yet).
+    fn drift_repairs(&self, n: usize) -> Option<u64> {
+        let metrics = try_http_get(&self.nodes[n], "/metrics")?;
+        Some(
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("kvip_drift_repairs_total{"))
+                .filter_map(|l| {
+                    l.rsplit(' ')
+                        .next()
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .sum(),
+        )
     }
 
     /// After a quiescent point: drift repairs from here on must be provoked again.
     fn settle(&mut self) {
         for n in 0..NODES {
             if self.state[n] == AgentState::Running {
-                self.repairs_seen[n] = self.drift_repairs(n);
+                // Read at a quiescent point, when the metrics server has answered.
+                self.repairs_seen[n] = self
+                    .drift_repairs(n)
+                    .expect("the agent's metrics server answers");
             }
             if self.provoked[n].is_some_and(|t| Instant::now() > t) {
                 self.provoked[n] = None;
@@ -309,7 +316,10 @@ impl Cluster {
                 }
             }
             if self.state[n] == AgentState::Running && self.provoked[n].is_none() {
-                let r = self.drift_repairs(n);
+                let Some(r) = self.drift_repairs(n) else {
+                    out.push(format!("n{n}: the metrics server does not answer"));
+                    continue;
+                };
                 if r > self.repairs_seen[n] {
                     out.push(format!(
                         "n{n}: repaired drift nobody made (kvip_drift_repairs_total {} → {r}): a sync left the kernel different from the desired state",
