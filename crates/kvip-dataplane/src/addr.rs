@@ -30,10 +30,6 @@ pub struct Link {
     pub mac: Option<[u8; 6]>,
 }
 
-fn nl(e: rtnetlink::Error) -> DataplaneError {
-    DataplaneError::Netlink(e.to_string())
-}
-
 /// Netlink access to addresses, bound to the network namespace it was created in.
 pub struct AddrManager {
     handle: Handle,
@@ -72,7 +68,7 @@ impl AddrManager {
     /// tokio runtime.
     pub fn new(protocol: u8) -> Result<Self, DataplaneError> {
         let (conn, handle, _) = rtnetlink::new_connection()
-            .map_err(|e| DataplaneError::Netlink(format!("cannot open a netlink socket: {e}")))?;
+            .map_err(|source| DataplaneError::NetlinkSocket { source })?;
         let conn = tokio::spawn(conn);
         Ok(AddrManager {
             handle,
@@ -93,7 +89,7 @@ impl AddrManager {
             .execute()
             .try_collect()
             .await
-            .map_err(nl)?;
+            .map_err(|e| DataplaneError::netlink("listing links", e))?;
         Ok(msgs.iter().map(link_from).collect())
     }
 
@@ -113,14 +109,14 @@ impl AddrManager {
             .into_iter()
             .map(|l| (l.index, l.name))
             .collect();
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl)?;
+        let msgs: Vec<AddressMessage> =
+            self.handle
+                .address()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| DataplaneError::netlink("listing addresses", e))?;
         let mut out = Vec::new();
         for m in msgs {
             let ours = m.attributes.iter().any(
@@ -168,7 +164,7 @@ impl AddrManager {
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
         req.execute().await.map_err(|e| {
-            DataplaneError::Netlink(format!("adding {address} to interface {ifindex}: {e}"))
+            DataplaneError::netlink(format!("adding {address} to interface {ifindex}"), e)
         })?;
         // A kernel without address protocols (IFA_PROTO, Linux 6.1) accepts the address but
         // drops the mark: kvip could then never find it again after a restart. Refuse that
@@ -182,7 +178,9 @@ impl AddrManager {
             .execute()
             .try_collect()
             .await
-            .map_err(nl)?;
+            .map_err(|e| {
+                DataplaneError::netlink(format!("reading back {address} on interface {ifindex}"), e)
+            })?;
         let marked = msgs.iter().any(|m| {
             m.attributes.iter().any(
                 |a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == self.protocol),
@@ -190,7 +188,9 @@ impl AddrManager {
         });
         if !marked {
             for m in msgs {
-                let _ = self.handle.address().del(m).execute().await;
+                if let Err(e) = self.handle.address().del(m).execute().await {
+                    tracing::error!(%address, ifindex, error = %e, "taking back an unmarked address failed");
+                }
             }
             return Err(DataplaneError::KernelUnsupported(
                 "this kernel does not keep address protocols (IFA_PROTO, Linux 6.1 or later): \
@@ -209,7 +209,7 @@ impl AddrManager {
             .execute()
             .await
             .map_err(|e| {
-                DataplaneError::Netlink(format!("removing {} from {}: {e}", a.address, a.interface))
+                DataplaneError::netlink(format!("removing {} from {}", a.address, a.interface), e)
             })
     }
 }

@@ -101,10 +101,11 @@ impl LinkSender {
         // SAFETY: plain socket creation; protocol 0 means the socket receives nothing.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
         if fd < 0 {
-            return Err(DataplaneError::Netlink(format!(
-                "cannot open a packet socket for announcements: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(DataplaneError::PacketSocket {
+                op: "opening",
+                ifindex,
+                source: std::io::Error::last_os_error(),
+            });
         }
         // SAFETY: fd is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -131,11 +132,11 @@ impl LinkSender {
             )
         };
         if n < 0 {
-            return Err(DataplaneError::Netlink(format!(
-                "sending an announcement on interface {}: {}",
-                self.ifindex,
-                std::io::Error::last_os_error()
-            )));
+            return Err(DataplaneError::PacketSocket {
+                op: "sending an announcement",
+                ifindex: self.ifindex,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }

@@ -246,7 +246,9 @@ impl KernelDataplane {
     /// Waits until every pending repeated announcement has been sent.
     pub async fn wait_announcements(&mut self) {
         for h in self.announcers.drain(..) {
-            let _ = h.await;
+            if let Err(e) = h.await {
+                tracing::warn!(error = %e, "an announcement task ended abnormally");
+            }
         }
     }
 
@@ -357,7 +359,7 @@ impl KernelDataplane {
             }
             match self.addrs.add(v.address, link.index).await {
                 Ok(()) => {}
-                Err(DataplaneError::Netlink(m)) if m.contains("File exists") => {
+                Err(e) if e.errno() == Some(libc::EEXIST) => {
                     // The same address is already configured, not by kvip: it is held, and
                     // kvip leaves it alone (it will never remove it either).
                     report.warnings.push(format!(
