@@ -107,3 +107,47 @@ impl Registry {
         Ok(byte)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colliding_names_get_distinct_bytes() {
+        let dir = std::env::temp_dir().join(format!("kvip-proto-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let reg = Registry::new(&dir);
+        let (blue, stage) = (
+            Instance::new(Some("blue")).expect("name"),
+            Instance::new(Some("stage")).expect("name"),
+        );
+        assert_eq!(
+            blue.legacy_address_protocol(),
+            stage.legacy_address_protocol()
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let none = BTreeSet::new();
+            assert_eq!(reg.lookup(&blue).await.expect("lookup"), None);
+            let b = reg.allocate(&blue, None, &none).await.expect("blue");
+            assert_eq!(b, blue.legacy_address_protocol(), "the old byte when free");
+            let s = reg.allocate(&stage, None, &none).await.expect("stage");
+            assert_ne!(b, s);
+            assert_eq!(reg.lookup(&stage).await.expect("lookup"), Some(s));
+            assert_eq!(reg.allocate(&blue, None, &none).await.expect("again"), b);
+            // A byte some address carries is not given to a newcomer.
+            let other = Instance::new(Some("other")).expect("name");
+            let busy: BTreeSet<u8> = NAMED_RANGE.clone().take(5).collect();
+            let o = reg.allocate(&other, None, &busy).await.expect("other");
+            assert!(!busy.contains(&o) && o != b && o != s, "{o}");
+            assert_eq!(
+                reg.lookup(&Instance::default()).await.expect("default"),
+                Some(DEFAULT_ADDRESS_PROTOCOL)
+            );
+        });
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+}

@@ -122,13 +122,25 @@ impl InstanceLock {
         &self.path
     }
 
-    /// Waits (at most `timeout`) for the lock, then records this process as holder and as
-    /// the next writer. `last_token` is the writer token this process wrote last (updated).
-    pub async fn acquire(
-        &self,
-        timeout: Duration,
-        last_token: &mut Option<String>,
-    ) -> Result<LockGuard, DataplaneError> {
+    /// Waits (at most `timeout`) for the lock and records this process as holder, leaving
+    /// the writer token alone: for work that does not change this instance's objects.
+    pub async fn hold(&self, timeout: Duration) -> Result<LockGuard, DataplaneError> {
+        let file = self.wait(timeout).await?;
+        let text = read_all(&file, &self.path)?;
+        let writer: String = text
+            .lines()
+            .filter(|l| l.starts_with("writer "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let pid = std::process::id();
+        replace_all(&file, &self.path, &format!("{writer}holder {pid}\n"))?;
+        Ok(LockGuard {
+            _file: file,
+            changed_by_other: false,
+        })
+    }
+
+    async fn wait(&self, timeout: Duration) -> Result<File, DataplaneError> {
         let file = open_rw(&self.path)?;
         let holder = || {
             std::fs::read_to_string(&self.path)
@@ -138,6 +150,17 @@ impl InstanceLock {
                 .and_then(|p| u32::try_from(p).ok())
         };
         lock_bounded(&file, &self.path, timeout, holder).await?;
+        Ok(file)
+    }
+
+    /// Waits (at most `timeout`) for the lock, then records this process as holder and as
+    /// the next writer. `last_token` is the writer token this process wrote last (updated).
+    pub async fn acquire(
+        &self,
+        timeout: Duration,
+        last_token: &mut Option<String>,
+    ) -> Result<LockGuard, DataplaneError> {
+        let file = self.wait(timeout).await?;
         let text = read_all(&file, &self.path)?;
         let found = text
             .lines()
@@ -156,5 +179,51 @@ impl InstanceLock {
             _file: file,
             changed_by_other,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_waits_with_a_bound_and_tracks_other_writers() {
+        let dir = std::env::temp_dir().join(format!("kvip-run-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let lock = InstanceLock::new(&dir, &Instance::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let (mut a, mut b) = (None, None);
+            let held = lock.acquire(LOCK_TIMEOUT, &mut a).await.expect("first");
+            let short = Duration::from_millis(50);
+            match lock.acquire(short, &mut b).await {
+                Err(DataplaneError::LockTimeout { path, holder, .. }) => {
+                    assert_eq!(path, lock.path());
+                    assert_eq!(holder, Some(std::process::id()));
+                }
+                other => panic!("expected a timeout, got {other:?}"),
+            }
+            drop(held);
+            let g = lock.acquire(short, &mut b).await.expect("after release");
+            assert!(
+                g.changed_by_other,
+                "b never wrote: a's token is someone else's"
+            );
+            drop(g);
+            let g = lock.acquire(short, &mut b).await.expect("again");
+            assert!(!g.changed_by_other, "b's own token");
+            drop(g);
+            let g = lock.hold(short).await.expect("hold");
+            drop(g);
+            let g = lock.acquire(short, &mut b).await.expect("after a hold");
+            assert!(!g.changed_by_other, "holding does not count as writing");
+            drop(g);
+            let g = lock.acquire(short, &mut a).await.expect("a again");
+            assert!(g.changed_by_other, "b wrote since a did");
+        });
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }
