@@ -17,6 +17,7 @@ pub mod legacy;
 pub mod names;
 pub mod nft;
 pub mod nftjson;
+mod ownership;
 pub mod protocols;
 pub mod run;
 mod vips;
@@ -217,69 +218,6 @@ impl KernelDataplane {
             #[cfg(test)]
             fail_add: None,
         })
-    }
-
-    /// The lock file serialising this instance's kernel changes in this namespace.
-    pub fn lock_path(&self) -> &std::path::Path {
-        self.lock.path()
-    }
-
-    /// Takes the instance's lock for one kernel change. If another process changed the
-    /// kernel since this one last did, what this process remembers is forgotten: the change
-    /// reads the kernel and replaces everything.
-    async fn begin_change(&mut self) -> Result<run::LockGuard, DataplaneError> {
-        let guard = self
-            .lock
-            .acquire(run::LOCK_TIMEOUT, &mut self.last_token)
-            .await?;
-        if guard.changed_by_other {
-            self.invalidate();
-        }
-        Ok(guard)
-    }
-
-    /// The address protocol of this instance's VIPs, read from the registry on every call;
-    /// allocated when `create` and there is none yet. `None`: no VIP of this instance can
-    /// exist in this namespace.
-    async fn address_protocol(&mut self, create: bool) -> Result<Option<u8>, DataplaneError> {
-        let found = match self.registry.lookup(&self.cfg.instance).await? {
-            Some(b) => Some(b),
-            None if create => {
-                let in_use = self.addrs.protocols_in_use().await?;
-                Some(
-                    self.registry
-                        .allocate(&self.cfg.instance, self.protocol, &in_use)
-                        .await?,
-                )
-            }
-            // The registry lost the entry this process allocated: keep using it.
-            None => self.protocol,
-        };
-        if let (Some(old), Some(new)) = (self.protocol, found)
-            && old != new
-        {
-            tracing::warn!(
-                old,
-                new,
-                registry = %self.registry.path().display(),
-                "the address-protocol registry names another protocol for this instance"
-            );
-        }
-        if found.is_some() {
-            self.protocol = found;
-        }
-        Ok(found)
-    }
-
-    /// The addresses of this instance (none when it has no address protocol yet).
-    async fn owned_addresses(
-        &self,
-        protocol: Option<u8>,
-    ) -> Result<Vec<addr::OwnedAddress>, DataplaneError> {
-        match protocol {
-            Some(p) => self.addrs.owned(p).await,
-            None => Ok(Vec::new()),
-        }
     }
 
     pub fn backend(&self) -> &RuleBackend {
