@@ -380,7 +380,7 @@ fn conn_rates(how: Install, sizes: &[usize]) -> Vec<f64> {
 }
 
 fn main() {
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         eprintln!("the dataplane bench needs root (network namespaces)");
         return;
     }

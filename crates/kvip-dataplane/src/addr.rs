@@ -1,14 +1,15 @@
-//! VIP addresses through rtnetlink. kvip marks every address it adds with its address
-//! protocol (IFA_PROTO), so it can find its own after a crash and never touches another one.
+//! VIP addresses through rtnetlink. kvip marks every address it adds with its instance's
+//! address protocol (IFA_PROTO, see [`crate::protocols`]), so it can find its own after a
+//! crash and never touches another one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
 };
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{AfSpecInet6, AfSpecUnspec, LinkAttribute, LinkMessage};
 use rtnetlink::Handle;
 
 use crate::error::DataplaneError;
@@ -28,16 +29,13 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub mac: Option<[u8; 6]>,
-}
-
-fn nl(e: rtnetlink::Error) -> DataplaneError {
-    DataplaneError::Netlink(e.to_string())
+    /// Whether the link can hold IPv6 addresses (IPv6 present and `disable_ipv6` 0).
+    pub ipv6: bool,
 }
 
 /// Netlink access to addresses, bound to the network namespace it was created in.
 pub struct AddrManager {
     handle: Handle,
-    protocol: u8,
     conn: tokio::task::JoinHandle<()>,
 }
 
@@ -52,6 +50,7 @@ fn link_from(msg: &LinkMessage) -> Link {
         index: msg.header.index,
         name: String::new(),
         mac: None,
+        ipv6: false,
     };
     for a in &msg.attributes {
         match a {
@@ -60,6 +59,17 @@ fn link_from(msg: &LinkMessage) -> Link {
                 let mut mac = [0u8; 6];
                 mac.copy_from_slice(m);
                 l.mac = Some(mac);
+            }
+            LinkAttribute::AfSpecUnspec(specs) => {
+                for spec in specs {
+                    if let AfSpecUnspec::Inet6(inet6) = spec {
+                        for a in inet6 {
+                            if let AfSpecInet6::DevConf(c) = a {
+                                l.ipv6 = c.disable_ipv6 == 0;
+                            }
+                        }
+                    }
+                }
             }
             _ => {}
         }
@@ -70,19 +80,11 @@ fn link_from(msg: &LinkMessage) -> Link {
 impl AddrManager {
     /// Opens a netlink socket (in the calling thread's network namespace) on the current
     /// tokio runtime.
-    pub fn new(protocol: u8) -> Result<Self, DataplaneError> {
+    pub fn new() -> Result<Self, DataplaneError> {
         let (conn, handle, _) = rtnetlink::new_connection()
-            .map_err(|e| DataplaneError::Netlink(format!("cannot open a netlink socket: {e}")))?;
+            .map_err(|source| DataplaneError::NetlinkSocket { source })?;
         let conn = tokio::spawn(conn);
-        Ok(AddrManager {
-            handle,
-            protocol,
-            conn,
-        })
-    }
-
-    pub fn protocol(&self) -> u8 {
-        self.protocol
+        Ok(AddrManager { handle, conn })
     }
 
     pub async fn links(&self) -> Result<Vec<Link>, DataplaneError> {
@@ -93,7 +95,7 @@ impl AddrManager {
             .execute()
             .try_collect()
             .await
-            .map_err(nl)?;
+            .map_err(|e| DataplaneError::netlink("listing links", e))?;
         Ok(msgs.iter().map(link_from).collect())
     }
 
@@ -105,27 +107,48 @@ impl AddrManager {
             .ok_or_else(|| DataplaneError::InterfaceNotFound(name.to_string()))
     }
 
-    /// Every address carrying kvip's protocol, on any interface.
-    pub async fn owned(&self) -> Result<Vec<OwnedAddress>, DataplaneError> {
+    /// Every address protocol carried by an address of this namespace.
+    pub async fn protocols_in_use(&self) -> Result<BTreeSet<u8>, DataplaneError> {
+        let msgs: Vec<AddressMessage> =
+            self.handle
+                .address()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| DataplaneError::netlink("listing addresses", e))?;
+        Ok(msgs
+            .iter()
+            .flat_map(|m| &m.attributes)
+            .filter_map(|a| match a {
+                AddressAttribute::Protocol(p) => Some(u8::from(*p)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Every address carrying `protocol`, on any interface.
+    pub async fn owned(&self, protocol: u8) -> Result<Vec<OwnedAddress>, DataplaneError> {
         let names: BTreeMap<u32, String> = self
             .links()
             .await?
             .into_iter()
             .map(|l| (l.index, l.name))
             .collect();
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl)?;
+        let msgs: Vec<AddressMessage> =
+            self.handle
+                .address()
+                .get()
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|e| DataplaneError::netlink("listing addresses", e))?;
         let mut out = Vec::new();
         for m in msgs {
-            let ours = m.attributes.iter().any(
-                |a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == self.protocol),
-            );
+            let ours = m
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == protocol));
             if !ours {
                 continue;
             }
@@ -154,21 +177,24 @@ impl AddrManager {
 
     /// Adds `address` as a host address (/32 or /128) marked as kvip's; IPv6 skips duplicate
     /// address detection so the VIP is usable (and answerable) at once.
-    pub async fn add(&self, address: IpAddr, ifindex: u32) -> Result<(), DataplaneError> {
+    pub async fn add(
+        &self,
+        address: IpAddr,
+        ifindex: u32,
+        protocol: u8,
+    ) -> Result<(), DataplaneError> {
         let len = if address.is_ipv4() { 32 } else { 128 };
         let mut req = self.handle.address().add(ifindex, address, len);
         let msg = req.message_mut();
         msg.attributes
-            .push(AddressAttribute::Protocol(AddressProtocol::from(
-                self.protocol,
-            )));
+            .push(AddressAttribute::Protocol(AddressProtocol::from(protocol)));
         if address.is_ipv6() {
             msg.header.flags |= AddressHeaderFlags::Nodad;
             msg.attributes
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
         req.execute().await.map_err(|e| {
-            DataplaneError::Netlink(format!("adding {address} to interface {ifindex}: {e}"))
+            DataplaneError::netlink(format!("adding {address} to interface {ifindex}"), e)
         })?;
         // A kernel without address protocols (IFA_PROTO, Linux 6.1) accepts the address but
         // drops the mark: kvip could then never find it again after a restart. Refuse that
@@ -182,15 +208,19 @@ impl AddrManager {
             .execute()
             .try_collect()
             .await
-            .map_err(nl)?;
+            .map_err(|e| {
+                DataplaneError::netlink(format!("reading back {address} on interface {ifindex}"), e)
+            })?;
         let marked = msgs.iter().any(|m| {
-            m.attributes.iter().any(
-                |a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == self.protocol),
-            )
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == protocol))
         });
         if !marked {
             for m in msgs {
-                let _ = self.handle.address().del(m).execute().await;
+                if let Err(e) = self.handle.address().del(m).execute().await {
+                    tracing::error!(%address, ifindex, error = %e, "taking back an unmarked address failed");
+                }
             }
             return Err(DataplaneError::KernelUnsupported(
                 "this kernel does not keep address protocols (IFA_PROTO, Linux 6.1 or later): \
@@ -209,7 +239,7 @@ impl AddrManager {
             .execute()
             .await
             .map_err(|e| {
-                DataplaneError::Netlink(format!("removing {} from {}: {e}", a.address, a.interface))
+                DataplaneError::netlink(format!("removing {} from {}", a.address, a.interface), e)
             })
     }
 }

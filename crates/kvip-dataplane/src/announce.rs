@@ -3,8 +3,9 @@
 //! when the VIP moves to this node.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
+
+use socket2::{Domain, SockAddr, SockAddrStorage, Socket, Type};
 
 use crate::error::DataplaneError;
 
@@ -91,52 +92,64 @@ pub fn frame_for(mac: [u8; 6], vip: IpAddr) -> Vec<u8> {
 }
 
 /// A raw link-layer socket for one interface, opened in the creating thread's namespace.
+/// Close-on-exec, so the tools kvip runs (nft, conntrack) do not inherit it.
 pub struct LinkSender {
-    fd: OwnedFd,
+    socket: Socket,
     ifindex: u32,
+}
+
+/// The link-layer address (`sockaddr_ll`) of `ifindex` for frames of `ethertype`, sent to
+/// `dest` (the first six bytes of the frame).
+fn link_addr(ifindex: u32, ethertype: u16, dest: &[u8]) -> Result<SockAddr, DataplaneError> {
+    let bad = |what: &str| DataplaneError::PacketSocket {
+        op: "addressing a frame",
+        ifindex,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string()),
+    };
+    let index = i32::try_from(ifindex).map_err(|_| bad("interface index out of range"))?;
+    if dest.len() < 6 {
+        return Err(bad("frame shorter than an Ethernet header"));
+    }
+    let mut storage = SockAddrStorage::zeroed();
+    // SAFETY: SockAddrStorage is a sockaddr_storage, larger than and aligned for sockaddr_ll,
+    // and zeroed memory is a valid sockaddr_ll.
+    let sll = unsafe { storage.view_as::<libc::sockaddr_ll>() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_ifindex = index;
+    sll.sll_halen = 6;
+    sll.sll_addr[..6].copy_from_slice(&dest[..6]);
+    sll.sll_protocol = ethertype.to_be();
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: the storage holds an initialised sockaddr_ll of `len` bytes.
+    Ok(unsafe { SockAddr::new(storage, len) })
 }
 
 impl LinkSender {
     pub fn open(ifindex: u32) -> Result<Self, DataplaneError> {
-        // SAFETY: plain socket creation; protocol 0 means the socket receives nothing.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-        if fd < 0 {
-            return Err(DataplaneError::Netlink(format!(
-                "cannot open a packet socket for announcements: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(LinkSender { fd, ifindex })
+        // Protocol 0 (none): the socket only sends, it receives nothing.
+        let socket = Socket::new(Domain::PACKET, Type::RAW.cloexec(), None).map_err(|source| {
+            DataplaneError::PacketSocket {
+                op: "opening",
+                ifindex,
+                source,
+            }
+        })?;
+        Ok(LinkSender { socket, ifindex })
     }
 
     pub fn send(&self, frame: &[u8]) -> Result<(), DataplaneError> {
-        // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = self.ifindex as i32;
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-        sll.sll_protocol = u16::from_be_bytes([frame[12], frame[13]]).to_be();
-        // SAFETY: frame and sll are valid for the lengths given.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
+        let ethertype = match frame.get(12..14) {
+            Some(t) => u16::from_be_bytes([t[0], t[1]]),
+            None => 0,
         };
-        if n < 0 {
-            return Err(DataplaneError::Netlink(format!(
-                "sending an announcement on interface {}: {}",
-                self.ifindex,
-                std::io::Error::last_os_error()
-            )));
-        }
+        let addr = link_addr(self.ifindex, ethertype, frame)?;
+        self.socket
+            .send_to(frame, &addr)
+            .map_err(|source| DataplaneError::PacketSocket {
+                op: "sending an announcement",
+                ifindex: self.ifindex,
+                source,
+            })?;
         Ok(())
     }
 }
@@ -152,6 +165,26 @@ mod tests {
         let dst: [u8; 16] = f[38..54].try_into().unwrap();
         assert_eq!(checksum_icmpv6(&src, &dst, &f[54..]), 0);
         assert_eq!(f.len(), 14 + 40 + 32);
+    }
+
+    #[test]
+    fn sender_is_close_on_exec() {
+        // Opening needs CAP_NET_RAW; where it fails the cause must be the privilege.
+        match LinkSender::open(1) {
+            Ok(s) => {
+                use std::os::fd::AsRawFd;
+                let fd = s.socket.as_raw_fd();
+                let info =
+                    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+                let flags = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                    .expect("flags in fdinfo");
+                assert_ne!(flags & libc::O_CLOEXEC as u32, 0, "flags {flags:o}");
+            }
+            Err(e) => assert!(e.is_permission_denied(), "{e}"),
+        }
     }
 
     #[test]

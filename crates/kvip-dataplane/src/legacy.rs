@@ -124,8 +124,29 @@ pub fn kube_vip_tables(listing: &Value) -> Vec<(String, String)> {
 }
 
 /// Removes kube-vip's leftovers from every iptables variant and family whose tools run, and
-/// kube-vip's nftables tables. Never stops at the first error.
+/// kube-vip's nftables tables. Never stops at the first error. Holds the default instance's
+/// lock meanwhile (it rewrites the same nat tables as that instance's applies), without
+/// counting as a change of kvip's objects.
 pub async fn clean_legacy() -> LegacyReport {
+    let lock = crate::run::netns_dir()
+        .map(|dir| crate::run::InstanceLock::new(&dir, &crate::names::Instance::default()));
+    let _held = match lock {
+        Ok(l) => match l.hold(crate::run::LOCK_TIMEOUT).await {
+            Ok(g) => g,
+            Err(e) => {
+                return LegacyReport {
+                    errors: vec![e.to_string()],
+                    ..LegacyReport::default()
+                };
+            }
+        },
+        Err(e) => {
+            return LegacyReport {
+                errors: vec![e.to_string()],
+                ..LegacyReport::default()
+            };
+        }
+    };
     scan_legacy(true).await
 }
 

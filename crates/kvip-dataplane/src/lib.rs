@@ -18,6 +18,12 @@ pub mod legacy;
 pub mod names;
 pub mod nft;
 pub mod nftjson;
+mod ownership;
+pub mod protocols;
+pub mod run;
+mod vips;
+#[cfg(test)]
+mod vips_tests;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -159,6 +165,15 @@ pub struct KernelDataplane {
     addrs: AddrManager,
     applied: Option<DesiredState>,
     announcers: Vec<tokio::task::JoinHandle<()>>,
+    lock: run::InstanceLock,
+    registry: protocols::Registry,
+    /// The address protocol marking this instance's VIPs, once known.
+    protocol: Option<u8>,
+    /// The writer token this process last put in the lock file.
+    last_token: Option<String>,
+    /// Test seam: adding this address fails as if the kernel refused it.
+    #[cfg(test)]
+    fail_add: Option<IpAddr>,
 }
 
 /// Picks the rule backend for `cfg`.
@@ -195,13 +210,20 @@ impl KernelDataplane {
     /// Opens the dataplane in the calling thread's network namespace (on a tokio runtime).
     pub async fn new(cfg: Config) -> Result<Self, DataplaneError> {
         let rules = resolve_backend(&cfg).await?;
-        let addrs = AddrManager::new(cfg.instance.address_protocol())?;
+        let addrs = AddrManager::new()?;
+        let dir = run::netns_dir()?;
         Ok(KernelDataplane {
+            lock: run::InstanceLock::new(&dir, &cfg.instance),
+            registry: protocols::Registry::new(&dir),
             cfg,
             rules,
             addrs,
             applied: None,
             announcers: Vec::new(),
+            protocol: None,
+            last_token: None,
+            #[cfg(test)]
+            fail_add: None,
         })
     }
 
@@ -236,7 +258,8 @@ impl KernelDataplane {
             .map(|l| (l.index, l))
             .collect();
         let mut sent = 0;
-        for o in self.addrs.owned().await? {
+        let protocol = self.address_protocol(false).await?;
+        for o in self.owned_addresses(protocol).await? {
             let Some(link) = links.get(&o.ifindex) else {
                 continue;
             };
@@ -252,7 +275,9 @@ impl KernelDataplane {
     /// Waits until every pending repeated announcement has been sent.
     pub async fn wait_announcements(&mut self) {
         for h in self.announcers.drain(..) {
-            let _ = h.await;
+            if let Err(e) = h.await {
+                tracing::warn!(error = %e, "an announcement task ended abnormally");
+            }
         }
     }
 
@@ -333,55 +358,6 @@ impl KernelDataplane {
         warnings
     }
 
-    async fn apply_vips(
-        &mut self,
-        desired: &DesiredState,
-        links: &BTreeMap<String, addr::Link>,
-        report: &mut ApplyReport,
-    ) -> Result<(), DataplaneError> {
-        let owned = self.addrs.owned().await?;
-        let want: BTreeMap<IpAddr, &VipClaim> =
-            desired.vips().iter().map(|v| (v.address, v)).collect();
-        for o in &owned {
-            let keep = want
-                .get(&o.address)
-                .is_some_and(|v| links.get(&v.interface).map(|l| l.index) == Some(o.ifindex));
-            if !keep {
-                self.addrs.remove(o).await?;
-                report.vips_removed.push(o.address);
-            }
-        }
-        for v in desired.vips() {
-            let link = links
-                .get(&v.interface)
-                .ok_or_else(|| DataplaneError::InterfaceNotFound(v.interface.clone()))?;
-            if owned
-                .iter()
-                .any(|o| o.address == v.address && o.ifindex == link.index)
-            {
-                continue;
-            }
-            match self.addrs.add(v.address, link.index).await {
-                Ok(()) => {}
-                Err(DataplaneError::Netlink(m)) if m.contains("File exists") => {
-                    // The same address is already configured, not by kvip: it is held, and
-                    // kvip leaves it alone (it will never remove it either).
-                    report.warnings.push(format!(
-                        "{} is already on {} and not kvip's: leaving it as it is",
-                        v.address, v.interface
-                    ));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            report.vips_added.push(v.address);
-            if let Err(e) = self.announce(v.address, link) {
-                report.warnings.push(e.to_string());
-            }
-        }
-        Ok(())
-    }
-
     fn announce(&mut self, vip: IpAddr, link: &addr::Link) -> Result<(), DataplaneError> {
         let cfg = self.cfg.announce;
         if cfg.count == 0 {
@@ -434,39 +410,42 @@ impl KernelDataplane {
 }
 
 impl Dataplane for KernelDataplane {
-    /// Order: check interfaces (nothing changes if one is missing), rules in one transaction
-    /// (nothing changes if the kernel rejects them), VIP addresses, conntrack. The first apply
-    /// of a process reads the kernel first, so stale objects of an earlier run are removed and
-    /// conntrack is flushed for exactly the pods whose translation changes.
+    /// Order: take the instance's lock; check interfaces and that IPv6 VIPs can be held
+    /// (nothing changes if not); rules in one transaction (nothing changes if the kernel
+    /// rejects them); VIP addresses; conntrack. If the VIP step fails, the rules and the VIPs
+    /// are put back as they were and the VIP step's error is returned. The first apply of a
+    /// process, and any apply after another process changed this instance's objects, reads
+    /// the kernel first, so stale objects are removed and conntrack is flushed for exactly
+    /// the pods whose translation changes.
     async fn apply(&mut self, desired: &DesiredState) -> Result<ApplyReport, DataplaneError> {
         let start = Instant::now();
+        let _lock = self.begin_change().await?;
         let mut report = ApplyReport {
             backend: self.rules.name(),
             ..ApplyReport::default()
         };
-        // Every claimed interface must exist before anything changes.
-        let links: BTreeMap<String, addr::Link> = self
-            .addrs
-            .links()
-            .await?
-            .into_iter()
-            .map(|l| (l.name.clone(), l))
-            .collect();
-        for v in desired.vips() {
-            if !links.contains_key(&v.interface) {
-                return Err(DataplaneError::InterfaceNotFound(v.interface.clone()));
-            }
-        }
+        let links = self.validate(desired).await?;
+        let protocol = self.address_protocol(!desired.vips().is_empty()).await?;
         let first = self.applied.is_none();
-        let before = match &self.applied {
-            Some(s) => s.clone(),
+        // The previous egress, exactly as the kernel holds it, when known: what a failed
+        // VIP step rolls the rules back to.
+        let (before, exact) = match &self.applied {
+            Some(s) => (s.clone(), true),
             None => match self.observe_egress().await {
-                Ok((egress, _)) => DesiredState::new(vec![], egress).unwrap_or_default(),
+                Ok((egress, stray)) => match DesiredState::new(vec![], egress) {
+                    Ok(s) => (s, stray.is_empty()),
+                    Err(e) => {
+                        report
+                            .warnings
+                            .push(format!("reading the previous state: {e}"));
+                        (DesiredState::empty(), false)
+                    }
+                },
                 Err(e) => {
                     report
                         .warnings
                         .push(format!("reading the previous state: {e}"));
-                    DesiredState::empty()
+                    (DesiredState::empty(), false)
                 }
             },
         };
@@ -486,10 +465,28 @@ impl Dataplane for KernelDataplane {
                 report.objects_removed = sync.objects_removed;
             }
         }
+        let mut changes = vips::VipChanges::default();
+        if let Err(e) = self
+            .apply_vips(desired, &links, protocol, &mut changes)
+            .await
+        {
+            self.roll_back(exact.then_some(&before), protocol, &changes)
+                .await;
+            return Err(e);
+        }
         if first {
             report.warnings.extend(self.remove_other_backend().await);
         }
-        self.apply_vips(desired, &links, &mut report).await?;
+        report.vips_removed = changes.removed.iter().map(|o| o.address).collect();
+        for (address, ifindex) in &changes.added {
+            report.vips_added.push(*address);
+            if let Some(link) = links.values().find(|l| l.index == *ifindex)
+                && let Err(e) = self.announce(*address, link)
+            {
+                report.warnings.push(e.to_string());
+            }
+        }
+        report.warnings.append(&mut changes.warnings);
         if !first {
             report.vips_repaired = report
                 .vips_added
@@ -512,9 +509,13 @@ impl Dataplane for KernelDataplane {
 
     async fn observe(&self) -> Result<Observed, DataplaneError> {
         let (egress, mut stray) = self.observe_egress().await?;
+        let protocol = self
+            .registry
+            .lookup(&self.cfg.instance)
+            .await?
+            .or(self.protocol);
         let vips: Vec<VipClaim> = self
-            .addrs
-            .owned()
+            .owned_addresses(protocol)
             .await?
             .into_iter()
             .filter_map(|o| match VipClaim::new(o.address, o.interface.clone()) {
@@ -544,10 +545,22 @@ impl Dataplane for KernelDataplane {
 
     async fn teardown(&mut self) -> TeardownReport {
         let mut r = TeardownReport::default();
-        let before = match self.observe_egress().await {
-            Ok((egress, _)) => DesiredState::new(vec![], egress).unwrap_or_default(),
-            Err(_) => self.applied.clone().unwrap_or_default(),
+        let _lock = match self.begin_change().await {
+            Ok(l) => l,
+            Err(e) => {
+                r.errors.push(e.to_string());
+                return r;
+            }
         };
+        // What was translated, to flush its conntrack entries afterwards.
+        let before = match self.observe_egress().await {
+            Ok((egress, _)) => DesiredState::new(vec![], egress).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let before = before.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading the rules before teardown; flushing conntrack for the last applied state");
+            self.applied.clone().unwrap_or_default()
+        });
         self.applied = None;
         let table = self.cfg.instance.nft_table();
         match nft::nft_delete_table("inet", &table).await {
@@ -572,7 +585,11 @@ impl Dataplane for KernelDataplane {
                 }
             }
         }
-        match self.addrs.owned().await {
+        let owned = match self.address_protocol(false).await {
+            Ok(p) => self.owned_addresses(p).await,
+            Err(e) => Err(e),
+        };
+        match owned {
             Ok(owned) => {
                 for o in owned {
                     match self.addrs.remove(&o).await {

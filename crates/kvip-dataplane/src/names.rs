@@ -13,8 +13,8 @@ pub fn fnv1a(s: &str) -> u64 {
     h
 }
 
-/// Which kvip instance this is: names its nftables table, its iptables chain prefix and the
-/// address protocol that marks its VIPs.
+/// Which kvip instance this is: names its nftables table, its iptables chain prefix, its lock
+/// and its entry in the address-protocol registry.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Instance(Option<String>);
 
@@ -62,9 +62,10 @@ impl Instance {
         }
     }
 
-    /// The IFA_PROTO value marking this instance's addresses: 107 for the default instance,
-    /// a value in 128..=247 derived from the name otherwise.
-    pub fn address_protocol(&self) -> u8 {
+    /// The IFA_PROTO value kvip up to this version derived from a named instance's name
+    /// (128..=247; 107 for the default instance). Distinct names can share it, so it only
+    /// seeds the registry of [`crate::protocols`], never decides ownership by itself.
+    pub fn legacy_address_protocol(&self) -> u8 {
         match &self.0 {
             None => DEFAULT_ADDRESS_PROTOCOL,
             Some(n) => 128 + (fnv1a(n) % 120) as u8,
@@ -118,9 +119,9 @@ mod tests {
         let i = Instance::new(Some("blue")).unwrap();
         assert_eq!(i.nft_table(), "kvip_blue");
         assert_eq!(i.chain_prefix(), "KVIP-BLUE-");
-        assert!((128..=247).contains(&i.address_protocol()));
+        assert!((128..=247).contains(&i.legacy_address_protocol()));
         assert!(Instance::new(Some("Blue")).is_err());
         assert!(Instance::new(Some("waytoolongname")).is_err());
-        assert_eq!(Instance::new(None).unwrap().address_protocol(), 107);
+        assert_eq!(Instance::new(None).unwrap().legacy_address_protocol(), 107);
     }
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the kernel tests.
 #![allow(dead_code)]
 
+use std::time::{Duration, Instant};
+
 use kvip_core::DesiredState;
 use kvip_dataplane::{BackendKind, Config, Dataplane, KernelDataplane, Variant};
 use kvip_testkit::Netns;
@@ -79,24 +81,59 @@ pub fn kernel_listing(ns: &Netns) -> String {
             .collect::<Vec<_>>()
             .join("\n")
     };
-    out.push_str(&ns.exec_ok("nft", &["list", "ruleset"]).unwrap_or_default());
+    out.push_str(&list(ns, "nft", &["list", "ruleset"]));
     for cmd in [
         "iptables-legacy-save",
         "ip6tables-legacy-save",
         "iptables-nft-save",
         "ip6tables-nft-save",
     ] {
-        if let Ok(o) = ns.exec(cmd, &[]) {
-            out.push_str(&format!("== {cmd}\n"));
-            out.push_str(&strip(String::from_utf8_lossy(&o.stdout).into_owned()));
-            out.push('\n');
-        }
+        out.push_str(&format!("== {cmd}\n"));
+        out.push_str(&strip(list(ns, cmd, &[])));
+        out.push('\n');
     }
-    out.push_str(
-        &ns.exec_ok("ip", &["-d", "addr", "show"])
-            .unwrap_or_default(),
-    );
+    out.push_str(&list(ns, "ip", &["-d", "addr", "show"]));
     out
+}
+
+/// Runs a listing tool inside `ns` and returns its output; the test fails with the tool's
+/// error when it cannot run or exits non-zero (an empty listing would hide the failure).
+pub fn list(ns: &Netns, cmd: &str, args: &[&str]) -> String {
+    ns.exec_ok(cmd, args)
+        .unwrap_or_else(|e| panic!("listing failed: {e}"))
+}
+
+/// `nft <args> list table inet <table>`: empty when the table does not exist; the test fails
+/// on any other error of `nft`.
+pub fn nft_table(ns: &Netns, args: &[&str], table: &str) -> String {
+    let mut full = args.to_vec();
+    full.extend_from_slice(&["list", "table", "inet", table]);
+    let out = ns
+        .exec("nft", &full)
+        .unwrap_or_else(|e| panic!("cannot run nft: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else if stderr.contains("No such file or directory") {
+        String::new()
+    } else {
+        panic!("nft {full:?} failed ({}): {stderr}", out.status)
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Whether anything kvip owns is present in the namespace.

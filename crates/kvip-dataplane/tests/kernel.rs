@@ -224,11 +224,22 @@ vips:
 "#,
     );
     with_dataplane(&ns, cfg, async |dp| dp.apply(&s).await.map(|_| ())).expect("apply");
-    std::thread::sleep(Duration::from_millis(100));
+    // Every announcement has been sent when the apply returns; wait until all six arrived.
+    let counts = |frames: &[Vec<u8>]| {
+        (
+            frames.iter().filter_map(|f| parse_garp(f)).count(),
+            frames
+                .iter()
+                .filter_map(|f| parse_unsolicited_na(f))
+                .count(),
+        )
+    };
+    common::wait_for(Duration::from_secs(5), "3 GARPs and 3 NAs", || {
+        let (g, n) = counts(&cap.snapshot());
+        (g >= 3 && n >= 3).then_some(())
+    });
     let frames = cap.finish();
-    let mac_s = ns
-        .exec_ok("cat", &["/sys/class/net/eth0/address"])
-        .expect("mac");
+    let mac_s = common::list(&ns, "cat", &["/sys/class/net/eth0/address"]);
     let mac: Vec<u8> = mac_s
         .trim()
         .split(':')

@@ -84,8 +84,7 @@ fn foreign(ns: &Netns) -> String {
         "iptables-nft-save",
         "ip6tables-nft-save",
     ] {
-        let o = ns.exec(cmd, &[]).expect("save");
-        for l in String::from_utf8_lossy(&o.stdout).lines() {
+        for l in common::list(ns, cmd, &[]).lines() {
             if l.starts_with('#') || l.contains("KVIP-") {
                 continue;
             }
@@ -142,8 +141,7 @@ egress:
 
 fn listing(ns: &Netns, backend: &str) -> String {
     if backend == "nftables" {
-        ns.exec_ok("nft", &["-a", "list", "table", "inet", "kvip"])
-            .unwrap_or_default()
+        common::nft_table(ns, &["-a"], "kvip")
     } else {
         let tool = if backend == "iptables-nft" {
             "nft"

@@ -1,12 +1,14 @@
 //! Link-layer capture on one interface of a namespace (AF_PACKET), with parsers for
 //! gratuitous ARP and unsolicited neighbour advertisements.
 
+use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
 use crate::netns::{Netns, NetnsError};
 
@@ -17,56 +19,33 @@ pub type TimedFrame = (Instant, Vec<u8>);
 pub struct Capture {
     stop: Arc<AtomicBool>,
     frames: Arc<Mutex<Vec<TimedFrame>>>,
+    /// Why receiving stopped early, if it did.
+    error: Arc<Mutex<Option<std::io::Error>>>,
     thread: Option<JoinHandle<()>>,
 }
 
-fn open_packet_socket(ifname: &str) -> std::io::Result<OwnedFd> {
+fn open_packet_socket(ifname: &str) -> std::io::Result<Socket> {
     let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket creation; the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh, valid descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let cname = std::ffi::CString::new(ifname)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "interface name"))?;
-    // SAFETY: cname is a valid NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-    if ifindex == 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    // Close-on-exec: tools the test runs meanwhile must not inherit the capture.
+    let socket = Socket::new(
+        Domain::PACKET,
+        Type::RAW.cloexec(),
+        Some(Protocol::from(i32::from(proto))),
+    )?;
+    let ifindex = rustix::net::netdevice::name_to_index(&socket, ifname)?;
+    let mut storage = SockAddrStorage::zeroed();
+    // SAFETY: SockAddrStorage is a sockaddr_storage, larger than and aligned for sockaddr_ll,
+    // and zeroed memory is a valid sockaddr_ll.
+    let sll = unsafe { storage.view_as::<libc::sockaddr_ll>() };
     sll.sll_family = libc::AF_PACKET as u16;
     sll.sll_protocol = proto;
-    sll.sll_ifindex = ifindex as i32;
-    // SAFETY: sll is a properly initialised sockaddr_ll of the size given.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 20_000,
-    };
-    // SAFETY: tv is a valid timeval for SO_RCVTIMEO.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    Ok(fd)
+    sll.sll_ifindex = i32::try_from(ifindex).map_err(std::io::Error::other)?;
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: the storage holds an initialised sockaddr_ll of `len` bytes.
+    socket.bind(&unsafe { SockAddr::new(storage, len) })?;
+    // Wake up regularly to see whether the capture was stopped.
+    socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+    Ok(socket)
 }
 
 impl Capture {
@@ -81,32 +60,50 @@ impl Capture {
             })?;
         let stop = Arc::new(AtomicBool::new(false));
         let frames = Arc::new(Mutex::new(Vec::new()));
-        let (s, f) = (stop.clone(), frames.clone());
+        let error = Arc::new(Mutex::new(None));
+        let (s, f, err) = (stop.clone(), frames.clone(), error.clone());
+        let ifname = ifname.to_string();
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !s.load(Ordering::Relaxed) {
-                // SAFETY: buf is valid for buf.len() bytes.
-                let n =
-                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-                if n > 0
-                    && let Ok(mut v) = f.lock()
-                {
-                    v.push((Instant::now(), buf[..n as usize].to_vec()));
+                match (&fd).read(&mut buf) {
+                    Ok(n) => {
+                        if let Ok(mut v) = f.lock() {
+                            v.push((Instant::now(), buf[..n].to_vec()));
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                        ) => {}
+                    Err(e) => {
+                        eprintln!("capture on {ifname}: receiving failed: {e}");
+                        if let Ok(mut slot) = err.lock() {
+                            *slot = Some(e);
+                        }
+                        break;
+                    }
                 }
             }
         });
         Ok(Capture {
             stop,
             frames,
+            error,
             thread: Some(thread),
         })
     }
 
-    /// Stops the capture and returns the frames seen.
+    /// Stops the capture and returns the frames seen. Panics if receiving failed (the
+    /// frames would be incomplete) or the capture thread panicked.
     pub fn finish(mut self) -> Vec<Vec<u8>> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            t.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        }
+        if let Some(e) = self.error.lock().ok().and_then(|mut e| e.take()) {
+            panic!("the capture stopped early: {e}");
         }
         self.snapshot()
     }

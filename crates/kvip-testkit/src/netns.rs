@@ -1,8 +1,9 @@
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -124,14 +125,13 @@ impl Netns {
         })?;
         std::thread::scope(|s| {
             s.spawn(|| {
-                // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    return Err(NetnsError::Enter {
+                // Only this thread changes namespace.
+                move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network)).map_err(
+                    |e| NetnsError::Enter {
                         name: self.name.clone(),
-                        source: std::io::Error::last_os_error(),
-                    });
-                }
+                        source: e.into(),
+                    },
+                )?;
                 Ok(f())
             })
             .join()

@@ -157,8 +157,7 @@ struct Samples {
 }
 
 fn main() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         eprintln!("the failover bench needs root (network namespaces)");
         return;
     }

@@ -24,8 +24,7 @@ egress:
 "#;
 
 fn preflight() -> Result<()> {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         bail!("kvip demo needs root to create network namespaces: run it with sudo (or as root)");
     }
     for (tool, pkg) in [

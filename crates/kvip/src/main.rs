@@ -174,7 +174,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let mut msg = format!("{e:#}").replace('\n', " ");
-            if msg.contains("Operation not permitted") {
+            let denied = e.chain().any(|c| {
+                c.downcast_ref::<kvip_dataplane::DataplaneError>()
+                    .is_some_and(kvip_dataplane::DataplaneError::is_permission_denied)
+            });
+            if denied {
                 msg.push_str(" (kvip needs root or CAP_NET_ADMIN)");
             }
             eprintln!("kvip: error: {msg}");

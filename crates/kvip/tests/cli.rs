@@ -326,6 +326,102 @@ fn sigkill_during_applies_then_new_state_is_exact() {
     );
 }
 
+/// Two `kvip dataplane apply` processes of one instance racing with different states in one
+/// namespace end as exactly one of the two states, rules and addresses alike, every round:
+/// the instance's lock serialises them, and the second reads what the first left.
+#[test]
+fn racing_applies_end_as_exactly_one_state() {
+    require_kernel!();
+    let (ns, _p) = node("race");
+    let dir = tempdir::Dir::new("race");
+    let sources = |net: u8| {
+        (1..=20)
+            .map(|j| format!("10.244.{net}.{j}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let bodies = [
+        format!(
+            "vips: [{{address: 192.0.2.30, interface: eth0}}, {{address: 192.0.2.31, interface: eth0}}, {{address: \"2001:db8:1::30\", interface: eth0}}]\negress:\n  - {{name: race/one, vip: 192.0.2.30, sources: [{}], exclude: [10.244.0.0/16]}}\n",
+            sources(1)
+        ),
+        format!(
+            "vips: [{{address: 192.0.2.40, interface: eth0}}, {{address: \"2001:db8:1::40\", interface: eth0}}, {{address: \"2001:db8:1::41\", interface: eth0}}]\negress:\n  - {{name: race/two, vip: 192.0.2.40, sources: [{}], exclude: []}}\n  - {{name: race/six, vip: \"2001:db8:1::41\", sources: [\"fd00::2\"], exclude: []}}\n",
+            sources(2)
+        ),
+    ];
+    let states: Vec<kvip_core::DesiredState> = bodies
+        .iter()
+        .map(|b| serde_norway::from_str(b).expect("state"))
+        .collect();
+    let paths: Vec<PathBuf> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| write_state(&dir, &format!("s{i}.yaml"), b))
+        .collect();
+    for backend in ["nftables", "iptables"] {
+        for round in 0..50 {
+            let children: Vec<_> = paths
+                .iter()
+                .map(|p| {
+                    Command::new("ip")
+                        .args(["netns", "exec", ns.name(), KVIP, "dataplane", "--backend"])
+                        .args([backend, "--announce-count", "0", "--no-conntrack-flush"])
+                        .args(["apply", "--state"])
+                        .arg(p)
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .expect("run kvip")
+                })
+                .collect();
+            for c in children {
+                let out = c.wait_with_output().expect("wait for kvip");
+                assert!(
+                    out.status.success(),
+                    "{backend} round {round}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let show = kvip(&ns, &["dataplane", "--backend", backend, "show"]);
+            assert!(
+                show.status.success() && show.stderr.is_empty(),
+                "{backend} round {round}: {}",
+                String::from_utf8_lossy(&show.stderr)
+            );
+            let got: kvip_core::DesiredState =
+                serde_norway::from_slice(&show.stdout).expect("show yaml");
+            let Some(won) = states.iter().find(|s| **s == got) else {
+                panic!("{backend} round {round}: a mix of both states: {got:?}");
+            };
+            let v: serde_json::Value = serde_json::from_str(
+                &ns.exec_ok("ip", &["-j", "addr", "show", "dev", "eth0"])
+                    .expect("ip"),
+            )
+            .expect("ip json");
+            let mut held: Vec<String> = v[0]["addr_info"]
+                .as_array()
+                .expect("addr_info")
+                .iter()
+                .filter_map(|a| a["local"].as_str())
+                .filter(|a| !a.starts_with("fe80"))
+                .map(str::to_string)
+                .collect();
+            held.sort();
+            let mut want: Vec<String> = won.vips().iter().map(|v| v.address.to_string()).collect();
+            want.sort();
+            assert_eq!(held, want, "{backend} round {round}: addresses");
+        }
+        let td = kvip(&ns, &["dataplane", "--backend", backend, "teardown"]);
+        assert!(
+            td.status.success(),
+            "{}",
+            String::from_utf8_lossy(&td.stderr)
+        );
+    }
+}
+
 /// The second instance has a name of the maximum length (8), so its iptables chain names are
 /// at the 28-character limit.
 #[test]

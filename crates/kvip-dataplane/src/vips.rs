@@ -1,0 +1,162 @@
+//! The VIP step of an apply: the checks made before anything changes, the address changes,
+//! and putting rules and addresses back when the address changes fail.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use kvip_core::{DesiredState, VipClaim};
+
+use crate::addr::{Link, OwnedAddress};
+use crate::{DataplaneError, KernelDataplane};
+
+/// What the VIP step changed so far.
+#[derive(Debug, Default)]
+pub(crate) struct VipChanges {
+    /// (address, interface index) added.
+    pub added: Vec<(IpAddr, u32)>,
+    pub removed: Vec<OwnedAddress>,
+    pub warnings: Vec<String>,
+}
+
+impl KernelDataplane {
+    /// What the kernel must allow, checked before anything changes: every claimed interface
+    /// exists, and one claimed by an IPv6 VIP can hold IPv6. Returns the links by name.
+    pub(crate) async fn validate(
+        &self,
+        desired: &DesiredState,
+    ) -> Result<BTreeMap<String, Link>, DataplaneError> {
+        let links: BTreeMap<String, Link> = self
+            .addrs
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.name.clone(), l))
+            .collect();
+        for v in desired.vips() {
+            let link = links
+                .get(&v.interface)
+                .ok_or_else(|| DataplaneError::InterfaceNotFound(v.interface.clone()))?;
+            if v.address.is_ipv6() && !link.ipv6 {
+                return Err(DataplaneError::Ipv6Disabled {
+                    interface: v.interface.clone(),
+                    address: v.address,
+                });
+            }
+        }
+        Ok(links)
+    }
+
+    /// Removes this instance's addresses that `desired` does not hold, then adds the missing
+    /// ones, recording each change in `changes` as it is made.
+    pub(crate) async fn apply_vips(
+        &mut self,
+        desired: &DesiredState,
+        links: &BTreeMap<String, Link>,
+        protocol: Option<u8>,
+        changes: &mut VipChanges,
+    ) -> Result<(), DataplaneError> {
+        let owned = self.owned_addresses(protocol).await?;
+        let want: BTreeMap<IpAddr, &VipClaim> =
+            desired.vips().iter().map(|v| (v.address, v)).collect();
+        for o in &owned {
+            let keep = want
+                .get(&o.address)
+                .is_some_and(|v| links.get(&v.interface).map(|l| l.index) == Some(o.ifindex));
+            if !keep {
+                self.addrs.remove(o).await?;
+                changes.removed.push(o.clone());
+            }
+        }
+        let Some(protocol) = protocol else {
+            // No protocol is allocated only when no VIP is wanted.
+            return Ok(());
+        };
+        for v in desired.vips() {
+            let link = links
+                .get(&v.interface)
+                .ok_or_else(|| DataplaneError::InterfaceNotFound(v.interface.clone()))?;
+            if owned
+                .iter()
+                .any(|o| o.address == v.address && o.ifindex == link.index)
+            {
+                continue;
+            }
+            match self.add_address(v.address, link.index, protocol).await {
+                Ok(()) => changes.added.push((v.address, link.index)),
+                Err(e) if e.errno() == Some(libc::EEXIST) => {
+                    // The same address is already configured, not by this instance: it is
+                    // held, and kvip leaves it alone (it will never remove it either).
+                    changes.warnings.push(format!(
+                        "{} is already on {} and not this kvip instance's: leaving it as it is",
+                        v.address, v.interface
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn add_address(
+        &self,
+        address: IpAddr,
+        ifindex: u32,
+        protocol: u8,
+    ) -> Result<(), DataplaneError> {
+        #[cfg(test)]
+        if self.fail_add == Some(address) {
+            return Err(DataplaneError::netlink(
+                format!("adding {address} (refused by the test seam)"),
+                rtnetlink::Error::RequestFailed,
+            ));
+        }
+        self.addrs.add(address, ifindex, protocol).await
+    }
+
+    /// Puts back what an apply changed before its VIP step failed: the addresses it added
+    /// are removed, those it removed are added back, and the rules are replaced by `before`'s
+    /// egress (when it is known exactly). Each failure is logged; whatever happens, the next
+    /// apply reads the kernel and replaces everything.
+    pub(crate) async fn roll_back(
+        &mut self,
+        before: Option<&DesiredState>,
+        protocol: Option<u8>,
+        changes: &VipChanges,
+    ) {
+        self.forget();
+        if let Some(p) = protocol
+            && !changes.added.is_empty()
+        {
+            match self.addrs.owned(p).await {
+                Ok(owned) => {
+                    for o in owned
+                        .iter()
+                        .filter(|o| changes.added.contains(&(o.address, o.ifindex)))
+                    {
+                        if let Err(e) = self.addrs.remove(o).await {
+                            tracing::error!(address = %o.address, error = %e, "rollback: removing an added VIP failed");
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "rollback: listing VIPs failed"),
+            }
+        }
+        for o in &changes.removed {
+            let Some(p) = protocol else { break };
+            if let Err(e) = self.addrs.add(o.address, o.ifindex, p).await {
+                tracing::error!(address = %o.address, error = %e, "rollback: adding back a removed VIP failed");
+            }
+        }
+        match before {
+            Some(b) => {
+                if let Err(e) = self.apply_egress(b).await {
+                    tracing::error!(error = %e, "rollback: restoring the previous rules failed");
+                }
+            }
+            None => tracing::error!(
+                "rollback: the previous rules were not known exactly; they are left as applied"
+            ),
+        }
+        self.forget();
+    }
+}
