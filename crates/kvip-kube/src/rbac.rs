@@ -184,16 +184,24 @@ fn container(spec: &AgentSpec, kubeconfig: Option<&str>) -> Value {
     if let Some(k) = kubeconfig {
         env.push(json!({"name": "k8s_config_file", "value": k}));
     }
+    let mut mounts = vec![json!({"name": "run-kvip", "mountPath": "/run/kvip"})];
+    if kubeconfig.is_some() {
+        mounts.push(json!({"name": "kubeconfig", "mountPath": "/etc/kubernetes/admin.conf", "readOnly": true}));
+    }
     json!({
         "name": "kvip", "image": spec.image, "args": ["run"], "env": env,
         "securityContext": {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}},
         "ports": [{"name": "metrics", "containerPort": 2112}],
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": 2112}},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": 2112}},
-        "volumeMounts": if kubeconfig.is_some() {
-            json!([{"name": "kubeconfig", "mountPath": "/etc/kubernetes/admin.conf", "readOnly": true}])
-        } else { json!([]) }
+        "volumeMounts": mounts
     })
+}
+
+/// The host's `/run/kvip`: the lock every kvip process of an instance takes (agent and CLI
+/// alike) and the registry of address protocols live there, so they must be the host's.
+fn run_volume() -> Value {
+    json!({"name": "run-kvip", "hostPath": {"path": "/run/kvip", "type": "DirectoryOrCreate"}})
 }
 
 /// A DaemonSet running the agent on every node (host network, NET_ADMIN and NET_RAW).
@@ -209,7 +217,8 @@ pub fn daemonset(spec: &AgentSpec) -> Value {
                     "serviceAccountName": "kvip", "hostNetwork": true,
                     "terminationGracePeriodSeconds": 30,
                     "tolerations": [{"operator": "Exists"}],
-                    "containers": [container(spec, None)]
+                    "containers": [container(spec, None)],
+                    "volumes": [run_volume()]
                 }
             }
         }
@@ -225,7 +234,7 @@ pub fn static_pod(spec: &AgentSpec) -> Value {
         "spec": {
             "hostNetwork": true,
             "containers": [container(spec, Some("/etc/kubernetes/admin.conf"))],
-            "volumes": [{"name": "kubeconfig", "hostPath": {"path": "/etc/kubernetes/admin.conf"}}]
+            "volumes": [run_volume(), {"name": "kubeconfig", "hostPath": {"path": "/etc/kubernetes/admin.conf"}}]
         }
     })
 }
