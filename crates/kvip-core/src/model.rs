@@ -93,8 +93,11 @@ pub struct DesiredStateSpec {
     pub egress: Vec<EgressPolicySpec>,
 }
 
-/// Maximum length of a policy name (Kubernetes `namespace/name` fits comfortably).
-pub const MAX_NAME_LEN: usize = 253;
+/// Maximum length of a policy name. The name travels in a rule comment (`kvip egress
+/// <name>`), which nftables stores in at most 254 bytes and iptables in at most 255; 228
+/// leaves room for the prefix with a margin. A Service's policy name (`namespace/name`, at
+/// most 63 + 1 + 63 bytes, plus `/ipv6`) fits.
+pub const MAX_NAME_LEN: usize = 228;
 
 fn parse_addr(field: &str, value: &str) -> Result<IpAddr, ModelError> {
     value
@@ -134,7 +137,7 @@ fn check_name(field: &str, name: &str) -> Result<(), ModelError> {
     let reason = if name.is_empty() {
         Some("empty")
     } else if name.len() > MAX_NAME_LEN {
-        Some("longer than 253 bytes")
+        Some("longer than 228 bytes (it is carried in a rule comment)")
     } else if name
         .chars()
         .any(|c| c.is_control() || c == '"' || c == '\\')
@@ -266,7 +269,11 @@ impl EgressPolicy {
             vip,
             sources,
             exclude: Cidr::canonicalize(exclude),
-            allow: allow.map(Cidr::canonicalize),
+            // Allowing every destination is no restriction at all: one form for both, so
+            // every backend reads it back the same (iptables-save drops `-d 0.0.0.0/0`).
+            allow: allow
+                .map(Cidr::canonicalize)
+                .filter(|a| !a.iter().any(|c| c.prefix_len() == 0)),
             ports,
         })
     }

@@ -4,14 +4,16 @@
 //! The snapshot uses kvip's own small types rather than Kubernetes API objects, so this crate
 //! stays free of the API machinery; the agent converts watched objects into them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::annotations::{AnnotationProblem, ServiceAnnotations};
 use crate::cidr::Cidr;
 use crate::error::ModelError;
 use crate::model::{DesiredState, EgressPolicy, Family, VipClaim};
+use crate::port::PortMatch;
 
 /// `namespace/name` of a Service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -205,79 +207,219 @@ fn service_vips(
 /// Computes what this node must hold. Bad input on one Service yields warnings for that
 /// Service only; it never fails the plan or touches another Service.
 pub fn plan(snap: &Snapshot, lead: &Leadership, cfg: &NodeConfig) -> Plan {
+    Planner::default().plan(snap, lead, cfg)
+}
+
+/// `plan()` with memory: what each Service contributes is computed from that Service's own
+/// inputs (its object, its endpoints, whether this node holds it, this node's settings and
+/// the cluster's networks) and reused while they stay the same, so a sync after one change
+/// redoes the work of one Service. What depends on several Services (a pod claimed by two,
+/// a VIP shared) is decided afresh every time. Its result always equals `plan()`'s (a
+/// property test holds it to that).
+#[derive(Debug, Default)]
+pub struct Planner {
+    /// Node settings, networks and exclusion the memory was computed with.
+    context: Option<(NodeConfig, ClusterNetworks, bool)>,
+    memo: HashMap<ServiceKey, Memo>,
+}
+
+#[derive(Debug)]
+struct Memo {
+    service: ServiceInfo,
+    endpoints: Vec<EndpointInfo>,
+    holds: bool,
+    /// `None`: the Service is not selected.
+    draft: Option<Arc<Draft>>,
+}
+
+/// What one Service contributes, before the decisions that involve other Services.
+#[derive(Debug)]
+struct Draft {
+    key: ServiceKey,
+    sp: ServicePlan,
+    claims: Vec<VipClaim>,
+    egress: Vec<DraftEgress>,
+}
+
+/// One egress policy of a Service, as it is when no other Service claims its pods.
+#[derive(Debug)]
+struct DraftEgress {
+    vip: IpAddr,
+    name: String,
+    sources: Vec<IpAddr>,
+    exclude: Vec<Cidr>,
+    allow: Option<Vec<Cidr>>,
+    ports: Option<Vec<PortMatch>>,
+    built: Result<EgressPolicy, ModelError>,
+}
+
+impl Planner {
+    pub fn plan(&mut self, snap: &Snapshot, lead: &Leadership, cfg: &NodeConfig) -> Plan {
+        let same_context = self
+            .context
+            .as_ref()
+            .is_some_and(|(c, n, x)| c == cfg && *n == snap.networks && *x == snap.node_excluded);
+        if !same_context {
+            self.memo.clear();
+            self.context = Some((cfg.clone(), snap.networks.clone(), snap.node_excluded));
+        }
+        let mut sorted: Vec<&ServiceInfo> = snap.services.iter().collect();
+        sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let mut drafts: Vec<Arc<Draft>> = Vec::with_capacity(sorted.len());
+        let mut seen: HashSet<ServiceKey> = HashSet::with_capacity(sorted.len());
+        for s in sorted {
+            let key = s.key();
+            let endpoints = snap
+                .endpoints
+                .get(&key)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let holds = lead.holds(&key);
+            let fresh = match self.memo.get(&key) {
+                Some(m) => m.holds != holds || m.service != *s || m.endpoints != endpoints,
+                None => true,
+            };
+            if fresh {
+                let draft = draft(s, endpoints, holds, snap, cfg).map(Arc::new);
+                self.memo.insert(
+                    key.clone(),
+                    Memo {
+                        service: s.clone(),
+                        endpoints: endpoints.to_vec(),
+                        holds,
+                        draft,
+                    },
+                );
+            }
+            if let Some(d) = self.memo.get(&key).and_then(|m| m.draft.clone()) {
+                drafts.push(d);
+            }
+            seen.insert(key);
+        }
+        self.memo.retain(|k, _| seen.contains(k));
+        combine(&drafts)
+    }
+}
+
+/// One Service's draft, or `None` when this node does not select it.
+fn draft(
+    s: &ServiceInfo,
+    endpoints: &[EndpointInfo],
+    holds: bool,
+    snap: &Snapshot,
+    cfg: &NodeConfig,
+) -> Option<Draft> {
+    let a = ServiceAnnotations::parse(&s.annotations);
+    if !selected(s, &a, cfg) {
+        return None;
+    }
+    let key = s.key();
+    let mut sp = ServicePlan {
+        warnings: a
+            .problems
+            .iter()
+            .cloned()
+            .map(ServiceWarning::InvalidAnnotation)
+            .collect(),
+        lease_name: a.lease_name.clone(),
+        ..ServicePlan::default()
+    };
+    sp.vips = service_vips(s, &a, &mut sp.warnings);
+    let local: Vec<IpAddr> = {
+        let mut v: Vec<IpAddr> = endpoints
+            .iter()
+            .filter(|e| e.ready && e.node.as_deref() == Some(cfg.node_name.as_str()))
+            .map(|e| e.address)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let needs_local = s.traffic_policy_local || a.egress;
+    sp.candidate =
+        !snap.node_excluded && !sp.vips.is_empty() && (!needs_local || !local.is_empty());
+    sp.held = sp.candidate && holds;
+    let mut claims = Vec::new();
+    let mut egress = Vec::new();
+    if sp.held {
+        for v in &sp.vips {
+            match VipClaim::new(*v, cfg.interface.clone()) {
+                Ok(c) => claims.push(c),
+                Err(e) => sp
+                    .warnings
+                    .push(ServiceWarning::InvalidAnnotation(AnnotationProblem {
+                        annotation: "VIP".into(),
+                        value: v.to_string(),
+                        reason: e.to_string(),
+                    })),
+            }
+        }
+        if a.egress {
+            egress = draft_egress(&key, &a, &sp.vips.clone(), &local, snap, &mut sp);
+        }
+    }
+    Some(Draft {
+        key,
+        sp,
+        claims,
+        egress,
+    })
+}
+
+/// The Services' drafts, in key order, made into one plan: a pod egresses through one VIP
+/// (the first Service in key order claiming it wins), a VIP is claimed once.
+fn combine(drafts: &[Arc<Draft>]) -> Plan {
     let mut services: BTreeMap<ServiceKey, ServicePlan> = BTreeMap::new();
     let mut vips: BTreeMap<IpAddr, VipClaim> = BTreeMap::new();
     let mut policies: Vec<EgressPolicy> = Vec::new();
-    // A pod egresses through one VIP: the first Service (in key order) claiming it wins.
-    let mut pod_owner: BTreeMap<IpAddr, ServiceKey> = BTreeMap::new();
-    let mut sorted: Vec<&ServiceInfo> = snap.services.iter().collect();
-    sorted.sort_by_key(|s| s.key());
-    for s in sorted {
-        let a = ServiceAnnotations::parse(&s.annotations);
-        if !selected(s, &a, cfg) {
-            continue;
+    let mut pod_owner: HashMap<IpAddr, usize> = HashMap::new();
+    for (i, d) in drafts.iter().enumerate() {
+        let mut sp = d.sp.clone();
+        for c in &d.claims {
+            vips.entry(c.address).or_insert_with(|| c.clone());
         }
-        let key = s.key();
-        let mut sp = ServicePlan {
-            warnings: a
-                .problems
-                .iter()
-                .cloned()
-                .map(ServiceWarning::InvalidAnnotation)
-                .collect(),
-            lease_name: a.lease_name.clone(),
-            ..ServicePlan::default()
-        };
-        sp.vips = service_vips(s, &a, &mut sp.warnings);
-        let endpoints = snap
-            .endpoints
-            .get(&key)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let local: Vec<IpAddr> = {
-            let mut v: Vec<IpAddr> = endpoints
-                .iter()
-                .filter(|e| e.ready && e.node.as_deref() == Some(cfg.node_name.as_str()))
-                .map(|e| e.address)
-                .collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        let needs_local = s.traffic_policy_local || a.egress;
-        sp.candidate =
-            !snap.node_excluded && !sp.vips.is_empty() && (!needs_local || !local.is_empty());
-        sp.held = sp.candidate && lead.holds(&key);
-        if sp.held {
-            for v in &sp.vips {
-                match VipClaim::new(*v, cfg.interface.clone()) {
-                    Ok(c) => {
-                        vips.entry(*v).or_insert(c);
+        for e in &d.egress {
+            let mut sources = Vec::with_capacity(e.sources.len());
+            for pod in &e.sources {
+                match pod_owner.get(pod) {
+                    Some(&other) if other != i => {
+                        sp.warnings.push(ServiceWarning::EgressRefused(format!(
+                            "pod {pod} already egresses through Service {}",
+                            drafts[other].key
+                        )))
                     }
-                    Err(e) => {
-                        sp.warnings
-                            .push(ServiceWarning::InvalidAnnotation(AnnotationProblem {
-                                annotation: "VIP".into(),
-                                value: v.to_string(),
-                                reason: e.to_string(),
-                            }))
+                    _ => {
+                        pod_owner.insert(*pod, i);
+                        sources.push(*pod);
                     }
                 }
             }
-            if a.egress {
-                plan_egress(
-                    &key,
-                    &a,
-                    &sp.vips.clone(),
-                    &local,
-                    snap,
-                    &mut pod_owner,
-                    &mut policies,
-                    &mut sp,
-                );
+            if sources.is_empty() {
+                continue;
+            }
+            let built = if sources.len() == e.sources.len() {
+                e.built.clone()
+            } else {
+                EgressPolicy::new(
+                    e.name.clone(),
+                    e.vip,
+                    sources.clone(),
+                    e.exclude.clone(),
+                    e.allow.clone(),
+                    e.ports.clone(),
+                )
+            };
+            match built {
+                Ok(p) => {
+                    sp.egress_pods.insert(e.vip, sources);
+                    policies.push(p);
+                }
+                Err(err) => sp
+                    .warnings
+                    .push(ServiceWarning::EgressRefused(err.to_string())),
             }
         }
-        services.insert(key, sp);
+        services.insert(d.key.clone(), sp);
     }
     let desired = DesiredState::new(vips.into_values().collect(), policies);
     Plan { desired, services }
@@ -309,17 +451,16 @@ pub fn still_held(last: &DesiredState, plan: &Plan) -> DesiredState {
     DesiredState::new(vips, egress).unwrap_or_default()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn plan_egress(
+/// The egress policies of a held Service, one per VIP family at most.
+fn draft_egress(
     key: &ServiceKey,
     a: &ServiceAnnotations,
     vips: &[IpAddr],
     local: &[IpAddr],
     snap: &Snapshot,
-    pod_owner: &mut BTreeMap<IpAddr, ServiceKey>,
-    policies: &mut Vec<EgressPolicy>,
     sp: &mut ServicePlan,
-) {
+) -> Vec<DraftEgress> {
+    let mut out = Vec::new();
     let nets = &snap.networks;
     if nets.pod.is_empty() || nets.service.is_empty() {
         let missing = match (nets.pod.is_empty(), nets.service.is_empty()) {
@@ -330,22 +471,31 @@ fn plan_egress(
         sp.warnings.push(ServiceWarning::EgressRefused(format!(
             "the cluster's {missing} could not be learned (set egress_podcidr / egress_servicecidr); nothing is guessed"
         )));
-        return;
+        return out;
     }
     if a.egress_ports.as_ref().is_some_and(Vec::is_empty) {
         sp.warnings.push(ServiceWarning::EgressRefused(
             "no valid entry in kube-vip.io/egress-destination-ports".into(),
         ));
-        return;
+        return out;
     }
     if a.egress_allowed.as_ref().is_some_and(Vec::is_empty) {
         sp.warnings.push(ServiceWarning::EgressRefused(
             "no valid entry in kube-vip.io/egress-allowed-networks".into(),
         ));
-        return;
+        return out;
     }
+    let mut families_done: Vec<Family> = Vec::new();
     for vip in vips {
         let f = Family::of(*vip);
+        if families_done.contains(&f) {
+            // One policy per family: a pod has one source address per family.
+            sp.warnings.push(ServiceWarning::EgressRefused(format!(
+                "VIP {vip}: pods egress through the Service's first {} VIP only",
+                f.name()
+            )));
+            continue;
+        }
         if f == Family::V6 && !a.egress_ipv6 {
             sp.warnings.push(ServiceWarning::EgressRefused(format!(
                 "VIP {vip} is IPv6 and kube-vip.io/egress-ipv6 is not \"true\": no egress through it"
@@ -381,42 +531,38 @@ fn plan_egress(
             }
             None => None,
         };
-        let mut sources = Vec::new();
-        for pod in local.iter().filter(|p| Family::of(**p) == f) {
-            match pod_owner.get(pod) {
-                Some(other) if other != key => sp.warnings.push(ServiceWarning::EgressRefused(
-                    format!("pod {pod} already egresses through Service {other}"),
-                )),
-                _ => {
-                    pod_owner.insert(*pod, key.clone());
-                    sources.push(*pod);
-                }
-            }
-        }
+        let sources: Vec<IpAddr> = local
+            .iter()
+            .filter(|p| Family::of(**p) == f)
+            .copied()
+            .collect();
         if sources.is_empty() {
             continue;
         }
+        families_done.push(f);
         let name = match f {
             Family::V4 => key.to_string(),
             Family::V6 => format!("{key}/ipv6"),
         };
-        match EgressPolicy::new(
-            name,
+        let built = EgressPolicy::new(
+            name.clone(),
             *vip,
             sources.clone(),
+            exclude.clone(),
+            allow.clone(),
+            a.egress_ports.clone(),
+        );
+        out.push(DraftEgress {
+            vip: *vip,
+            name,
+            sources,
             exclude,
             allow,
-            a.egress_ports.clone(),
-        ) {
-            Ok(p) => {
-                sp.egress_pods.insert(*vip, sources);
-                policies.push(p);
-            }
-            Err(e) => sp
-                .warnings
-                .push(ServiceWarning::EgressRefused(e.to_string())),
-        }
+            ports: a.egress_ports.clone(),
+            built,
+        });
     }
+    out
 }
 
 #[cfg(test)]
@@ -487,6 +633,32 @@ mod tests {
             networks: nets(),
             node_excluded: false,
         }
+    }
+
+    #[test]
+    fn egress_goes_through_the_first_vip_of_each_family_only() {
+        let s = svc(
+            "default",
+            "web",
+            &[
+                (ann::LOADBALANCER_IPS, "198.51.100.10,198.51.100.11"),
+                (ann::EGRESS, "true"),
+            ],
+        );
+        let sn = snap(vec![s], vec![("default/web", vec![ep("10.244.1.5", "n1")])]);
+        let p = plan(&sn, &Leadership::Global(true), &cfg());
+        let d = p.desired.as_ref().expect("a valid state");
+        assert_eq!(d.vips().len(), 2, "both VIPs held");
+        assert_eq!(d.egress().len(), 1);
+        assert_eq!(d.egress()[0].vip().to_string(), "198.51.100.10");
+        let sp = p.services.values().next().unwrap();
+        assert!(
+            sp.warnings
+                .iter()
+                .any(|w| w.to_string().contains("198.51.100.11")),
+            "{:?}",
+            sp.warnings
+        );
     }
 
     #[test]

@@ -120,10 +120,12 @@ mod planning {
     fn service(i: usize) -> impl Strategy<Value = (ServiceInfo, Vec<EndpointInfo>)> {
         (
             0u8..4,
+            // Extra VIPs: none, a second IPv4 one, an IPv6 one.
+            0u8..3,
             proptest::collection::vec((0usize..6, annotation_value()), 0..5),
             proptest::collection::vec((0u8..8, 0u8..3, any::<bool>()), 0..6),
         )
-            .prop_map(move |(vip, anns, eps)| {
+            .prop_map(move |(vip, extra, anns, eps)| {
                 let keys = [
                     ann::EGRESS,
                     ann::EGRESS_IPV6,
@@ -136,10 +138,12 @@ mod planning {
                     .into_iter()
                     .map(|(k, v)| (keys[k].to_string(), v))
                     .collect();
-                annotations.insert(
-                    ann::LOADBALANCER_IPS.into(),
-                    format!("198.51.100.{}", vip + 1),
-                );
+                let vips = match extra {
+                    0 => format!("198.51.100.{}", vip + 1),
+                    1 => format!("198.51.100.{},198.51.100.{}", vip + 1, vip + 11),
+                    _ => format!("198.51.100.{},2001:db8::{}", vip + 1, vip + 1),
+                };
+                annotations.insert(ann::LOADBALANCER_IPS.into(), vips);
                 let s = ServiceInfo {
                     namespace: "ns".into(),
                     name: format!("svc{i}"),
@@ -150,7 +154,12 @@ mod planning {
                 let eps = eps
                     .into_iter()
                     .map(|(a, node, ready)| EndpointInfo {
-                        address: IpAddr::V4(Ipv4Addr::new(10, 244, 1, a)),
+                        // Some pods dual-stack: the IPv6 VIPs get sources too.
+                        address: if a % 3 == 2 {
+                            IpAddr::V6(format!("fd00:10:244::{a}").parse().unwrap())
+                        } else {
+                            IpAddr::V4(Ipv4Addr::new(10, 244, 1, a))
+                        },
                         node: Some(format!("n{node}")),
                         ready,
                     })
@@ -159,7 +168,63 @@ mod planning {
             })
     }
 
+    fn networks() -> ClusterNetworks {
+        ClusterNetworks {
+            pod: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:10:244::/48".parse().unwrap(),
+            ],
+            service: vec!["10.96.0.0/12".parse().unwrap()],
+            api_server: vec![],
+        }
+    }
+
     proptest! {
+        /// The memoising planner, fed a sequence of snapshots (Services changing, appearing
+        /// and going, leadership and exclusion changing), always equals a fresh `plan()`.
+        #[test]
+        fn the_planner_equals_plan_at_every_step(
+            steps in proptest::collection::vec(
+                (
+                    (service(0), service(1), service(2), service(3)),
+                    0u8..16,
+                    any::<bool>(),
+                    0u8..10,
+                ),
+                1..12,
+            ),
+        ) {
+            let cfg = NodeConfig { node_name: "n0".into(), interface: "eth0".into(), ..NodeConfig::default() };
+            let mut planner = kvip_core::plan::Planner::default();
+            for (svcs, present, excluded, lead) in steps {
+                let list: Vec<_> = [svcs.0, svcs.1, svcs.2, svcs.3]
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| present & (1 << i) != 0)
+                    .map(|(_, x)| x)
+                    .collect();
+                let snap = Snapshot {
+                    endpoints: list
+                        .iter()
+                        .map(|(s, e)| (ServiceKey { namespace: s.namespace.clone(), name: s.name.clone() }, e.clone()))
+                        .collect(),
+                    services: list.iter().map(|(s, _)| s.clone()).collect(),
+                    networks: networks(),
+                    node_excluded: excluded && lead == 0,
+                };
+                let leadership = match lead {
+                    0..=3 => Leadership::Global(lead % 2 == 0),
+                    _ => Leadership::PerService(
+                        list.iter()
+                            .filter(|(s, _)| s.name.len() % 2 == usize::from(lead) % 2)
+                            .map(|(s, _)| ServiceKey { namespace: s.namespace.clone(), name: s.name.clone() })
+                            .collect(),
+                    ),
+                };
+                prop_assert_eq!(planner.plan(&snap, &leadership, &cfg), plan(&snap, &leadership, &cfg));
+            }
+        }
+
         /// Whatever the annotations and endpoints: no panic, a valid state, and only this
         /// node's ready endpoints are translated, each through one Service; a node excluded
         /// from load balancing holds nothing.
@@ -176,15 +241,12 @@ mod planning {
                     .map(|(s, e)| (ServiceKey { namespace: s.namespace.clone(), name: s.name.clone() }, e.clone()))
                     .collect(),
                 services: list.iter().map(|(s, _)| s.clone()).collect(),
-                networks: ClusterNetworks {
-                    pod: vec!["10.244.0.0/16".parse().unwrap()],
-                    service: vec!["10.96.0.0/12".parse().unwrap()],
-                    api_server: vec![],
-                },
+                networks: networks(),
                 node_excluded: excluded,
             };
             let cfg = NodeConfig { node_name: "n0".into(), interface: "eth0".into(), ..NodeConfig::default() };
             let p = plan(&snap, &Leadership::Global(held), &cfg);
+            prop_assert!(p.desired.is_ok(), "invalid desired state: {:?}", p.desired);
             let local_ready: Vec<IpAddr> = list
                 .iter()
                 .flat_map(|(_, e)| e.iter().filter(|e| e.ready && e.node.as_deref() == Some("n0")).map(|e| e.address))

@@ -184,7 +184,11 @@ pub fn render_rules(
             post.push(format!("-A {} -s {} -j {e}", chains.post(), src_spec(*src)));
         }
         for c in p.exclude() {
-            body.push(format!("-A {e} -d {} -j RETURN", host_or_cidr(c)));
+            // iptables-save prints no `-d` for the catch-all: neither does kvip.
+            match c.prefix_len() {
+                0 => body.push(format!("-A {e} -j RETURN")),
+                _ => body.push(format!("-A {e} -d {} -j RETURN", host_or_cidr(c))),
+            }
         }
         match p.allow() {
             Some(allow) => {
@@ -366,6 +370,8 @@ pub fn parse_policies(chains: &Chains, view: &NatView) -> (Vec<EgressPolicy>, Ve
     struct Acc {
         sources: Vec<IpAddr>,
         exclude: Vec<Cidr>,
+        /// `-j RETURN` without `-d`: iptables-save writes `-d 0.0.0.0/0` (`::/0`) so.
+        exclude_all: bool,
         allow: Vec<Cidr>,
         direct: bool,
         ports: Vec<PortMatch>,
@@ -399,6 +405,7 @@ pub fn parse_policies(chains: &Chains, view: &NatView) -> (Vec<EgressPolicy>, Ve
         if chain.starts_with(&format!("{}E-", chains.prefix)) {
             match (opt(&w, "-d").and_then(parse_net), jump) {
                 (Some(c), "RETURN") => a.exclude.push(c),
+                (None, "RETURN") => a.exclude_all = true,
                 (Some(c), j) if chains.policy_id(j) == Some(id) => a.allow.push(c),
                 (None, j) if chains.policy_id(j) == Some(id) => a.direct = true,
                 _ => stray.push(line.clone()),
@@ -448,7 +455,11 @@ pub fn parse_policies(chains: &Chains, view: &NatView) -> (Vec<EgressPolicy>, Ve
         }
         let allow = (!a.direct).then_some(a.allow);
         let ports = a.any_port_rule.then_some(a.ports);
-        match EgressPolicy::new(name, vip, a.sources, a.exclude, allow, ports) {
+        let mut exclude = a.exclude;
+        if a.exclude_all {
+            exclude.push(Cidr::containing(vip, 0));
+        }
+        match EgressPolicy::new(name, vip, a.sources, exclude, allow, ports) {
             Ok(p) => out.push(p),
             Err(e) => stray.push(format!("policy chains {id}: {e}")),
         }

@@ -31,6 +31,42 @@ pub struct ClusterCache {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     node: Store<Node>,
+    /// Conversions of the stored objects, by namespace/name, kept while the object's
+    /// resourceVersion stays the same: a snapshot converts only what changed.
+    converted: std::sync::Mutex<Converted>,
+}
+
+/// namespace, name → (resourceVersion, what was made of it).
+type Memo<T> = std::collections::HashMap<(String, String), (String, T)>;
+
+#[derive(Default)]
+struct Converted {
+    services: Memo<ServiceInfo>,
+    slices: Memo<Option<(ServiceKey, Vec<EndpointInfo>)>>,
+}
+
+/// `convert(obj)`, or the memory of it while the object's resourceVersion is unchanged.
+fn memoised<K: kube::Resource, T: Clone>(
+    memo: &mut Memo<T>,
+    seen: &mut std::collections::HashSet<(String, String)>,
+    obj: &K,
+    convert: impl FnOnce(&K) -> T,
+) -> T {
+    let meta = obj.meta();
+    let id = (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    );
+    let rv = meta.resource_version.clone().unwrap_or_default();
+    seen.insert(id.clone());
+    match memo.get(&id) {
+        Some((have, v)) if *have == rv && !rv.is_empty() => v.clone(),
+        _ => {
+            let v = convert(obj);
+            memo.insert(id, (rv, v.clone()));
+            v
+        }
+    }
 }
 
 fn spawn_reflector<K>(
@@ -106,6 +142,7 @@ impl ClusterCache {
                 tasks,
                 stop.child_token(),
             ),
+            converted: std::sync::Mutex::new(Converted::default()),
         }
     }
 
@@ -134,19 +171,35 @@ impl ClusterCache {
 
     /// The current state as `plan()` reads it.
     pub fn snapshot(&self, networks: ClusterNetworks) -> Snapshot {
+        // Poisoned only if a conversion panicked; the memory is then simply rebuilt.
+        let mut memo = self.converted.lock().unwrap_or_else(|p| {
+            let mut g = p.into_inner();
+            *g = Converted::default();
+            g
+        });
+        let Converted {
+            services: svc_memo,
+            slices: slice_memo,
+        } = &mut *memo;
+        let mut seen = std::collections::HashSet::new();
         let services = self
             .services
             .state()
             .iter()
-            .map(|s| service_info(s))
+            .map(|s| memoised(svc_memo, &mut seen, s.as_ref(), service_info))
             .collect();
+        svc_memo.retain(|k, _| seen.contains(k));
+        seen.clear();
         let mut endpoints: BTreeMap<ServiceKey, Vec<EndpointInfo>> = BTreeMap::new();
         for slice in self.slices.state() {
-            let Some((key, eps)) = slice_endpoints(&slice) else {
+            let Some((key, eps)) = memoised(slice_memo, &mut seen, slice.as_ref(), slice_endpoints)
+            else {
                 continue;
             };
             endpoints.entry(key).or_default().extend(eps);
         }
+        slice_memo.retain(|k, _| seen.contains(k));
+        drop(memo);
         Snapshot {
             services,
             endpoints,

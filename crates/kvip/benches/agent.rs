@@ -3,6 +3,7 @@
 //!
 //!     cargo bench -p kvip --bench agent
 //!     KVIP_BENCH_SERVICES=1000 KVIP_BENCH_ENDPOINTS=10 KVIP_BENCH_CHANGES=200 cargo bench -p kvip --bench agent
+//!     KVIP_BENCH_AGENT_LOG=/tmp/agent.log …   (keeps the agent's log, at info)
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -118,6 +119,7 @@ fn main() {
     let dir = std::env::temp_dir();
     let kubeconfig = dir.join(format!("kvip-bench-{}.kubeconfig", std::process::id()));
     std::fs::write(&kubeconfig, ApiServer::kubeconfig(&url)).expect("kubeconfig");
+    let agent_log = std::env::var("KVIP_BENCH_AGENT_LOG").ok();
     let mut agent = ns
         .clean_env_command()
         .args([
@@ -125,12 +127,19 @@ fn main() {
             "vip_interface=eth0",
             "egress_podcidr=10.244.0.0/16",
             "egress_servicecidr=10.96.0.0/12",
-            "RUST_LOG=warn",
         ])
+        // KVIP_BENCH_AGENT_LOG=FILE keeps the agent's log (at info) for a look at each sync.
+        .arg(match agent_log {
+            Some(_) => "RUST_LOG=info",
+            None => "RUST_LOG=warn",
+        })
         .arg(format!("k8s_config_file={}", kubeconfig.display()))
         .args([KVIP, "run"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(match &agent_log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("agent log file")),
+            None => Stdio::null(),
+        })
         .spawn()
         .expect("kvip run");
     let pid = agent.id();

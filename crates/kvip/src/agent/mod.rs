@@ -450,13 +450,14 @@ impl Start<'_> {
         ));
         let node = node_config(cfg, self.interface.clone());
         tracing::info!(node = %node.node_name, interface = %node.interface, backend = dp.backend_name(), "kvip agent started");
-        let settings = reconcile::Settings {
+        let mut planner = kvip_core::plan::Planner::default();
+        let mut settings = reconcile::Settings {
             node,
             networks,
             resync_period: cfg.resync_period,
             arp_refresh: cfg.arp_refresh.filter(|_| cfg.arp),
             debounce: DEBOUNCE,
-            planner: kvip_core::plan,
+            planner: Box::new(move |s, l, n| planner.plan(s, l, n)),
         };
         let channels = reconcile::Channels {
             dirty,
@@ -465,7 +466,7 @@ impl Start<'_> {
             reports: reports_tx,
             namespaces: namespaces_tx,
         };
-        reconcile::run(dp, &cache, &settings, channels, &self.m, root).await;
+        reconcile::run(dp, &cache, &mut settings, channels, &self.m, root).await;
         Ok(())
     }
 }

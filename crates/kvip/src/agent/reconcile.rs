@@ -30,8 +30,9 @@ impl SnapshotSource for kvip_kube::ClusterCache {
     }
 }
 
-/// The pure planner the loop calls (`kvip_core::plan`; tests substitute it).
-pub(crate) type Planner = fn(&Snapshot, &Leadership, &NodeConfig) -> Plan;
+/// The planner the loop calls: `kvip_core::plan::Planner` (the memoising `plan()`); tests
+/// substitute it.
+pub(crate) type Planner = Box<dyn FnMut(&Snapshot, &Leadership, &NodeConfig) -> Plan + Send>;
 
 pub(crate) struct Settings {
     pub node: NodeConfig,
@@ -71,7 +72,7 @@ struct Memory {
 pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
     dp: &mut D,
     source: &S,
-    s: &Settings,
+    s: &mut Settings,
     mut ch: Channels,
     m: &Metrics,
     root: &CancellationToken,
@@ -167,7 +168,7 @@ async fn check_drift<D: Dataplane>(dp: &mut D, applied: Option<&DesiredState>, m
 async fn sync_once<D: Dataplane, S: SnapshotSource>(
     dp: &mut D,
     source: &S,
-    s: &Settings,
+    s: &mut Settings,
     ch: &mut Channels,
     m: &Metrics,
     mem: &mut Memory,

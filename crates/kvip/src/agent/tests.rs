@@ -63,15 +63,19 @@ fn snapshot(services: &[(&str, &str, &str)]) -> Snapshot {
     }
 }
 
-/// A Service named `break` makes the plan invalid, as a bug in `plan()` would.
-fn breakable(s: &Snapshot, l: &Leadership, n: &NodeConfig) -> Plan {
-    let mut p = kvip_core::plan(s, l, n);
-    if s.services.iter().any(|x| x.name == "break") {
-        p.desired = Err(ModelError::DuplicatePolicy {
-            name: "default/break".into(),
-        });
-    }
-    p
+/// The agent's planner, except that a Service named `break` makes the plan invalid, as a
+/// bug in `plan()` would.
+fn breakable() -> reconcile::Planner {
+    let mut planner = kvip_core::plan::Planner::default();
+    Box::new(move |s: &Snapshot, l: &Leadership, n: &NodeConfig| {
+        let mut p: Plan = planner.plan(s, l, n);
+        if s.services.iter().any(|x| x.name == "break") {
+            p.desired = Err(ModelError::DuplicatePolicy {
+                name: "default/break".into(),
+            });
+        }
+        p
+    })
 }
 
 struct Harness {
@@ -100,7 +104,7 @@ impl Harness {
         let (namespaces, _) = watch::channel(BTreeSet::new());
         let metrics = Metrics::new();
         let root = CancellationToken::new();
-        let settings = Settings {
+        let mut settings = Settings {
             node: NodeConfig {
                 node_name: "n1".into(),
                 interface: "eth0".into(),
@@ -114,7 +118,7 @@ impl Harness {
             resync_period: Duration::from_secs(30),
             arp_refresh: None,
             debounce: Duration::from_millis(50),
-            planner: breakable,
+            planner: breakable(),
         };
         let channels = Channels {
             dirty: dirty_rx,
@@ -126,7 +130,7 @@ impl Harness {
         let task = tokio::spawn({
             let (mut dp, source, m, root) =
                 (fake.clone(), source.clone(), metrics.clone(), root.clone());
-            async move { reconcile::run(&mut dp, &*source, &settings, channels, &m, &root).await }
+            async move { reconcile::run(&mut dp, &*source, &mut settings, channels, &m, &root).await }
         });
         Harness {
             fake,
