@@ -20,6 +20,7 @@ pub mod nft;
 pub mod nftjson;
 mod ownership;
 pub mod protocols;
+pub mod rules;
 pub mod run;
 mod vips;
 #[cfg(test)]
@@ -30,13 +31,13 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use kvip_core::{DesiredState, EgressPolicy, Family, VipClaim};
+use kvip_core::{DesiredState, Family, VipClaim};
 
 pub use announce::AnnounceConfig;
 pub use error::DataplaneError;
 pub use iptables::Variant;
 pub use names::Instance;
-pub use nft::SyncMode;
+pub use rules::{EgressSync, RuleBackend, SyncMode};
 
 use addr::AddrManager;
 use iptables::IptBackend;
@@ -76,25 +77,6 @@ pub struct Config {
     /// Skip flushing conntrack entries of pods whose translation changed.
     pub no_conntrack_flush: bool,
     pub announce: AnnounceConfig,
-}
-
-/// The backend actually in use.
-#[derive(Debug)]
-pub enum RuleBackend {
-    Nftables(NftBackend),
-    Iptables(IptBackend),
-}
-
-impl RuleBackend {
-    pub fn name(&self) -> &'static str {
-        match self {
-            RuleBackend::Nftables(_) => "nftables",
-            RuleBackend::Iptables(b) => match b.variant {
-                Variant::Legacy => "iptables-legacy",
-                Variant::Nft => "iptables-nft",
-            },
-        }
-    }
 }
 
 /// What one apply changed.
@@ -161,7 +143,7 @@ pub trait Dataplane {
 /// The kernel dataplane. Lives in the network namespace of the thread that created it.
 pub struct KernelDataplane {
     cfg: Config,
-    rules: RuleBackend,
+    rules: Box<dyn RuleBackend>,
     addrs: AddrManager,
     applied: Option<DesiredState>,
     announcers: Vec<tokio::task::JoinHandle<()>>,
@@ -177,7 +159,7 @@ pub struct KernelDataplane {
 }
 
 /// Picks the rule backend for `cfg`.
-pub async fn resolve_backend(cfg: &Config) -> Result<RuleBackend, DataplaneError> {
+pub async fn resolve_backend(cfg: &Config) -> Result<Box<dyn RuleBackend>, DataplaneError> {
     let use_nft = match cfg.backend {
         BackendKind::Nftables => {
             if !nft::nft_available().await {
@@ -192,15 +174,13 @@ pub async fn resolve_backend(cfg: &Config) -> Result<RuleBackend, DataplaneError
         BackendKind::Auto => nft::nft_available().await,
     };
     if use_nft {
-        return Ok(RuleBackend::Nftables(NftBackend::new(
-            cfg.instance.nft_table(),
-        )));
+        return Ok(Box::new(NftBackend::new(cfg.instance.nft_table())));
     }
     let variant = match cfg.iptables_variant {
         Some(v) => v,
         None => iptables::detect_variant().await?,
     };
-    Ok(RuleBackend::Iptables(IptBackend::new(
+    Ok(Box::new(IptBackend::new(
         cfg.instance.chain_prefix(),
         variant,
     )))
@@ -227,8 +207,8 @@ impl KernelDataplane {
         })
     }
 
-    pub fn backend(&self) -> &RuleBackend {
-        &self.rules
+    pub fn backend(&self) -> &dyn RuleBackend {
+        self.rules.as_ref()
     }
 
     pub fn config(&self) -> &Config {
@@ -237,9 +217,7 @@ impl KernelDataplane {
 
     fn forget(&mut self) {
         self.applied = None;
-        if let RuleBackend::Nftables(n) = &mut self.rules {
-            n.invalidate();
-        }
+        self.rules.invalidate();
     }
 
     /// Announces every VIP kvip holds now (one gratuitous ARP / unsolicited NA each), so a
@@ -281,43 +259,12 @@ impl KernelDataplane {
         }
     }
 
-    async fn observe_egress(&self) -> Result<(Vec<EgressPolicy>, Vec<String>), DataplaneError> {
-        match &self.rules {
-            RuleBackend::Nftables(n) => {
-                let t = n.observe().await?;
-                Ok((t.egress, t.stray))
-            }
-            RuleBackend::Iptables(b) => {
-                let (mut p, mut s) = b.observe_family(Family::V4).await?;
-                let (p6, s6) = b.observe_family(Family::V6).await?;
-                p.extend(p6);
-                s.extend(s6);
-                Ok((p, s))
-            }
-        }
+    async fn observe_egress(&self) -> Result<rules::ReadBack, DataplaneError> {
+        self.rules.observe().await
     }
 
-    async fn apply_egress(
-        &mut self,
-        desired: &DesiredState,
-    ) -> Result<nft::EgressSync, DataplaneError> {
-        match &mut self.rules {
-            RuleBackend::Nftables(n) => n.apply(desired).await,
-            RuleBackend::Iptables(b) => {
-                let mut sync = nft::EgressSync::default();
-                for f in [Family::V4, Family::V6] {
-                    let r = b
-                        .apply_family(f, &iptables::of_family(desired.egress(), f))
-                        .await?;
-                    if r.written {
-                        sync.mode = SyncMode::Full;
-                        sync.objects_written += r.rules;
-                        sync.objects_removed += r.removed;
-                    }
-                }
-                Ok(sync)
-            }
-        }
+    async fn apply_egress(&mut self, desired: &DesiredState) -> Result<EgressSync, DataplaneError> {
+        self.rules.apply(desired).await
     }
 
     /// Removes objects of the backend not in use (left by an earlier run with the other
@@ -325,10 +272,7 @@ impl KernelDataplane {
     async fn remove_other_backend(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         let prefix = self.cfg.instance.chain_prefix();
-        let in_use = match &self.rules {
-            RuleBackend::Iptables(b) => Some(b.variant),
-            RuleBackend::Nftables(_) => None,
-        };
+        let in_use = self.rules.iptables_variant();
         for v in [Variant::Legacy, Variant::Nft] {
             if Some(v) == in_use {
                 continue;
@@ -385,27 +329,7 @@ impl KernelDataplane {
 
     /// Raw listing of kvip's rule objects: nft text, or iptables-save lines of kvip's chains.
     pub async fn raw_listing(&self) -> Result<String, DataplaneError> {
-        match &self.rules {
-            RuleBackend::Nftables(n) => nft::nft_list_text(n.table()).await,
-            RuleBackend::Iptables(b) => {
-                let mut out = String::new();
-                for f in [Family::V4, Family::V6] {
-                    let save = b.save(f).await?;
-                    out.push_str(&format!("# {} nat\n", b.variant.save_cmd(f)));
-                    let post = b.chains.post();
-                    for line in save.lines() {
-                        let mentions = line
-                            .split(|c: char| c.is_whitespace() || c == ':')
-                            .any(|w| b.chains.owns(w) || w == post);
-                        if mentions {
-                            out.push_str(line);
-                            out.push('\n');
-                        }
-                    }
-                }
-                Ok(out)
-            }
-        }
+        self.rules.raw_listing().await
     }
 }
 
@@ -459,11 +383,7 @@ impl Dataplane for KernelDataplane {
             // A full replace removes the previous content and writes every element anew.
             report.elements_added = desired.source_count();
             report.elements_removed = before.source_count();
-            if matches!(self.rules, RuleBackend::Nftables(_)) {
-                report.objects_removed = nft::object_count(&before);
-            } else {
-                report.objects_removed = sync.objects_removed;
-            }
+            report.objects_removed = self.rules.objects_removed(&before, &sync);
         }
         let mut changes = vips::VipChanges::default();
         if let Err(e) = self
@@ -568,9 +488,7 @@ impl Dataplane for KernelDataplane {
             Ok(false) | Err(DataplaneError::ToolMissing { .. }) => {}
             Err(e) => r.errors.push(e.to_string()),
         }
-        if let RuleBackend::Nftables(n) = &mut self.rules {
-            n.invalidate();
-        }
+        self.rules.invalidate();
         let prefix = self.cfg.instance.chain_prefix();
         for v in [Variant::Legacy, Variant::Nft] {
             let b = IptBackend::new(prefix.clone(), v);

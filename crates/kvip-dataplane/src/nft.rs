@@ -20,6 +20,7 @@ use crate::error::DataplaneError;
 use crate::exec::{one_line, run_tool};
 use crate::names::{fnv1a, nft_policy_chain, policy_comment, policy_from_comment};
 use crate::nftjson::{Batch, Cmd, Elem, Lhs, Obj, SetType, Stmt};
+use crate::rules::{EgressSync, SyncMode};
 
 /// Priority of kvip's nat postrouting chain: srcnat (100) - 10.
 pub const NAT_PRIORITY: i32 = 90;
@@ -618,34 +619,11 @@ pub async fn nft_available() -> bool {
     matches!(run_tool("nft", &["list", "tables"], None).await, Ok(o) if o.status_ok)
 }
 
-/// What the nftables backend did in one apply.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SyncMode {
-    /// Nothing to change.
-    #[default]
-    Unchanged,
-    /// Only set and map elements changed.
-    Incremental,
-    /// The owned objects were replaced as a whole.
-    Full,
-}
-
 /// The nftables backend's memory of what it last made the kernel hold.
 #[derive(Debug)]
 pub struct NftBackend {
     table: String,
     applied: Option<DesiredState>,
-}
-
-/// Counts from one apply of egress rules.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct EgressSync {
-    pub mode: SyncMode,
-    pub objects_written: usize,
-    pub objects_removed: usize,
-    pub elements_added: usize,
-    pub elements_removed: usize,
 }
 
 impl NftBackend {

@@ -233,7 +233,7 @@ pub(crate) async fn command(opts: &DataplaneOpts, action: &DataplaneAction) -> R
             }
             ShowFormat::Nft | ShowFormat::Iptables => {
                 let want_nft = matches!(format, ShowFormat::Nft);
-                let is_nft = matches!(dp.backend(), kvip_dataplane::RuleBackend::Nftables(_));
+                let is_nft = dp.backend().iptables_variant().is_none();
                 if want_nft != is_nft {
                     bail!(
                         "the backend in use is {}; choose it with --backend",
