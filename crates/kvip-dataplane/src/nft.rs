@@ -538,7 +538,99 @@ pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
     for s in sets.keys().filter(|s| !used_sets.contains(*s)) {
         stray.push(format!("set {s} is not used by any policy"));
     }
+    stray.extend(structure_drift(items, !egress.is_empty()));
     Ok(ParsedTable { egress, stray })
+}
+
+/// The `flags` line of a table's text listing (`table inet kvip {` then `flags dormant`).
+fn table_flags(text: &str) -> Option<&str> {
+    let mut lines = text.lines().map(str::trim);
+    lines.next().filter(|l| l.starts_with("table "))?;
+    lines.next()?.strip_prefix("flags ")
+}
+
+/// What in the table's own structure kvip would not have written (table flags are checked
+/// before, see [`NftBackend::observe`]): the base chain's hook, priority and rules, hooked
+/// policy chains, and the flags of its sets and maps. Each is drift: read back as stray, so `show` and the doctor name it and
+/// the agent replaces the table.
+fn structure_drift(items: &[Value], has_policies: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut base_seen = false;
+    let mut base_rules = Vec::new();
+    let flags = |v: &Value| -> Vec<String> {
+        match &v["flags"] {
+            Value::Array(a) => a
+                .iter()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect(),
+            Value::String(f) => vec![f.clone()],
+            _ => Vec::new(),
+        }
+    };
+    for item in items {
+        if let Some(c) = item.get("chain") {
+            let name = c["name"].as_str().unwrap_or_default();
+            if name == BASE_CHAIN {
+                base_seen = true;
+                let ok = c["type"] == "nat"
+                    && c["hook"] == "postrouting"
+                    && c["prio"].as_i64() == Some(i64::from(NAT_PRIORITY))
+                    && c["policy"] == "accept";
+                if !ok {
+                    out.push(format!(
+                        "base chain {name} is type {} hook {} priority {} policy {} (kvip writes nat postrouting {NAT_PRIORITY} accept)",
+                        c["type"], c["hook"], c["prio"], c["policy"]
+                    ));
+                }
+            } else if c.get("hook").is_some() {
+                out.push(format!(
+                    "chain {name} is hooked (kvip's policy chains are not)"
+                ));
+            }
+        } else if let Some(s) = item.get("set") {
+            let name = s["name"].as_str().unwrap_or_default();
+            let want: &[&str] = if name.starts_with("pt_") {
+                &[]
+            } else {
+                &["interval"]
+            };
+            let f = flags(s);
+            if f != want {
+                out.push(format!("set {name} has flags {f:?} (kvip writes {want:?})"));
+            }
+        } else if let Some(m) = item.get("map") {
+            let name = m["name"].as_str().unwrap_or_default();
+            let f = flags(m);
+            if !f.is_empty() || m["map"] != "verdict" {
+                out.push(format!(
+                    "map {name} has flags {f:?} and maps to {} (kvip writes a verdict map without flags)",
+                    m["map"]
+                ));
+            }
+        } else if let Some(r) = item.get("rule")
+            && r["chain"] == BASE_CHAIN
+        {
+            base_rules.push(r["expr"].clone());
+        }
+    }
+    if !has_policies {
+        return out;
+    }
+    if !base_seen {
+        out.push(format!(
+            "base chain {BASE_CHAIN} is missing: no pod is translated"
+        ));
+        return out;
+    }
+    let dispatch = |proto: &str, map: &str| serde_json::json!([{"vmap": {"key": {"payload": {"protocol": proto, "field": "saddr"}}, "data": format!("@{map}")}}]);
+    let want = [dispatch("ip", "src4"), dispatch("ip6", "src6")];
+    if base_rules != want {
+        out.push(format!(
+            "base chain {BASE_CHAIN} holds {} rule(s) that are not kvip's dispatch by source (ip saddr vmap @src4, ip6 saddr vmap @src6)",
+            base_rules.len()
+        ));
+    }
+    out
 }
 
 /// How many objects (chains, rules, sets, maps) kvip's table holds for `state`.
@@ -701,6 +793,17 @@ impl NftBackend {
     }
 
     pub async fn observe(&self) -> Result<ParsedTable, DataplaneError> {
+        // Table flags first, from the text listing: with flags set, nft's JSON listing is
+        // not always valid (nft 1.0.6 prints `"flags": "ipv4_addr"` or stops short).
+        let text = nft_list_text(&self.table).await?;
+        if let Some(flags) = table_flags(&text) {
+            return Ok(ParsedTable {
+                egress: Vec::new(),
+                stray: vec![format!(
+                    "table flags {flags} (kvip sets none): nothing in the table is in effect"
+                )],
+            });
+        }
         match nft_list_table(&self.table).await? {
             None => Ok(ParsedTable::default()),
             Some(v) => parse_table(&v),

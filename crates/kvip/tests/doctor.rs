@@ -224,6 +224,25 @@ fn stray_objects_in_kvips_table() {
            nft add set inet kvip ex4_0000000000000000 '{ type ipv4_addr; flags interval; }'")
         .expect("nft");
     expect(&doctor(&ns, &[], None), &["kvip-stray"], "next read-back");
+
+    // kvip's base chain emptied by hand: nothing is translated, and the doctor says so.
+    let (ns, _peer) = node("dsb");
+    let state = "vips: [{address: 192.0.2.10, interface: eth0}]\negress:\n  - {name: a/b, vip: 192.0.2.10, sources: [10.244.1.5], exclude: [10.244.0.0/16]}\n";
+    ns.sh(&format!(
+        "printf '{state}' > /tmp/kvip-dsb-{pid}.yaml
+         {KVIP} dataplane apply --state /tmp/kvip-dsb-{pid}.yaml >/dev/null
+         rm /tmp/kvip-dsb-{pid}.yaml
+         nft flush chain inet kvip postrouting",
+        pid = std::process::id()
+    ))
+    .expect("apply, then flush the base chain");
+    let r = doctor(&ns, &[], None);
+    expect(&r, &["kvip-stray"], "next read-back");
+    assert!(
+        r.1.to_string().contains("base chain postrouting holds 0"),
+        "{:#}",
+        r.1
+    );
 }
 
 /// With the API: no CIDR anywhere and pods denied → `cidrs` and `rbac` (through
