@@ -526,6 +526,30 @@ impl DesiredState {
         out
     }
 
+    /// What of `self` (the state the kernel holds) `next` keeps: the VIPs `next` also claims
+    /// on the same interface, and the policies `next` also has by name and VIP, as they are in
+    /// `self`. Moving from `self` to it only removes: what a node does when `next` cannot be
+    /// applied, so that a lost VIP still leaves.
+    pub fn retained_in(&self, next: &DesiredState) -> DesiredState {
+        let vips: Vec<VipClaim> = self
+            .vips
+            .iter()
+            .filter(|v| next.vips.contains(v))
+            .cloned()
+            .collect();
+        let egress = self
+            .egress
+            .iter()
+            .filter(|p| {
+                vips.iter().any(|v| v.address == p.vip)
+                    && next.policy(&p.name).is_some_and(|n| n.vip == p.vip)
+            })
+            .cloned()
+            .collect();
+        // A part of a valid state is valid; should it not be, holding nothing is safe.
+        DesiredState::new(vips, egress).unwrap_or_default()
+    }
+
     /// The kinds of difference between this (desired) state and `observed` (empty when
     /// they are equal).
     pub fn drift(&self, observed: &DesiredState) -> BTreeSet<DriftKind> {
@@ -595,6 +619,27 @@ impl From<DesiredState> for DesiredStateSpec {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retained_in_only_removes() {
+        let st = |y: &str| -> super::DesiredState { serde_norway::from_str(y).unwrap() };
+        let now = st(
+            "vips: [{address: 192.0.2.1, interface: eth0}, {address: 192.0.2.2, interface: eth0}]\negress:\n  - {name: a/a, vip: 192.0.2.1, sources: [10.244.1.1], exclude: []}\n  - {name: b/b, vip: 192.0.2.2, sources: [10.244.1.2], exclude: []}\n",
+        );
+        // Next: 192.0.2.2 gone, 192.0.2.3 new, a/a changed its pods.
+        let next = st(
+            "vips: [{address: 192.0.2.1, interface: eth0}, {address: 192.0.2.3, interface: eth0}]\negress:\n  - {name: a/a, vip: 192.0.2.1, sources: [10.244.1.9], exclude: []}\n  - {name: c/c, vip: 192.0.2.3, sources: [10.244.1.3], exclude: []}\n",
+        );
+        let kept = now.retained_in(&next);
+        let vips: Vec<String> = kept.vips().iter().map(|v| v.address.to_string()).collect();
+        assert_eq!(vips, ["192.0.2.1"]);
+        assert_eq!(kept.egress().len(), 1);
+        assert_eq!(
+            kept.egress()[0].sources()[0].to_string(),
+            "10.244.1.1",
+            "as it was"
+        );
+    }
+
     use super::*;
 
     fn spec_policy(name: &str, vip: &str, sources: &[&str]) -> EgressPolicySpec {

@@ -4,7 +4,7 @@
 //! The snapshot uses kvip's own small types rather than Kubernetes API objects, so this crate
 //! stays free of the API machinery; the agent converts watched objects into them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -71,11 +71,12 @@ pub struct ClusterNetworks {
     pub api_server: Vec<IpAddr>,
 }
 
-/// Everything `plan()` reads.
+/// Everything `plan()` reads. Services and endpoints are shared (`Arc`): a snapshot per
+/// sync costs pointers, not copies, and an unchanged Service is recognised by identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    pub services: Vec<ServiceInfo>,
-    pub endpoints: BTreeMap<ServiceKey, Vec<EndpointInfo>>,
+    pub services: Vec<Arc<ServiceInfo>>,
+    pub endpoints: BTreeMap<ServiceKey, Arc<[EndpointInfo]>>,
     pub networks: ClusterNetworks,
     /// This node carries `node.kubernetes.io/exclude-from-external-load-balancers`: it holds
     /// nothing and competes for nothing.
@@ -221,13 +222,16 @@ pub struct Planner {
     /// Node settings, networks and exclusion the memory was computed with.
     context: Option<(NodeConfig, ClusterNetworks, bool)>,
     memo: HashMap<ServiceKey, Memo>,
+    calls: u64,
 }
 
 #[derive(Debug)]
 struct Memo {
-    service: ServiceInfo,
-    endpoints: Vec<EndpointInfo>,
+    service: Arc<ServiceInfo>,
+    endpoints: Option<Arc<[EndpointInfo]>>,
     holds: bool,
+    /// The plan call that last saw the Service (older entries are gone from the cluster).
+    seen: u64,
     /// `None`: the Service is not selected.
     draft: Option<Arc<Draft>>,
 }
@@ -263,40 +267,55 @@ impl Planner {
             self.memo.clear();
             self.context = Some((cfg.clone(), snap.networks.clone(), snap.node_excluded));
         }
-        let mut sorted: Vec<&ServiceInfo> = snap.services.iter().collect();
+        self.calls += 1;
+        let call = self.calls;
+        let mut sorted: Vec<&Arc<ServiceInfo>> = snap.services.iter().collect();
         sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let mut drafts: Vec<Arc<Draft>> = Vec::with_capacity(sorted.len());
-        let mut seen: HashSet<ServiceKey> = HashSet::with_capacity(sorted.len());
         for s in sorted {
             let key = s.key();
-            let endpoints = snap
-                .endpoints
-                .get(&key)
-                .map(Vec::as_slice)
-                .unwrap_or_default();
+            let endpoints = snap.endpoints.get(&key);
             let holds = lead.holds(&key);
-            let fresh = match self.memo.get(&key) {
-                Some(m) => m.holds != holds || m.service != *s || m.endpoints != endpoints,
-                None => true,
+            let same = |m: &Memo| {
+                m.holds == holds
+                    && (Arc::ptr_eq(&m.service, s) || m.service == *s)
+                    && match (&m.endpoints, endpoints) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                        _ => false,
+                    }
             };
-            if fresh {
-                let draft = draft(s, endpoints, holds, snap, cfg).map(Arc::new);
-                self.memo.insert(
-                    key.clone(),
-                    Memo {
-                        service: s.clone(),
-                        endpoints: endpoints.to_vec(),
-                        holds,
-                        draft,
-                    },
-                );
+            let memo = match self.memo.get_mut(&key) {
+                Some(m) if same(m) => m,
+                _ => {
+                    let eps = endpoints.map(|e| &e[..]).unwrap_or_default();
+                    let draft = draft(s, eps, holds, snap, cfg).map(Arc::new);
+                    self.memo.insert(
+                        key.clone(),
+                        Memo {
+                            service: Arc::clone(s),
+                            endpoints: endpoints.cloned(),
+                            holds,
+                            seen: call,
+                            draft,
+                        },
+                    );
+                    match self.memo.get_mut(&key) {
+                        Some(m) => m,
+                        None => continue,
+                    }
+                }
+            };
+            // Identical content, new allocation: keep the new one, so the next call
+            // recognises it by identity.
+            memo.service = Arc::clone(s);
+            memo.endpoints = endpoints.cloned();
+            memo.seen = call;
+            if let Some(d) = &memo.draft {
+                drafts.push(Arc::clone(d));
             }
-            if let Some(d) = self.memo.get(&key).and_then(|m| m.draft.clone()) {
-                drafts.push(d);
-            }
-            seen.insert(key);
         }
-        self.memo.retain(|k, _| seen.contains(k));
+        self.memo.retain(|_, m| m.seen == call);
         combine(&drafts)
     }
 }
@@ -616,7 +635,7 @@ mod tests {
 
     fn snap(services: Vec<ServiceInfo>, eps: Vec<(&str, Vec<EndpointInfo>)>) -> Snapshot {
         Snapshot {
-            services,
+            services: services.into_iter().map(Arc::new).collect(),
             endpoints: eps
                 .into_iter()
                 .map(|(k, v)| {
@@ -626,7 +645,7 @@ mod tests {
                             namespace: ns.into(),
                             name: n.into(),
                         },
-                        v,
+                        v.into(),
                     )
                 })
                 .collect(),

@@ -99,6 +99,7 @@ proptest! {
 mod planning {
     use std::collections::BTreeMap;
     use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Arc;
 
     use kvip_core::annotations as ann;
     use kvip_core::plan::{ClusterNetworks, EndpointInfo, ServiceInfo, ServiceKey};
@@ -188,6 +189,8 @@ mod planning {
                 (
                     (service(0), service(1), service(2), service(3)),
                     0u8..16,
+                    0u8..16,
+                    0u8..16,
                     any::<bool>(),
                     0u8..10,
                 ),
@@ -196,12 +199,25 @@ mod planning {
         ) {
             let cfg = NodeConfig { node_name: "n0".into(), interface: "eth0".into(), ..NodeConfig::default() };
             let mut planner = kvip_core::plan::Planner::default();
-            for (svcs, present, excluded, lead) in steps {
-                let list: Vec<_> = [svcs.0, svcs.1, svcs.2, svcs.3]
-                    .into_iter()
+            // The Services as the cluster holds them: a step replaces some (new content),
+            // copies some (same content, new allocation) and keeps the rest (same `Arc`).
+            let mut current: Vec<Option<(Arc<ServiceInfo>, Arc<[EndpointInfo]>)>> = vec![None; 4];
+            for (svcs, replace, copy, present, excluded, lead) in steps {
+                for (i, (s, e)) in [svcs.0, svcs.1, svcs.2, svcs.3].into_iter().enumerate() {
+                    let slot = &mut current[i];
+                    if slot.is_none() || replace & (1 << i) != 0 {
+                        *slot = Some((Arc::new(s), e.into()));
+                    } else if copy & (1 << i) != 0
+                        && let Some((s, e)) = slot.take()
+                    {
+                        *slot = Some((Arc::new((*s).clone()), e.to_vec().into()));
+                    }
+                }
+                let list: Vec<(Arc<ServiceInfo>, Arc<[EndpointInfo]>)> = current
+                    .iter()
                     .enumerate()
                     .filter(|(i, _)| present & (1 << i) != 0)
-                    .map(|(_, x)| x)
+                    .filter_map(|(_, x)| x.clone())
                     .collect();
                 let snap = Snapshot {
                     endpoints: list
@@ -238,9 +254,9 @@ mod planning {
             let snap = Snapshot {
                 endpoints: list
                     .iter()
-                    .map(|(s, e)| (ServiceKey { namespace: s.namespace.clone(), name: s.name.clone() }, e.clone()))
+                    .map(|(s, e)| (ServiceKey { namespace: s.namespace.clone(), name: s.name.clone() }, e.clone().into()))
                     .collect(),
-                services: list.iter().map(|(s, _)| s.clone()).collect(),
+                services: list.iter().map(|(s, _)| Arc::new(s.clone())).collect(),
                 networks: networks(),
                 node_excluded: excluded,
             };

@@ -1,5 +1,8 @@
 //! Flushing the connection-tracking entries of pods whose translation changed, so that
-//! existing flows do not keep a stale source address. Uses the `conntrack` tool.
+//! existing flows do not keep a stale source address. Which sources have entries is read
+//! from `/proc/net/nf_conntrack` of the calling thread's namespace when the kernel has it
+//! (no process to start: this runs after every change), else listed with the `conntrack`
+//! tool; entries are deleted with the tool.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -7,10 +10,39 @@ use std::net::IpAddr;
 use crate::error::DataplaneError;
 use crate::exec::{one_line, run_tool};
 
-/// Original source addresses of the entries currently tracked, in the families asked for
-/// (one `conntrack` process each).
+/// The original source of each entry of a conntrack listing (the tool's or the kernel's
+/// `/proc` table: the first `src=` of a line is the original direction's).
+fn sources_of(listing: &str, out: &mut BTreeSet<IpAddr>) {
+    for line in listing.lines() {
+        if let Some(src) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("src="))
+            .and_then(|s| s.parse::<IpAddr>().ok())
+        {
+            out.insert(src);
+        }
+    }
+}
+
+/// Original source addresses of the entries currently tracked, in the families asked for:
+/// from the kernel's table in `/proc` (this thread's network namespace), or one `conntrack`
+/// process per family where the kernel has no such file.
 async fn tracked_sources(v4: bool, v6: bool) -> Result<BTreeSet<IpAddr>, DataplaneError> {
     let mut out = BTreeSet::new();
+    match std::fs::read_to_string("/proc/thread-self/net/nf_conntrack") {
+        Ok(table) => {
+            sources_of(&table, &mut out);
+            return Ok(out);
+        }
+        // Not built into this kernel (or conntrack not loaded): ask the tool.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(DataplaneError::Io {
+                tool: "/proc/thread-self/net/nf_conntrack".into(),
+                source: e,
+            });
+        }
+    }
     let families = [("ipv4", v4), ("ipv6", v6)];
     for fam in families.iter().filter(|f| f.1).map(|f| f.0) {
         let o = run_tool("conntrack", &["-L", "-f", fam], None).await?;
@@ -21,15 +53,7 @@ async fn tracked_sources(v4: bool, v6: bool) -> Result<BTreeSet<IpAddr>, Datapla
                 stderr: one_line(&o.stderr),
             });
         }
-        for line in o.stdout.lines() {
-            if let Some(src) = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("src="))
-                .and_then(|s| s.parse::<IpAddr>().ok())
-            {
-                out.insert(src);
-            }
-        }
+        sources_of(&o.stdout, &mut out);
     }
     Ok(out)
 }
@@ -62,4 +86,24 @@ pub async fn flush_sources(sources: &BTreeSet<IpAddr>) -> Result<usize, Dataplan
         flushed += 1;
     }
     Ok(flushed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_sources_of_both_listings() {
+        let proc_table = "ipv4     2 udp      17 29 src=10.244.1.5 dst=203.0.113.9 sport=5353 dport=53 src=203.0.113.9 dst=192.0.2.10 sport=53 dport=5353 mark=0 zone=0 use=2\n\
+ipv6     10 tcp      6 86399 ESTABLISHED src=fd00::5 dst=2001:db8::9 sport=4242 dport=443 src=2001:db8::9 dst=2001:db8::10 sport=443 dport=4242 [ASSURED] mark=0 zone=0 use=2\n";
+        let tool = "udp      17 29 src=10.244.1.6 dst=203.0.113.9 sport=5353 dport=53 src=203.0.113.9 dst=192.0.2.10 sport=53 dport=5353 mark=0 use=1\n";
+        let mut out = BTreeSet::new();
+        sources_of(proc_table, &mut out);
+        sources_of(tool, &mut out);
+        let want: BTreeSet<IpAddr> = ["10.244.1.5", "10.244.1.6", "fd00::5"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(out, want);
+    }
 }

@@ -25,6 +25,8 @@ struct Kernel {
     calls: Vec<Call>,
     /// Applies still to fail (each failing one leaves `state` as it was).
     failures: usize,
+    /// Every apply that claims this VIP fails (one that cannot be held).
+    refused: Option<std::net::IpAddr>,
 }
 
 /// The fake; clones share one kernel, so a test keeps a clone to look and to meddle.
@@ -60,6 +62,11 @@ impl FakeDataplane {
         self.kernel().failures = n;
     }
 
+    /// Makes every apply that claims `vip` fail, changing nothing (`None`: lifts it).
+    pub fn refuse_vip(&self, vip: Option<std::net::IpAddr>) {
+        self.kernel().refused = vip;
+    }
+
     /// Every call so far, oldest first.
     pub fn calls(&self) -> Vec<Call> {
         self.kernel().calls.clone()
@@ -81,8 +88,11 @@ impl Dataplane for FakeDataplane {
     async fn apply(&mut self, desired: &DesiredState) -> Result<ApplyReport, DataplaneError> {
         let mut k = self.kernel();
         k.calls.push(Call::Apply(desired.clone()));
-        if k.failures > 0 {
-            k.failures -= 1;
+        let refused = k
+            .refused
+            .is_some_and(|r| desired.vips().iter().any(|v| v.address == r));
+        if refused || k.failures > 0 {
+            k.failures = k.failures.saturating_sub(usize::from(!refused));
             drop(k);
             self.applied = None;
             return Err(DataplaneError::Config("injected failure".into()));

@@ -141,11 +141,13 @@ impl KernelDataplane {
                 Err(e) => tracing::error!(error = %e, "rollback: listing VIPs failed"),
             }
         }
-        for o in &changes.removed {
-            let Some(p) = protocol else { break };
-            if let Err(e) = self.addrs.add(o.address, o.ifindex, p).await {
-                tracing::error!(address = %o.address, error = %e, "rollback: adding back a removed VIP failed");
-            }
+        // VIPs removed stay removed: removing one is always safe, while putting it back
+        // could hold it on two nodes (the change may be a lost Lease).
+        if !changes.removed.is_empty() {
+            tracing::warn!(
+                vips = ?changes.removed.iter().map(|o| o.address).collect::<Vec<_>>(),
+                "rollback: the VIPs this apply removed stay removed"
+            );
         }
         match before {
             Some(b) => {

@@ -1,5 +1,6 @@
-//! A VIP step that fails after the rules were committed leaves rules and addresses as they
-//! were (the failure comes from the test seam `fail_add`).
+//! A VIP step that fails after the rules were committed puts the previous rules back and
+//! removes the VIPs it added; the VIPs it removed stay removed (a removal is never undone:
+//! it may be a lost Lease). The failure comes from the test seam `fail_add`.
 
 use std::collections::BTreeSet;
 
@@ -45,7 +46,7 @@ fn snapshot(ns: &Netns, nft: bool) -> (String, BTreeSet<String>) {
 }
 
 #[test]
-fn failure_after_the_rules_commit_restores_rules_and_vips() {
+fn failure_after_the_rules_commit_restores_rules_and_keeps_removals() {
     require_kernel!();
     let a = state(
         r#"
@@ -86,8 +87,23 @@ egress:
             dp.fail_add = Some("192.0.2.12".parse().expect("ip"));
             let err = dp.apply(&b).await.expect_err("the injected failure");
             assert!(err.to_string().contains("test seam"), "{name}: {err}");
-            assert_eq!(snapshot(&ns, name == "nftables"), before, "{name}");
-            assert_eq!(dp.observe().await.expect("observe").state, a, "{name}");
+            let (rules, addrs) = snapshot(&ns, name == "nftables");
+            assert_eq!(rules, before.0, "{name}: the previous rules");
+            let gone: BTreeSet<String> = before
+                .1
+                .iter()
+                .filter(|a| a.contains("192.0.2.10") || a.contains("2001:db8:1::10"))
+                .cloned()
+                .collect();
+            assert_eq!(gone.len(), 2, "{name}: A's VIPs were there: {:?}", before.1);
+            let kept: BTreeSet<String> = before.1.difference(&gone).cloned().collect();
+            assert_eq!(
+                addrs, kept,
+                "{name}: A's VIPs removed, B's added one removed again"
+            );
+            let seen = dp.observe().await.expect("observe").state;
+            assert_eq!(seen.egress(), a.egress(), "{name}");
+            assert!(seen.vips().is_empty(), "{name}: {seen:?}");
             // Without the failure, B applies exactly.
             dp.fail_add = None;
             dp.apply(&b).await.expect("apply B");

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -41,8 +42,8 @@ type Memo<T> = std::collections::HashMap<(String, String), (String, T)>;
 
 #[derive(Default)]
 struct Converted {
-    services: Memo<ServiceInfo>,
-    slices: Memo<Option<(ServiceKey, Vec<EndpointInfo>)>>,
+    services: Memo<Arc<ServiceInfo>>,
+    slices: Memo<Option<(ServiceKey, Arc<[EndpointInfo]>)>>,
 }
 
 /// `convert(obj)`, or the memory of it while the object's resourceVersion is unchanged.
@@ -186,17 +187,32 @@ impl ClusterCache {
             .services
             .state()
             .iter()
-            .map(|s| memoised(svc_memo, &mut seen, s.as_ref(), service_info))
+            .map(|s| {
+                memoised(svc_memo, &mut seen, s.as_ref(), |s| {
+                    Arc::new(service_info(s))
+                })
+            })
             .collect();
         svc_memo.retain(|k, _| seen.contains(k));
         seen.clear();
-        let mut endpoints: BTreeMap<ServiceKey, Vec<EndpointInfo>> = BTreeMap::new();
+        let mut endpoints: BTreeMap<ServiceKey, Arc<[EndpointInfo]>> = BTreeMap::new();
         for slice in self.slices.state() {
-            let Some((key, eps)) = memoised(slice_memo, &mut seen, slice.as_ref(), slice_endpoints)
-            else {
+            let Some((key, eps)) = memoised(slice_memo, &mut seen, slice.as_ref(), |s| {
+                slice_endpoints(s).map(|(k, e)| (k, Arc::from(e)))
+            }) else {
                 continue;
             };
-            endpoints.entry(key).or_default().extend(eps);
+            // One slice per Service is the common case: shared as it is. Several: joined.
+            match endpoints.entry(key) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(eps);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    let joined: Vec<EndpointInfo> =
+                        o.get().iter().chain(eps.iter()).cloned().collect();
+                    o.insert(joined.into());
+                }
+            }
         }
         slice_memo.retain(|k, _| seen.contains(k));
         drop(memo);

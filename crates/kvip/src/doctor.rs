@@ -516,8 +516,12 @@ async fn check_api(
         }
     }
     let snapshot = Snapshot {
-        services: svc_list.items.iter().map(service_info).collect(),
-        endpoints,
+        services: svc_list
+            .items
+            .iter()
+            .map(|s| std::sync::Arc::new(service_info(s)))
+            .collect(),
+        endpoints: endpoints.into_iter().map(|(k, v)| (k, v.into())).collect(),
         networks,
         node_excluded,
     };

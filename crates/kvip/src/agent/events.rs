@@ -1,18 +1,131 @@
-//! Events on Services, published on change only (and aggregated into series by the
-//! recorder), so a steady state emits nothing. Every publication is bounded in time.
+//! Events on Services, published on change only, so a steady state emits nothing; a repeat
+//! within [`SERIES_TTL`] becomes a series on the first Event (count and last time), as
+//! Kubernetes' own recorders do. Every publication is bounded in time.
+//!
+//! kube's `Recorder` keeps every Event it published (the whole object, for its TTL) in a
+//! table that never shrinks: at a thousand Services that was the agent's largest use of
+//! memory. This one keeps, per series, its name, count and time, and at most
+//! [`MAX_SERIES`] of them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use k8s_openapi::api::events::v1::{Event, EventSeries};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
 use kvip_core::Plan;
 use kvip_core::plan::{ServiceKey, ServiceWarning};
+use tokio::time::Instant;
 
 use super::client::API_CALL_TIMEOUT;
 use super::permissions::Missing;
 
+/// A repeat within this time joins the first Event's series (Kubernetes' recorders: 6 min).
+const SERIES_TTL: Duration = Duration::from_secs(360);
+/// Series remembered at most (the oldest are forgotten first).
+const MAX_SERIES: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum EventType {
+    Normal,
+    Warning,
+}
+
+/// What makes two Events one series.
+type SeriesKey = (ServiceKey, EventType, String, String);
+
+struct Series {
+    name: String,
+    count: i32,
+    last: Instant,
+}
+
+/// Publishes Events about Services as `kvip` on this node.
+struct Publisher {
+    client: kube::Client,
+    node: String,
+    series: BTreeMap<SeriesKey, Series>,
+}
+
+impl Publisher {
+    async fn publish(
+        &mut self,
+        key: &ServiceKey,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) -> Result<(), kube::Error> {
+        let now = Instant::now();
+        self.series
+            .retain(|_, s| now.duration_since(s.last) < SERIES_TTL);
+        let skey: SeriesKey = (key.clone(), type_, reason.to_string(), action.to_string());
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &key.namespace);
+        let stamp = Timestamp::now();
+        if let Some(s) = self.series.get_mut(&skey) {
+            s.count += 1;
+            s.last = now;
+            let patch = serde_json::json!({
+                "note": note,
+                "series": EventSeries { count: s.count, last_observed_time: MicroTime(stamp) },
+            });
+            api.patch(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            return Ok(());
+        }
+        let name = format!("{}.{:x}", key.name, stamp.as_nanosecond());
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(key.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            event_time: Some(MicroTime(stamp)),
+            type_: Some(match type_ {
+                EventType::Normal => "Normal".into(),
+                EventType::Warning => "Warning".into(),
+            }),
+            reason: Some(reason.to_string()),
+            action: Some(action.to_string()),
+            note: Some(note),
+            regarding: Some(ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Service".into()),
+                name: Some(key.name.clone()),
+                namespace: Some(key.namespace.clone()),
+                ..ObjectReference::default()
+            }),
+            reporting_controller: Some("kvip".into()),
+            reporting_instance: Some(self.node.clone()),
+            ..Event::default()
+        };
+        api.create(&PostParams::default(), &event).await?;
+        if self.series.len() >= MAX_SERIES
+            && let Some(oldest) = self
+                .series
+                .iter()
+                .min_by_key(|(_, s)| s.last)
+                .map(|(k, _)| k.clone())
+        {
+            self.series.remove(&oldest);
+        }
+        self.series.insert(
+            skey,
+            Series {
+                name,
+                count: 1,
+                last: now,
+            },
+        );
+        Ok(())
+    }
+}
+
 pub(crate) struct ServiceEvents {
-    recorder: Recorder,
+    publisher: Publisher,
     node: String,
     /// Per Service: held, translated pods, warnings, as last reported.
     last: BTreeMap<ServiceKey, (bool, usize, Vec<String>)>,
@@ -25,13 +138,11 @@ pub(crate) struct ServiceEvents {
 impl ServiceEvents {
     pub(crate) fn new(client: kube::Client, node: &str) -> Self {
         ServiceEvents {
-            recorder: Recorder::new(
+            publisher: Publisher {
                 client,
-                Reporter {
-                    controller: "kvip".into(),
-                    instance: Some(node.to_string()),
-                },
-            ),
+                node: node.to_string(),
+                series: BTreeMap::new(),
+            },
             node: node.to_string(),
             last: BTreeMap::new(),
             last_invalid: None,
@@ -39,31 +150,18 @@ impl ServiceEvents {
         }
     }
 
-    /// `action` is part of what the recorder aggregates by: distinct problems (one per
-    /// annotation) stay distinct Events, repeats of one become a series.
+    /// `action` is part of what makes a series: distinct problems (one per annotation) stay
+    /// distinct Events, repeats of one become a series.
     async fn emit(
-        &self,
+        &mut self,
         key: &ServiceKey,
         type_: EventType,
         reason: &str,
         action: &str,
         note: String,
     ) {
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Service".into()),
-            name: Some(key.name.clone()),
-            namespace: Some(key.namespace.clone()),
-            ..ObjectReference::default()
-        };
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
-        match tokio::time::timeout(API_CALL_TIMEOUT, self.recorder.publish(&ev, &reference)).await {
+        let publish = self.publisher.publish(key, type_, reason, action, note);
+        match tokio::time::timeout(API_CALL_TIMEOUT, publish).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(service = %key, reason, error = %e, "publishing an event"),
             Err(_) => tracing::warn!(service = %key, reason, "publishing an event timed out"),

@@ -36,7 +36,7 @@ pub(crate) use client::{api_server_addresses, backend_kind, client, node_config,
 
 use crate::metrics::{self, Metrics, NotReady, SourceLabel};
 
-const DEBOUNCE: Duration = Duration::from_millis(50);
+const DEBOUNCE: Duration = Duration::from_millis(20);
 /// SIGTERM and SIGINT, caught from the moment this is created: a signal that arrives while
 /// the agent is still starting or in the middle of a sync is kept, not lost and not fatal, so
 /// the shutdown path (teardown, lease release) always runs.

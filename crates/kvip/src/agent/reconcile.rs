@@ -90,11 +90,22 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
         // A failed sync is tried again after a pause, change or not.
         let retry = (!ok).then(|| last_sync + RETRY_FAILED);
         // Wait for a change (or the resync timer), then let a burst of changes settle. The
-        // neighbours' refresh announces what is held without a sync.
+        // neighbours' refresh announces what is held without a sync. A closed channel means
+        // its sender's task is gone (a bug): stop rather than spin.
+        let mut leadership_changed = false;
         loop {
             tokio::select! {
-                _ = ch.dirty.changed() => {}
-                _ = ch.leadership.changed() => {}
+                r = ch.dirty.changed() => if r.is_err() {
+                    tracing::error!("the watches stopped; the reconcile loop stops");
+                    return;
+                },
+                r = ch.leadership.changed() => {
+                    if r.is_err() {
+                        tracing::error!("the elections stopped; the reconcile loop stops");
+                        return;
+                    }
+                    leadership_changed = true;
+                }
                 _ = async {
                     match retry {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -128,11 +139,13 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
         // Debounce: at most one sync per interval. A change after a quiet spell is applied at
         // once; the changes of a burst wait for the rest of the interval and go together. A
         // leadership change waits for nothing.
-        let wait = tokio::time::sleep(s.debounce.saturating_sub(last_sync.elapsed()));
-        tokio::select! {
-            _ = wait => {}
-            _ = ch.leadership.changed() => {}
-            _ = root.cancelled() => return,
+        if !leadership_changed {
+            let wait = tokio::time::sleep(s.debounce.saturating_sub(last_sync.elapsed()));
+            tokio::select! {
+                _ = wait => {}
+                _ = ch.leadership.changed() => {}
+                _ = root.cancelled() => return,
+            }
         }
     }
 }
@@ -183,7 +196,9 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
     }
     let generation = *ch.dirty.borrow_and_update();
     m.generation_observed.set(generation as i64);
+    let started = std::time::Instant::now();
     let snapshot = Arc::new(source.snapshot(s.networks.clone()));
+    let snapshot_took = started.elapsed();
     if snapshot.node_excluded != mem.was_excluded {
         mem.was_excluded = snapshot.node_excluded;
         tracing::info!(
@@ -193,6 +208,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
         );
     }
     let p = Arc::new((s.planner)(&snapshot, &view.leadership, &s.node));
+    let plan_took = started.elapsed() - snapshot_took;
     let namespaces: BTreeSet<String> = p.services.keys().map(|k| k.namespace.clone()).collect();
     ch.namespaces
         .send_if_modified(|v| std::mem::replace(v, namespaces.clone()) != namespaces);
@@ -258,6 +274,8 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
                 tracing::info!(
                     mode = ?r.mode, pods = desired.source_count(),
                     vips_added = ?r.vips_added, vips_removed = ?r.vips_removed,
+                    snapshot_ms = snapshot_took.as_secs_f64() * 1e3,
+                    plan_ms = plan_took.as_secs_f64() * 1e3,
                     ms = r.duration.as_secs_f64() * 1e3, "synced"
                 );
             }
@@ -273,7 +291,33 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
             );
             tracing::error!(error = %e, "sync failed; the next sync replaces everything");
             dp.invalidate();
-            // Nothing to report: the kernel may not hold what the plan says.
+            // What cannot be added must not keep what has to go: remove, at least, what this
+            // node no longer holds (a lost Lease's VIP), keeping the rest as it was.
+            if let Some(last) = mem.applied.clone() {
+                let fallback = last.retained_in(&desired);
+                if fallback != last {
+                    match dp.apply(&fallback).await {
+                        Ok(r) => {
+                            tracing::warn!(vips_removed = ?r.vips_removed, "applied the removals alone");
+                            m.vips_held.set(fallback.vips().len() as i64);
+                            m.egress_pods.set(fallback.source_count() as i64);
+                            mem.applied = Some(fallback);
+                            // The kernel holds nothing the plan does not: the elections may
+                            // release what it no longer holds.
+                            ch.synced.send_replace(Some(Synced::from_plan(
+                                view.seq,
+                                snapshot.node_excluded,
+                                &p,
+                            )));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "applying the removals alone failed too");
+                            dp.invalidate();
+                        }
+                    }
+                }
+            }
+            // Nothing to report: the kernel does not hold what the plan says.
             return false;
         }
     }

@@ -34,7 +34,7 @@ async fn publish_held(client: &kube::Client, r: &Report, node: &str) {
         .snapshot
         .services
         .iter()
-        .map(|s| ((s.namespace.as_str(), s.name.as_str()), s))
+        .map(|s| ((s.namespace.as_str(), s.name.as_str()), s.as_ref()))
         .collect();
     for (key, sp) in r.plan.services.iter().filter(|(_, sp)| sp.held) {
         let Some(svc) = by_key.get(&(key.namespace.as_str(), key.name.as_str())) else {

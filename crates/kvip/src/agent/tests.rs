@@ -42,7 +42,10 @@ fn web(name: &str, vip: &str) -> ServiceInfo {
 
 fn snapshot(services: &[(&str, &str, &str)]) -> Snapshot {
     Snapshot {
-        services: services.iter().map(|(n, vip, _)| web(n, vip)).collect(),
+        services: services
+            .iter()
+            .map(|(n, vip, _)| Arc::new(web(n, vip)))
+            .collect(),
         endpoints: services
             .iter()
             .map(|(n, _, pod)| {
@@ -55,7 +58,8 @@ fn snapshot(services: &[(&str, &str, &str)]) -> Snapshot {
                         address: pod.parse().unwrap(),
                         node: Some("n1".into()),
                         ready: true,
-                    }],
+                    }]
+                    .into(),
                 )
             })
             .collect(),
@@ -196,8 +200,12 @@ async fn leadership_reaches_the_kernel_and_the_elections_hear_after() {
     let started = tokio::time::Instant::now();
     h.lead(Leadership::Global(false));
     until("VIP dropped", || h.vips().is_empty()).await;
-    // At once: no debounce, no wait on anything else.
-    assert!(started.elapsed() < Duration::from_millis(60));
+    // At once, although the last sync was just now: no debounce, no wait on anything else.
+    assert!(
+        started.elapsed() < Duration::from_millis(5),
+        "{:?}",
+        started.elapsed()
+    );
     until("synced seq 2", || {
         h.synced.borrow().as_ref().is_some_and(|s| s.seq == 2)
     })
@@ -322,4 +330,38 @@ async fn the_loop_stops_on_cancel_even_while_changes_keep_coming() {
         .unwrap();
     // The loop itself never tears down: that is the shutdown path's job, after it.
     assert!(!h.fake.calls().contains(&Call::Teardown));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_state_that_cannot_be_applied_still_removes_what_is_no_longer_held() {
+    let h = Harness::start(
+        snapshot(&[
+            ("a", "198.51.100.10", "10.244.1.5"),
+            ("b", "198.51.100.11", "10.244.1.6"),
+        ]),
+        false,
+    );
+    let key = |n: &str| ServiceKey {
+        namespace: "default".into(),
+        name: n.into(),
+    };
+    h.lead(Leadership::PerService([key("a")].into()));
+    until("a held", || h.vips() == ["198.51.100.10"]).await;
+    // b's VIP cannot be held on this node; the Lease of a is lost at the same time.
+    h.fake.refuse_vip(Some("198.51.100.11".parse().unwrap()));
+    h.lead(Leadership::PerService([key("b")].into()));
+    until("a's VIP and egress removed", || h.fake.state().is_empty()).await;
+    // The elections hear of the sync that removed it (seq 2), so they may release a's Lease.
+    until("synced seq 2", || {
+        h.synced.borrow().as_ref().is_some_and(|s| s.seq == 2)
+    })
+    .await;
+    assert!(
+        !h.metrics.readiness().is_empty(),
+        "not ready: b is not held"
+    );
+    h.fake.refuse_vip(None);
+    until("b held after the retry", || h.vips() == ["198.51.100.11"]).await;
+    h.root.cancel();
+    h.task.await.unwrap();
 }
