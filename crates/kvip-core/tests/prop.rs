@@ -169,6 +169,9 @@ mod planning {
             })
     }
 
+    /// A Service and its endpoints, as a snapshot shares them.
+    type Shared = (Arc<ServiceInfo>, Arc<[EndpointInfo]>);
+
     fn networks() -> ClusterNetworks {
         ClusterNetworks {
             pod: vec![
@@ -201,7 +204,7 @@ mod planning {
             let mut planner = kvip_core::plan::Planner::default();
             // The Services as the cluster holds them: a step replaces some (new content),
             // copies some (same content, new allocation) and keeps the rest (same `Arc`).
-            let mut current: Vec<Option<(Arc<ServiceInfo>, Arc<[EndpointInfo]>)>> = vec![None; 4];
+            let mut current: Vec<Option<Shared>> = vec![None; 4];
             for (svcs, replace, copy, present, excluded, lead) in steps {
                 for (i, (s, e)) in [svcs.0, svcs.1, svcs.2, svcs.3].into_iter().enumerate() {
                     let slot = &mut current[i];
@@ -213,7 +216,7 @@ mod planning {
                         *slot = Some((Arc::new((*s).clone()), e.to_vec().into()));
                     }
                 }
-                let list: Vec<(Arc<ServiceInfo>, Arc<[EndpointInfo]>)> = current
+                let list: Vec<Shared> = current
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| present & (1 << i) != 0)
