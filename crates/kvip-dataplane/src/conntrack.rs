@@ -29,7 +29,17 @@ fn sources_of(listing: &str, out: &mut BTreeSet<IpAddr>) {
 /// process per family where the kernel has no such file.
 async fn tracked_sources(v4: bool, v6: bool) -> Result<BTreeSet<IpAddr>, DataplaneError> {
     let mut out = BTreeSet::new();
-    match std::fs::read_to_string("/proc/thread-self/net/nf_conntrack") {
+    // Off the runtime's thread (a large table takes a while to read); the blocking pool's
+    // threads are in the namespace of the thread that started them, as this one.
+    let read = tokio::task::spawn_blocking(|| {
+        std::fs::read_to_string("/proc/thread-self/net/nf_conntrack")
+    })
+    .await
+    .map_err(|e| DataplaneError::Io {
+        tool: "/proc/thread-self/net/nf_conntrack".into(),
+        source: std::io::Error::other(e),
+    })?;
+    match read {
         Ok(table) => {
             sources_of(&table, &mut out);
             return Ok(out);

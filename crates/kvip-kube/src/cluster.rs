@@ -208,8 +208,11 @@ impl ClusterCache {
                     v.insert(eps);
                 }
                 std::collections::btree_map::Entry::Occupied(mut o) => {
-                    let joined: Vec<EndpointInfo> =
+                    // In a stable order (the store's is not), so the planner sees an
+                    // unchanged Service as unchanged.
+                    let mut joined: Vec<EndpointInfo> =
                         o.get().iter().chain(eps.iter()).cloned().collect();
+                    joined.sort_by(|a, b| (a.address, &a.node).cmp(&(b.address, &b.node)));
                     o.insert(joined.into());
                 }
             }

@@ -151,6 +151,9 @@ async fn seen_released(
     std::future::pending::<()>().await
 }
 
+/// The least time between two warnings about one Lease's failing calls.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// One node's participation in one Lease's election.
 pub struct Election {
     lock: LeaseLock,
@@ -158,6 +161,8 @@ pub struct Election {
     timings: Timings,
     start: Instant,
     forbidden: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// When a failing call was last logged as a warning (at most one a minute).
+    warned: Option<Instant>,
 }
 
 fn wall_us() -> i64 {
@@ -174,6 +179,7 @@ impl Election {
             timings,
             start: Instant::now(),
             forbidden: None,
+            warned: None,
         }
     }
 
@@ -184,11 +190,18 @@ impl Election {
         self
     }
 
-    fn failed(&self, what: &str, e: &ElectionError) {
-        if e.is_forbidden()
-            && let Some(n) = &self.forbidden
-        {
-            n.notify_one();
+    /// A failed call: a refusal wakes the permission check (which names it); anything else
+    /// is a warning, at most once a minute per Lease (every failure at debug level).
+    fn failed(&mut self, what: &str, e: &ElectionError) {
+        if e.is_forbidden() {
+            if let Some(n) = &self.forbidden {
+                n.notify_one();
+            }
+        } else if matches!(e, ElectionError::Conflict(_)) {
+            // Another node wrote first: the election's ordinary course.
+        } else if self.warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            self.warned = Some(Instant::now());
+            tracing::warn!(lease = self.lock.name(), error = %e, "{what} failed; retrying every retry period");
         }
         tracing::debug!(lease = self.lock.name(), error = %e, "{what}");
     }

@@ -211,14 +211,33 @@ struct Running {
     stop: CancellationToken,
 }
 
+/// A stopped election whose release waits: the Lease (namespace, name) and the leadership
+/// seq that no longer counts it. The release is written once a sync computed from that seq
+/// (or a later one) is applied — unless an election on the same Lease runs again by then
+/// (the Service came back): that one keeps the Lease, and the old release is dropped.
+struct Retiring {
+    lease: (String, String),
+    seq: u64,
+    task: JoinHandle<Release>,
+}
+
+/// A Service this node stopped being a candidate for, while its election still leads: it no
+/// longer counts as held from `seq` on, and its election hears of it (and releases) only once
+/// a sync computed from `seq` is applied. It counts again only once its election has seen its
+/// leadership end (`told` and then not leading), so a release in flight is never mistaken for
+/// a Lease still held.
+struct Withdrawal {
+    seq: u64,
+    told: bool,
+}
+
 /// One election per selected Service.
 struct PerService {
     s: Settings,
     tx: watch::Sender<LeadershipView>,
     running: BTreeMap<ServiceKey, Running>,
-    /// Stopped elections, by the leadership seq that no longer counts them: their release is
-    /// written once a sync computed from that seq (or a later one) is applied.
-    retiring: Vec<(u64, JoinHandle<Release>)>,
+    retiring: Vec<Retiring>,
+    withdrawing: BTreeMap<ServiceKey, Withdrawal>,
     /// Woken when any election gains or loses its Lease.
     changed: Arc<Notify>,
     tasks: TaskTracker,
@@ -237,6 +256,7 @@ impl PerService {
             tx,
             running: BTreeMap::new(),
             retiring: Vec::new(),
+            withdrawing: BTreeMap::new(),
             changed: Arc::new(Notify::new()),
             tasks,
             root,
@@ -246,16 +266,46 @@ impl PerService {
     fn held(&self) -> BTreeSet<ServiceKey> {
         self.running
             .iter()
-            .filter(|(_, e)| *e.leader.borrow())
+            .filter(|(k, e)| *e.leader.borrow() && !self.withdrawing.contains_key(*k))
             .map(|(k, _)| k.clone())
             .collect()
     }
 
-    fn publish_held(&self) {
+    fn publish_held(&mut self) {
+        // A withdrawal is over once its election, told, no longer leads.
+        let running = &self.running;
+        self.withdrawing
+            .retain(|k, w| !(w.told && running.get(k).is_none_or(|e| !*e.leader.borrow())));
         publish(&self.tx, Leadership::PerService(self.held()));
     }
 
+    /// Publishes the held set under a new seq, changed or not (what waits for a sync
+    /// computed without something waits for this seq).
+    fn publish_new_seq(&self) -> u64 {
+        let held = Leadership::PerService(self.held());
+        self.tx.send_modify(|v| {
+            v.seq += 1;
+            v.leadership = held;
+        });
+        self.tx.borrow().seq
+    }
+
     fn start_election(&mut self, key: &ServiceKey, c: &Candidacy) {
+        // A release still waiting for the same Lease must never be written now: this
+        // election takes the Lease over (same identity) and the release would hand it on.
+        let lease = (key.namespace.clone(), c.lease.clone());
+        let (dropped, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
+            .into_iter()
+            .partition(|r| r.lease == lease);
+        self.retiring = keep;
+        for r in dropped {
+            self.tasks.spawn(async move {
+                // The stopped election's own end; its release is not written.
+                if let Err(e) = r.task.await {
+                    tracing::error!(error = %e, "an election task failed");
+                }
+            });
+        }
         let lock = LeaseLock::new(self.s.client.clone(), &key.namespace, &c.lease);
         let (cand_tx, cand_rx) = watch::channel(c.candidate);
         let (lead_tx, lead_rx) = watch::channel(false);
@@ -288,25 +338,65 @@ impl PerService {
     /// Stops an election: it no longer counts as held from the next published seq on (the
     /// caller publishes it).
     fn retire(&mut self, key: &ServiceKey) {
+        self.withdrawing.remove(key);
         if let Some(e) = self.running.remove(key) {
             e.stop.cancel();
-            self.retiring.push((self.tx.borrow().seq + 1, e.task));
+            self.retiring.push(Retiring {
+                lease: (key.namespace.clone(), e.lease.clone()),
+                seq: self.tx.borrow().seq + 1,
+                task: e.task,
+            });
         }
     }
 
     /// After a sync: start, update and stop elections to match its Services, and write the
     /// releases that sync made safe.
     fn apply(&mut self, sy: &Synced) {
-        let mut retired = false;
+        let mut new_seq = false;
         for (key, c) in &sy.candidacy {
             match self.running.get(key) {
                 Some(e) if e.lease == c.lease => {
-                    e.candidate
-                        .send_if_modified(|v| std::mem::replace(v, c.candidate) != c.candidate);
+                    if c.candidate {
+                        match self.withdrawing.get(key).map(|w| w.told) {
+                            // A candidate again before its election heard: called off.
+                            Some(false) => {
+                                self.withdrawing.remove(key);
+                                new_seq = true;
+                            }
+                            // Its election may be releasing: a new election takes the Lease
+                            // over (the old one's release is dropped), starting as no leader.
+                            Some(true) => {
+                                self.retire(key);
+                                self.start_election(key, c);
+                                new_seq = true;
+                                continue;
+                            }
+                            None => {}
+                        }
+                        e.candidate
+                            .send_if_modified(|v| !std::mem::replace(v, true));
+                    } else if let Some(w) = self.withdrawing.get_mut(key) {
+                        if !w.told && w.seq <= sy.seq {
+                            // The sync computed without it is applied: now it may release.
+                            w.told = true;
+                            e.candidate
+                                .send_if_modified(|v| std::mem::replace(v, false));
+                        }
+                    } else if *e.candidate.borrow() {
+                        if *e.leader.borrow() {
+                            let seq = self.tx.borrow().seq + 1;
+                            self.withdrawing
+                                .insert(key.clone(), Withdrawal { seq, told: false });
+                            new_seq = true;
+                        } else {
+                            e.candidate
+                                .send_if_modified(|v| std::mem::replace(v, false));
+                        }
+                    }
                 }
                 Some(_) => {
                     self.retire(key);
-                    retired = true;
+                    new_seq = true;
                     self.start_election(key, c);
                 }
                 None => self.start_election(key, c),
@@ -320,27 +410,21 @@ impl PerService {
             .collect();
         for k in gone {
             self.retire(&k);
-            retired = true;
+            new_seq = true;
         }
-        if retired {
-            // Always a new seq, held set changed or not: the releases wait for a sync
-            // computed from it.
-            let held = Leadership::PerService(self.held());
-            self.tx.send_modify(|v| {
-                v.seq += 1;
-                v.leadership = held;
-            });
+        if new_seq {
+            self.publish_new_seq();
         }
         let (safe, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retiring)
             .into_iter()
-            .partition(|(seq, _)| *seq <= sy.seq);
+            .partition(|r| r.seq <= sy.seq);
         self.retiring = wait;
         let limit = self.s.timings.retry_period;
-        for (_, task) in safe {
+        for r in safe {
             self.tasks.spawn(async move {
-                match task.await {
-                    Ok(r) => {
-                        r.write(limit).await;
+                match r.task.await {
+                    Ok(release) => {
+                        release.write(limit).await;
                     }
                     Err(e) => tracing::error!(error = %e, "an election task failed"),
                 }
@@ -366,7 +450,7 @@ impl PerService {
         let tasks = self
             .retiring
             .into_iter()
-            .map(|(_, t)| t)
+            .map(|r| r.task)
             .chain(self.running.into_values().map(|e| e.task));
         let mut out = Vec::new();
         for t in tasks {

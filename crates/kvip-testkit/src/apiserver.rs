@@ -420,6 +420,10 @@ async fn handle(
             format!("no route {}", uri.path()),
         );
     };
+    // A frozen server answers nothing, refusals and failures included, until it thaws (an
+    // error means the server is going away: answer then).
+    let mut frozen = shared.frozen.subscribe();
+    let _ = frozen.wait_for(|f| !*f).await;
     let q = parse_query(uri.query());
     let verb = match (&method, t.name.is_some()) {
         (&Method::GET, true) => "get",
@@ -507,9 +511,7 @@ async fn handle(
     if !stall.is_zero() {
         tokio::time::sleep(stall).await;
     }
-    let mut frozen = shared.frozen.subscribe();
-    // An error means the server is going away: answer then.
-    let _ = frozen.wait_for(|f| !*f).await;
+
     if verb == "watch" {
         return watch_response(&shared, &t, q);
     }
@@ -891,8 +893,9 @@ impl ApiServer {
         });
     }
 
-    /// Freezes the server: requests (new and open) get no answer until [`ApiServer::thaw`],
-    /// as with a stopped kube-apiserver process whose sockets stay open.
+    /// Freezes the server: requests get no answer until [`ApiServer::thaw`], as with a
+    /// stopped kube-apiserver process whose sockets stay open. Watch streams already open
+    /// deliver nothing either (nothing changes while frozen: the test makes no writes then).
     pub fn freeze(&self) {
         self.shared.frozen.send_replace(true);
     }

@@ -27,6 +27,22 @@ use super::permissions::Missing;
 const SERIES_TTL: Duration = Duration::from_secs(360);
 /// Series remembered at most (the oldest are forgotten first).
 const MAX_SERIES: usize = 512;
+/// The API refuses an Event note longer than this (notes quote annotation values).
+const MAX_NOTE: usize = 1024;
+
+/// `s` cut to at most `max` bytes, on a character boundary, marked when cut.
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max - 3;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push_str("...");
+    s
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum EventType {
@@ -62,6 +78,7 @@ impl Publisher {
         let now = Instant::now();
         self.series
             .retain(|_, s| now.duration_since(s.last) < SERIES_TTL);
+        let note = truncate(note, MAX_NOTE);
         let skey: SeriesKey = (key.clone(), type_, reason.to_string(), action.to_string());
         let api: Api<Event> = Api::namespaced(self.client.clone(), &key.namespace);
         let stamp = Timestamp::now();
@@ -72,9 +89,14 @@ impl Publisher {
                 "note": note,
                 "series": EventSeries { count: s.count, last_observed_time: MicroTime(stamp) },
             });
-            api.patch(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
-            return Ok(());
+            let patched = api
+                .patch(&s.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            if patched.is_err() {
+                // The Event is gone (or refused): the next repeat starts a new one.
+                self.series.remove(&skey);
+            }
+            return patched.map(|_| ());
         }
         let name = format!("{}.{:x}", key.name, stamp.as_nanosecond());
         let event = Event {
@@ -281,5 +303,16 @@ impl ServiceEvents {
             }
             self.last_missing.insert(key.clone(), now);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn notes_are_cut_to_what_the_api_takes() {
+        assert_eq!(super::truncate("short".into(), 1024), "short");
+        let long = "é".repeat(1000);
+        let cut = super::truncate(long, 1024);
+        assert!(cut.len() <= 1024 && cut.ends_with("..."), "{}", cut.len());
     }
 }

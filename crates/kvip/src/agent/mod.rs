@@ -170,13 +170,24 @@ async fn shutdown(
             None => Ok(Ok(Vec::new())),
         }
     };
-    let (releases, teardown) = tokio::join!(releases, dp.teardown());
+    let teardown = async {
+        match tokio::time::timeout_at(deadline, dp.teardown()).await {
+            Ok(r) => r,
+            Err(_) => kvip_dataplane::TeardownReport {
+                errors: vec![
+                    "removing kvip's kernel state did not finish by shutdown_timeout".into(),
+                ],
+                ..Default::default()
+            },
+        }
+    };
+    let (releases, teardown) = tokio::join!(releases, teardown);
     for e in &teardown.errors {
         tracing::error!(error = %e, "teardown");
     }
     // Its netlink connection and announcement tasks end with it.
     drop(dp);
-    let releases: Vec<Release> = match releases {
+    let mut releases: Vec<Release> = match releases {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "the elections task failed; its Leases will expire");
@@ -187,6 +198,14 @@ async fn shutdown(
             Vec::new()
         }
     };
+    if !teardown.errors.is_empty() && releases.iter().any(Release::held) {
+        // A VIP may still be on this node: handing the Lease on could put it on two. The
+        // Leases expire instead (lease duration).
+        tracing::error!(
+            "kvip's kernel state may not be gone: the Leases are not released, they expire"
+        );
+        releases.clear();
+    }
     let limit = deadline.saturating_duration_since(tokio::time::Instant::now());
     let writes = releases
         .into_iter()
