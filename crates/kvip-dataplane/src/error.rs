@@ -16,6 +16,12 @@ pub enum DataplaneError {
         args: String,
         stderr: String,
     },
+    #[error("{tool} {args} did not finish within {after:?} and was killed")]
+    ToolTimeout {
+        tool: String,
+        args: String,
+        after: std::time::Duration,
+    },
     #[error("cannot run {tool}: {source}")]
     Io {
         tool: String,

@@ -27,8 +27,28 @@ pub struct ToolOutput {
     pub stderr: String,
 }
 
-/// Runs `tool args...` feeding `stdin`, returning its output whatever the exit status.
+/// The longest a kernel tool may run (a full apply of 50,000 pods takes well under a
+/// second); past it the tool is killed, which aborts its transaction, and the call fails.
+pub const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Runs `tool args...` feeding `stdin`, returning its output whatever the exit status. A tool
+/// that has not finished within [`TOOL_TIMEOUT`] is killed.
 pub async fn run_tool(
+    tool: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> Result<ToolOutput, DataplaneError> {
+    match tokio::time::timeout(TOOL_TIMEOUT, run_unbounded(tool, args, stdin)).await {
+        Ok(r) => r,
+        Err(_) => Err(DataplaneError::ToolTimeout {
+            tool: tool.to_string(),
+            args: args.join(" "),
+            after: TOOL_TIMEOUT,
+        }),
+    }
+}
+
+async fn run_unbounded(
     tool: &str,
     args: &[&str],
     stdin: Option<&[u8]>,

@@ -27,6 +27,8 @@ struct Kernel {
     failures: usize,
     /// Every apply that claims this VIP fails (one that cannot be held).
     refused: Option<std::net::IpAddr>,
+    /// A VIP someone else configured already: applies leave it alone, read-back omits it.
+    foreign: Option<std::net::IpAddr>,
 }
 
 /// The fake; clones share one kernel, so a test keeps a clone to look and to meddle.
@@ -65,6 +67,11 @@ impl FakeDataplane {
     /// Makes every apply that claims `vip` fail, changing nothing (`None`: lifts it).
     pub fn refuse_vip(&self, vip: Option<std::net::IpAddr>) {
         self.kernel().refused = vip;
+    }
+
+    /// Makes `vip` one someone else configured already (`None`: lifts it).
+    pub fn foreign_vip(&self, vip: Option<std::net::IpAddr>) {
+        self.kernel().foreign = vip;
     }
 
     /// Every call so far, oldest first.
@@ -129,6 +136,11 @@ impl Dataplane for FakeDataplane {
                         .collect()
                 })
                 .unwrap_or_default(),
+            vips_foreign: k
+                .foreign
+                .filter(|f| desired.vips().iter().any(|v| v.address == *f))
+                .into_iter()
+                .collect(),
             duration: Duration::ZERO,
             ..ApplyReport::default()
         };
@@ -140,8 +152,20 @@ impl Dataplane for FakeDataplane {
     async fn observe(&self) -> Result<Observed, DataplaneError> {
         let mut k = self.kernel();
         k.calls.push(Call::Observe);
+        let state = match k.foreign {
+            Some(f) => DesiredState::new(
+                k.state
+                    .vips()
+                    .iter()
+                    .filter(|v| v.address != f)
+                    .cloned()
+                    .collect(),
+                k.state.egress().to_vec(),
+            )?,
+            None => k.state.clone(),
+        };
         Ok(Observed {
-            state: k.state.clone(),
+            state,
             stray: Vec::new(),
         })
     }

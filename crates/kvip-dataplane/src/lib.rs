@@ -95,6 +95,9 @@ pub struct ApplyReport {
     /// Of `vips_added`, those the previous apply had already added: removed meanwhile by
     /// someone else (drift), added back.
     pub vips_repaired: Vec<IpAddr>,
+    /// Claimed VIPs already configured on the node by someone else (not kvip's: left alone,
+    /// and not read back as kvip's).
+    pub vips_foreign: Vec<IpAddr>,
     /// Pods whose conntrack entries were flushed.
     pub conntrack_flushed: usize,
     /// Problems that did not stop the apply (conntrack, announcements, other backend).
@@ -398,6 +401,7 @@ impl Dataplane for KernelDataplane {
             report.warnings.extend(self.remove_other_backend().await);
         }
         report.vips_removed = changes.removed.iter().map(|o| o.address).collect();
+        report.vips_foreign = changes.foreign.clone();
         for (address, ifindex) in &changes.added {
             report.vips_added.push(*address);
             if let Some(link) = links.values().find(|l| l.index == *ifindex)

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::DataplaneError;
 use crate::names::{DEFAULT_ADDRESS_PROTOCOL, Instance};
-use crate::run::{LOCK_TIMEOUT, lock_bounded, open_rw, read_all, replace_all};
+use crate::run::{LOCK_TIMEOUT, append_line, lock_bounded, open_rw, read_all};
 
 /// Bytes given to named instances.
 pub const NAMED_RANGE: std::ops::RangeInclusive<u8> = 128..=254;
@@ -84,7 +84,7 @@ impl Registry {
             return Ok(DEFAULT_ADDRESS_PROTOCOL);
         };
         let file = self.locked().await?;
-        let mut map = parse(&read_all(&file, &self.path)?, &self.path)?;
+        let map = parse(&read_all(&file, &self.path)?, &self.path)?;
         if let Some(b) = map.get(name) {
             return Ok(*b);
         }
@@ -101,9 +101,9 @@ impl Registry {
                     self.path.display()
                 ))
             })?;
-        map.insert(name.to_string(), byte);
-        let text: String = map.iter().map(|(n, b)| format!("{b} {n}\n")).collect();
-        replace_all(&file, &self.path, &text)?;
+        // One line appended in one write: a process killed at any point leaves the registry
+        // with or without the line, never a torn or emptied file.
+        append_line(&file, &self.path, &format!("{byte} {name}\n"))?;
         Ok(byte)
     }
 }

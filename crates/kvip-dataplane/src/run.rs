@@ -84,6 +84,13 @@ pub(crate) fn read_all(mut file: &File, path: &Path) -> Result<String, Dataplane
     Ok(s)
 }
 
+/// Appends `line` with a single write (the file's end, under the caller's lock).
+pub(crate) fn append_line(mut file: &File, path: &Path, line: &str) -> Result<(), DataplaneError> {
+    file.seek(SeekFrom::End(0))
+        .and_then(|_| file.write_all(line.as_bytes()))
+        .map_err(file_err("writing", path))
+}
+
 pub(crate) fn replace_all(mut file: &File, path: &Path, text: &str) -> Result<(), DataplaneError> {
     file.set_len(0)
         .and_then(|()| file.seek(SeekFrom::Start(0)))

@@ -15,6 +15,8 @@ pub(crate) struct VipChanges {
     /// (address, interface index) added.
     pub added: Vec<(IpAddr, u32)>,
     pub removed: Vec<OwnedAddress>,
+    /// Claimed, but already configured by someone else: left alone.
+    pub foreign: Vec<IpAddr>,
     pub warnings: Vec<String>,
 }
 
@@ -86,6 +88,7 @@ impl KernelDataplane {
                 Err(e) if e.errno() == Some(libc::EEXIST) => {
                     // The same address is already configured, not by this instance: it is
                     // held, and kvip leaves it alone (it will never remove it either).
+                    changes.foreign.push(v.address);
                     changes.warnings.push(format!(
                         "{} is already on {} and not this kvip instance's: leaving it as it is",
                         v.address, v.interface

@@ -65,6 +65,8 @@ struct Memory {
     was_excluded: bool,
     /// The state the kernel was last made to hold.
     applied: Option<DesiredState>,
+    /// Of its VIPs, those someone else had configured already (not read back as kvip's).
+    foreign: Vec<std::net::IpAddr>,
     last_invalid: Option<String>,
 }
 
@@ -115,7 +117,7 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                 // On its own clock: a steady stream of changes does not postpone it.
                 _ = tokio::time::sleep_until(next_resync) => {
                     next_resync = tokio::time::Instant::now() + s.resync_period;
-                    check_drift(dp, mem.applied.as_ref(), m).await;
+                    check_drift(dp, mem.applied.as_ref(), &mem.foreign, m).await;
                 }
                 _ = async {
                     match refresh.as_mut() {
@@ -151,8 +153,27 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
 }
 
 /// Drift: someone changed kvip's objects by hand. Count it and replace everything next time.
-async fn check_drift<D: Dataplane>(dp: &mut D, applied: Option<&DesiredState>, m: &Metrics) {
+async fn check_drift<D: Dataplane>(
+    dp: &mut D,
+    applied: Option<&DesiredState>,
+    foreign: &[std::net::IpAddr],
+    m: &Metrics,
+) {
     let Some(applied) = applied else { return };
+    // A VIP someone else had configured is held, but not as kvip's: not drift.
+    let without_foreign;
+    let applied = if foreign.is_empty() {
+        applied
+    } else {
+        let vips = applied
+            .vips()
+            .iter()
+            .filter(|v| !foreign.contains(&v.address))
+            .cloned()
+            .collect();
+        without_foreign = DesiredState::new(vips, applied.egress().to_vec()).unwrap_or_default();
+        &without_foreign
+    };
     match dp.observe().await {
         Ok(o) if o.state == *applied && o.stray.is_empty() => {}
         Ok(o) => {
@@ -260,6 +281,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
                     .inc_by(r.vips_repaired.len() as u64);
             }
             mem.applied = Some(desired.clone());
+            mem.foreign = r.vips_foreign.clone();
             // Only now, with the VIPs of what this node may no longer hold removed, do the
             // elections learn it (and release).
             ch.synced.send_replace(Some(Synced::from_plan(

@@ -365,3 +365,35 @@ async fn a_state_that_cannot_be_applied_still_removes_what_is_no_longer_held() {
     h.root.cancel();
     h.task.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_vip_someone_else_configured_is_not_drift() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
+    h.fake.foreign_vip(Some("198.51.100.10".parse().unwrap()));
+    h.lead(Leadership::Global(true));
+    until("held", || h.vips() == ["198.51.100.10"]).await;
+    // Two resyncs (30 s each): no drift counted, nothing replaced.
+    let applies = h.applies();
+    tokio::time::sleep(Duration::from_secs(65)).await;
+    let observes = h
+        .fake
+        .calls()
+        .iter()
+        .filter(|c| **c == Call::Observe)
+        .count();
+    assert!(observes >= 2, "{observes} read-backs");
+    assert!(
+        !h.metrics_text().contains("kvip_drift_repairs_total{"),
+        "{}",
+        h.metrics_text()
+    );
+    assert!(!h.fake.calls().contains(&Call::Invalidate));
+    assert!(
+        h.applies() <= applies + 2,
+        "resyncs only: {} → {}",
+        applies,
+        h.applies()
+    );
+    h.root.cancel();
+    h.task.await.unwrap();
+}
