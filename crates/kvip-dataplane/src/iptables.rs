@@ -467,6 +467,24 @@ pub fn parse_policies(chains: &Chains, view: &NatView) -> (Vec<EgressPolicy>, Ve
     (out, stray)
 }
 
+/// Whether the kernel has loaded the legacy nat table of family `f` in this thread's network
+/// namespace (`/proc/net/ip_tables_names`, `ip6_tables_names`; absent when the legacy
+/// modules are not loaded).
+fn legacy_nat_loaded(f: Family) -> Result<bool, DataplaneError> {
+    let path = match f {
+        Family::V4 => "/proc/thread-self/net/ip_tables_names",
+        Family::V6 => "/proc/thread-self/net/ip6_tables_names",
+    };
+    match std::fs::read_to_string(path) {
+        Ok(names) => Ok(names.lines().any(|l| l.trim() == "nat")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(DataplaneError::Io {
+            tool: path.into(),
+            source,
+        }),
+    }
+}
+
 /// The iptables backend for one instance and variant.
 #[derive(Debug, Clone)]
 pub struct IptBackend {
@@ -491,7 +509,13 @@ impl IptBackend {
         }
     }
 
+    /// `iptables-save -t nat` of this variant and family. For iptables-legacy, a nat table
+    /// the kernel has not loaded in this namespace holds nothing, and is not listed: listing
+    /// it would load it (a side effect on a node that never used iptables-legacy).
     pub async fn save(&self, f: Family) -> Result<String, DataplaneError> {
+        if self.variant == Variant::Legacy && !legacy_nat_loaded(f)? {
+            return Ok(String::new());
+        }
         run_ok(self.variant.save_cmd(f), &["-t", "nat"], None).await
     }
 

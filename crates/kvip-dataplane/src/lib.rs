@@ -174,7 +174,17 @@ pub async fn resolve_backend(cfg: &Config) -> Result<Box<dyn RuleBackend>, Datap
             true
         }
         BackendKind::Iptables => false,
-        BackendKind::Auto => nft::nft_available().await,
+        BackendKind::Auto => {
+            let nft = nft::nft_available().await;
+            if !nft && last_backend(&cfg.instance).as_deref() == Some("nftables") {
+                // Falling back to iptables would leave kvip's nftables table translating.
+                return Err(DataplaneError::ToolMissing {
+                    tool: "nft".into(),
+                    hint: "kvip's rules in this namespace were last written with nftables and may still translate pods: install nftables (apt-get install nftables), or remove the table (nft delete table inet kvip) before using iptables",
+                });
+            }
+            nft
+        }
     };
     if use_nft {
         return Ok(Box::new(NftBackend::new(cfg.instance.nft_table())));
@@ -189,10 +199,42 @@ pub async fn resolve_backend(cfg: &Config) -> Result<Box<dyn RuleBackend>, Datap
     )))
 }
 
+/// Where the backend that last wrote an instance's rules in this namespace is recorded.
+fn backend_record(instance: &Instance) -> Option<std::path::PathBuf> {
+    let dir = run::netns_dir().ok()?;
+    Some(dir.join(format!("{}.backend", instance.name().unwrap_or("default"))))
+}
+
+/// The backend that last wrote this instance's rules here (`nftables`, `iptables-nft`, ...).
+fn last_backend(instance: &Instance) -> Option<String> {
+    let path = backend_record(instance)?;
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 impl KernelDataplane {
     /// Opens the dataplane in the calling thread's network namespace (on a tokio runtime).
     pub async fn new(cfg: Config) -> Result<Self, DataplaneError> {
         let rules = resolve_backend(&cfg).await?;
+        Self::with_rules(cfg, rules)
+    }
+
+    /// A dataplane for a teardown: as [`KernelDataplane::new`], but when no rule tool can be
+    /// run it still opens (without rules), so kvip's addresses are removed all the same.
+    pub async fn for_teardown(cfg: Config) -> Result<Self, DataplaneError> {
+        let rules = match resolve_backend(&cfg).await {
+            Ok(r) => r,
+            Err(e @ DataplaneError::ToolMissing { .. }) => {
+                tracing::warn!(error = %e, "no rule tool: removing kvip's addresses only");
+                Box::new(rules::NoRuleTool(e))
+            }
+            Err(e) => return Err(e),
+        };
+        Self::with_rules(cfg, rules)
+    }
+
+    fn with_rules(cfg: Config, rules: Box<dyn RuleBackend>) -> Result<Self, DataplaneError> {
         let addrs = AddrManager::new()?;
         let dir = run::netns_dir()?;
         Ok(KernelDataplane {
@@ -216,6 +258,21 @@ impl KernelDataplane {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Records the backend in use (read when `auto` must choose and a tool is missing).
+    fn record_backend(&self, report: &mut ApplyReport) {
+        let name = self.rules.name();
+        if name == "none" || last_backend(&self.cfg.instance).as_deref() == Some(name) {
+            return;
+        }
+        if let Some(path) = backend_record(&self.cfg.instance)
+            && let Err(e) = std::fs::write(&path, format!("{name}\n"))
+        {
+            report
+                .warnings
+                .push(format!("recording the backend in {}: {e}", path.display()));
+        }
     }
 
     fn forget(&mut self) {
@@ -268,6 +325,38 @@ impl KernelDataplane {
 
     async fn apply_egress(&mut self, desired: &DesiredState) -> Result<EgressSync, DataplaneError> {
         self.rules.apply(desired).await
+    }
+
+    /// kvip's objects held by a backend not in use (left by a run with the other backend):
+    /// read back as stray, so `show`, the doctor and the agent's drift check see them.
+    async fn other_backend_objects(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let in_use = self.rules.iptables_variant();
+        for v in [Variant::Legacy, Variant::Nft] {
+            if Some(v) == in_use {
+                continue;
+            }
+            let other = IptBackend::new(self.cfg.instance.chain_prefix(), v);
+            match other.holds_anything().await {
+                Ok(true) => out.push(format!(
+                    "kvip's chains in iptables-{} (not the backend in use)",
+                    v.name()
+                )),
+                Ok(false) | Err(DataplaneError::ToolMissing { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(variant = v.name(), error = %e, "looking for kvip's chains of the other backend")
+                }
+            }
+        }
+        if in_use.is_some()
+            && let Ok(Some(_)) = nft::nft_list_table(&self.cfg.instance.nft_table()).await
+        {
+            out.push(format!(
+                "kvip's nftables table inet {} (not the backend in use)",
+                self.cfg.instance.nft_table()
+            ));
+        }
+        out
     }
 
     /// Removes objects of the backend not in use (left by an earlier run with the other
@@ -427,12 +516,16 @@ impl Dataplane for KernelDataplane {
             }
         }
         self.applied = Some(desired.clone());
+        if first {
+            self.record_backend(&mut report);
+        }
         report.duration = start.elapsed();
         Ok(report)
     }
 
     async fn observe(&self) -> Result<Observed, DataplaneError> {
         let (egress, mut stray) = self.observe_egress().await?;
+        stray.extend(self.other_backend_objects().await);
         let protocol = self
             .registry
             .lookup(&self.cfg.instance)
@@ -532,6 +625,13 @@ impl Dataplane for KernelDataplane {
         }
         for h in self.announcers.drain(..) {
             h.abort();
+        }
+        if r.errors.is_empty()
+            && let Some(path) = backend_record(&self.cfg.instance)
+            && let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            r.errors.push(format!("removing {}: {e}", path.display()));
         }
         r
     }

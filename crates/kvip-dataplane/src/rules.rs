@@ -165,3 +165,52 @@ impl RuleBackend for IptBackend {
         sync.objects_removed
     }
 }
+
+/// No rule tool on this node: what a teardown uses to remove kvip's addresses anyway (every
+/// rule step of a teardown already skips a missing tool). Anything else fails, naming the
+/// tool that is missing.
+#[derive(Debug)]
+pub struct NoRuleTool(pub DataplaneError);
+
+impl NoRuleTool {
+    fn missing(&self) -> DataplaneError {
+        match &self.0 {
+            DataplaneError::ToolMissing { tool, hint } => DataplaneError::ToolMissing {
+                tool: tool.clone(),
+                hint,
+            },
+            other => DataplaneError::Config(other.to_string()),
+        }
+    }
+}
+
+impl RuleBackend for NoRuleTool {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+
+    fn iptables_variant(&self) -> Option<Variant> {
+        None
+    }
+
+    fn apply<'a>(
+        &'a mut self,
+        _desired: &'a DesiredState,
+    ) -> BoxFuture<'a, Result<EgressSync, DataplaneError>> {
+        Box::pin(async move { Err(self.missing()) })
+    }
+
+    fn observe(&self) -> BoxFuture<'_, Result<ReadBack, DataplaneError>> {
+        Box::pin(async move { Err(self.missing()) })
+    }
+
+    fn raw_listing(&self) -> BoxFuture<'_, Result<String, DataplaneError>> {
+        Box::pin(async move { Err(self.missing()) })
+    }
+
+    fn invalidate(&mut self) {}
+
+    fn objects_removed(&self, _before: &DesiredState, _sync: &EgressSync) -> usize {
+        0
+    }
+}

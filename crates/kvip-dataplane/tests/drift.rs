@@ -80,3 +80,34 @@ fn hand_made_changes_to_kvips_table_are_stray_and_repaired() {
         );
     }
 }
+
+/// kvip's objects in the backend not in use (an nftables table while iptables is in use) are
+/// read back as stray, and the next first apply of a process removes them.
+#[test]
+fn the_other_backends_objects_are_stray_until_removed() {
+    require_kernel!();
+    let ns = Netns::new("drob").expect("netns");
+    let peer = Netns::new("drobp").expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let ipt = backends().remove(1).1;
+    let want = state(STATE);
+    apply_and_observe(&ns, ipt.clone(), &want);
+    ns.sh("nft add table inet kvip").expect("nft");
+    let seen = with_dataplane(&ns, ipt.clone(), async |dp| {
+        dp.observe().await.expect("observe")
+    });
+    assert!(
+        seen.stray
+            .iter()
+            .any(|s| s.contains("nftables table inet kvip")),
+        "{:?}",
+        seen.stray
+    );
+    let after = apply_and_observe(&ns, ipt, &want);
+    assert!(after.stray.is_empty(), "{:?}", after.stray);
+    assert_eq!(
+        nft_table(&ns, &[], "kvip"),
+        "",
+        "removed by the first apply"
+    );
+}

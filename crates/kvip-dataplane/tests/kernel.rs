@@ -499,3 +499,32 @@ fn iptables_variant_follows_the_hosts_rules() {
         "more rules in nf_tables"
     );
 }
+
+/// The nftables backend (and the iptables-nft one) never load iptables-legacy's tables: a node
+/// that never used iptables-legacy does not get them from kvip looking for its leftovers.
+#[test]
+fn other_backends_are_looked_for_without_loading_legacy_tables() {
+    require_kernel!();
+    for (name, cfg) in backends().into_iter().take(2) {
+        let ns = Netns::new("nolg").expect("netns");
+        let peer = Netns::new("nolgp").expect("netns");
+        ns.veth("eth0", &peer, "eth0").expect("veth");
+        let s = common::state(
+            "vips: [{address: 192.0.2.10, interface: eth0}]\negress:\n  - {name: a/b, vip: 192.0.2.10, sources: [10.244.1.5], exclude: []}\n",
+        );
+        common::with_dataplane(&ns, cfg, async |dp| {
+            dp.apply(&s).await.expect("apply");
+            dp.observe().await.expect("observe");
+            dp.teardown().await;
+        });
+        for f in ["ip_tables_names", "ip6_tables_names"] {
+            let loaded = ns
+                .exec_ok("cat", &[&format!("/proc/net/{f}")])
+                .unwrap_or_else(|e| panic!("{name}: reading {f}: {e}"));
+            assert!(
+                !loaded.contains("nat"),
+                "{name}: legacy nat table loaded: {f}: {loaded}"
+            );
+        }
+    }
+}

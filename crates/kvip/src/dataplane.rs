@@ -191,7 +191,11 @@ pub(crate) async fn command(opts: &DataplaneOpts, action: &DataplaneAction) -> R
         return Ok(());
     }
     let cfg = opts.config()?;
-    let mut dp = KernelDataplane::new(cfg).await?;
+    let mut dp = match action {
+        // Without nft or iptables, kvip's addresses still go.
+        DataplaneAction::Teardown => KernelDataplane::for_teardown(cfg).await?,
+        _ => KernelDataplane::new(cfg).await?,
+    };
     match action {
         DataplaneAction::Apply { json, .. } => {
             let desired = desired.context("no state")?;

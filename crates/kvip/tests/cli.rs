@@ -661,6 +661,66 @@ fn without_nft_auto_uses_iptables_and_demo_says_what_to_do() {
     run(&["dataplane", "teardown"]);
 }
 
+/// Rules written with nftables, then `nft` gone: `auto` refuses to switch to iptables (the
+/// table would keep translating), and a teardown with no rule tool at all still removes the
+/// VIP; with `nft` back, everything goes.
+#[test]
+fn auto_does_not_switch_away_from_a_live_nft_table_and_teardown_needs_no_tool() {
+    require_kernel!();
+    let (ns, _p) = node("nfgone");
+    let dir = tempdir::Dir::new("nfgone");
+    let state = write_state(&dir, "a.yaml", GOOD);
+    let no_nft = format!("PATH={}", path_without_nft(&dir));
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).expect("empty dir");
+    let no_tool = format!("PATH={}", empty.display());
+    let run = |path: &str, args: &[&str]| {
+        let mut full = vec!["netns", "exec", ns.name(), "env", path, KVIP];
+        full.extend_from_slice(args);
+        Command::new("ip")
+            .args(&full)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kvip")
+    };
+    let full_path = format!("PATH={}", std::env::var("PATH").unwrap_or_default());
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    ok(run(
+        &full_path,
+        &["dataplane", "apply", "--state", state.to_str().expect("p")],
+    ));
+    let out = run(
+        &no_nft,
+        &["dataplane", "apply", "--state", state.to_str().expect("p")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "switched to iptables: {err}");
+    assert!(err.contains("last written with nftables"), "{err}");
+    assert!(
+        ns.exec_ok("nft", &["list", "table", "inet", "kvip"])
+            .is_ok(),
+        "table kept"
+    );
+    // No nft, no iptables: the VIP still goes.
+    ok(run(&no_tool, &["dataplane", "teardown"]));
+    let addrs = ns
+        .exec_ok("ip", &["addr", "show", "eth0"])
+        .expect("ip addr");
+    assert!(!addrs.contains("192.0.2.10"), "{addrs}");
+    ok(run(&full_path, &["dataplane", "teardown"]));
+    let ruleset = ns
+        .exec_ok("nft", &["list", "ruleset"])
+        .expect("nft list ruleset");
+    assert!(!ruleset.contains("kvip"), "{ruleset}");
+}
+
 fn manifest_docs(args: &[&str]) -> Vec<serde_json::Value> {
     let out = Command::new(KVIP)
         .arg("manifest")

@@ -185,6 +185,22 @@ async fn shutdown(
     for e in &teardown.errors {
         tracing::error!(error = %e, "teardown");
     }
+    // Whatever the teardown reported, the read-back decides whether anything of kvip's is
+    // left (a conntrack failure, say, leaves nothing behind).
+    let left = if teardown.errors.is_empty() {
+        None
+    } else {
+        match tokio::time::timeout_at(deadline, dp.observe()).await {
+            Ok(Ok(o)) if o.state.is_empty() => None,
+            Ok(Ok(o)) => Some(format!(
+                "{} VIP(s) and {} egress pod(s) are still in the kernel",
+                o.state.vips().len(),
+                o.state.source_count()
+            )),
+            Ok(Err(e)) => Some(format!("kvip's kernel state cannot be read back: {e}")),
+            Err(_) => Some("reading kvip's kernel state back did not finish in time".into()),
+        }
+    };
     // Its netlink connection and announcement tasks end with it.
     drop(dp);
     let mut releases: Vec<Release> = match releases {
@@ -198,10 +214,13 @@ async fn shutdown(
             Vec::new()
         }
     };
-    if !teardown.errors.is_empty() && releases.iter().any(Release::held) {
+    if let Some(why) = left
+        && releases.iter().any(Release::held)
+    {
         // A VIP may still be on this node: handing the Lease on could put it on two. The
         // Leases expire instead (lease duration).
         tracing::error!(
+            reason = why,
             "kvip's kernel state may not be gone: the Leases are not released, they expire"
         );
         releases.clear();
