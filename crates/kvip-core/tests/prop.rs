@@ -283,8 +283,9 @@ mod planning {
             if excluded {
                 prop_assert!(p.services.values().all(|s| !s.candidate));
             }
-            let egress_services = p.services.values().filter(|s| !s.egress_pods.is_empty()).count();
-            prop_assert_eq!(egress_services, p.desired.as_ref().unwrap().egress().len());
+            // One policy per VIP with pods (a dual-stack Service has one per family).
+            let vips_with_pods: usize = p.services.values().map(|s| s.egress_pods.len()).sum();
+            prop_assert_eq!(vips_with_pods, p.desired.as_ref().unwrap().egress().len());
         }
     }
 }

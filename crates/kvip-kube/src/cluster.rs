@@ -37,37 +37,32 @@ pub struct ClusterCache {
     converted: std::sync::Mutex<Converted>,
 }
 
-/// namespace, name → (resourceVersion, what was made of it).
-type Memo<T> = std::collections::HashMap<(String, String), (String, T)>;
+/// What was made of each stored object, by the object's identity: the store replaces an
+/// object's `Arc` whenever it changes, so an `Arc` seen before is the same object. The memory
+/// keeps the `Arc` (the store holds it anyway), so its address cannot be reused meanwhile.
+type Memo<K, T> = std::collections::HashMap<usize, (Arc<K>, T)>;
 
 #[derive(Default)]
 struct Converted {
-    services: Memo<Arc<ServiceInfo>>,
-    slices: Memo<Option<(ServiceKey, Arc<[EndpointInfo]>)>>,
+    services: Memo<Service, Arc<ServiceInfo>>,
+    slices: Memo<EndpointSlice, Option<(ServiceKey, Arc<[EndpointInfo]>)>>,
 }
 
-/// `convert(obj)`, or the memory of it while the object's resourceVersion is unchanged.
-fn memoised<K: kube::Resource, T: Clone>(
-    memo: &mut Memo<T>,
-    seen: &mut std::collections::HashSet<(String, String)>,
-    obj: &K,
+/// `convert(obj)`, or the memory of it for an object seen before.
+fn memoised<K, T: Clone>(
+    memo: &mut Memo<K, T>,
+    seen: &mut std::collections::HashSet<usize>,
+    obj: &Arc<K>,
     convert: impl FnOnce(&K) -> T,
 ) -> T {
-    let meta = obj.meta();
-    let id = (
-        meta.namespace.clone().unwrap_or_default(),
-        meta.name.clone().unwrap_or_default(),
-    );
-    let rv = meta.resource_version.clone().unwrap_or_default();
-    seen.insert(id.clone());
-    match memo.get(&id) {
-        Some((have, v)) if *have == rv && !rv.is_empty() => v.clone(),
-        _ => {
-            let v = convert(obj);
-            memo.insert(id, (rv, v.clone()));
-            v
-        }
+    let id = Arc::as_ptr(obj) as usize;
+    seen.insert(id);
+    if let Some((_, v)) = memo.get(&id) {
+        return v.clone();
     }
+    let v = convert(obj);
+    memo.insert(id, (Arc::clone(obj), v.clone()));
+    v
 }
 
 fn spawn_reflector<K>(
@@ -187,17 +182,13 @@ impl ClusterCache {
             .services
             .state()
             .iter()
-            .map(|s| {
-                memoised(svc_memo, &mut seen, s.as_ref(), |s| {
-                    Arc::new(service_info(s))
-                })
-            })
+            .map(|s| memoised(svc_memo, &mut seen, s, |s| Arc::new(service_info(s))))
             .collect();
         svc_memo.retain(|k, _| seen.contains(k));
         seen.clear();
         let mut endpoints: BTreeMap<ServiceKey, Arc<[EndpointInfo]>> = BTreeMap::new();
         for slice in self.slices.state() {
-            let Some((key, eps)) = memoised(slice_memo, &mut seen, slice.as_ref(), |s| {
+            let Some((key, eps)) = memoised(slice_memo, &mut seen, &slice, |s| {
                 slice_endpoints(s).map(|(k, e)| (k, Arc::from(e)))
             }) else {
                 continue;
