@@ -42,10 +42,13 @@ pub struct ClusterCache {
 /// keeps the `Arc` (the store holds it anyway), so its address cannot be reused meanwhile.
 type Memo<K, T> = std::collections::HashMap<usize, (Arc<K>, T)>;
 
+/// A slice's Service and endpoints.
+type SliceEndpoints = (ServiceKey, Arc<[EndpointInfo]>);
+
 #[derive(Default)]
 struct Converted {
     services: Memo<Service, Arc<ServiceInfo>>,
-    slices: Memo<EndpointSlice, Option<(ServiceKey, Arc<[EndpointInfo]>)>>,
+    slices: Memo<EndpointSlice, Option<SliceEndpoints>>,
 }
 
 /// `convert(obj)`, or the memory of it for an object seen before.
