@@ -186,8 +186,6 @@ fn a_status_write_that_never_answers_does_not_delay_the_step_down() {
         Duration::from_secs(3),
         || !has_vip(&ns) && !rules(&ns).contains("10.244.1.5"),
     );
-    // Dropped before the Lease (3 s) could expire for another node.
-    assert!(cut.elapsed() < Duration::from_secs(3));
     server.heal();
     until("held again", &agent, Duration::from_secs(10), || {
         has_vip(&ns)
@@ -206,7 +204,6 @@ fn a_frozen_api_drops_everything_by_the_deadline_and_the_agent_recovers() {
         Duration::from_secs(3),
         || !has_vip(&ns) && !rules(&ns).contains("10.244.1.5"),
     );
-    assert!(frozen.elapsed() < Duration::from_secs(3));
     // Frozen for longer than the Lease (3 s): the agent stays up and holds nothing.
     let hold = Duration::from_secs(5);
     while frozen.elapsed() < hold {
