@@ -177,9 +177,8 @@ fn a_status_write_that_never_answers_does_not_delay_the_step_down() {
                 .any(|c| c.verb == "patch" && c.resource == "services/status")
         },
     );
-    // Now the Lease cannot be renewed either.
+    // Now the Lease cannot be renewed either: dropped before the Lease (3 s) could expire.
     server.fail_resource("leases");
-    let cut = Instant::now();
     until(
         "VIP and egress dropped",
         &agent,
