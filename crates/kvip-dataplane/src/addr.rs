@@ -107,16 +107,20 @@ impl AddrManager {
             .ok_or_else(|| DataplaneError::InterfaceNotFound(name.to_string()))
     }
 
+    /// Every address of this namespace, as netlink gives them.
+    async fn addresses(&self) -> Result<Vec<AddressMessage>, DataplaneError> {
+        self.handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| DataplaneError::netlink("listing addresses", e))
+    }
+
     /// Every address protocol carried by an address of this namespace.
     pub async fn protocols_in_use(&self) -> Result<BTreeSet<u8>, DataplaneError> {
-        let msgs: Vec<AddressMessage> =
-            self.handle
-                .address()
-                .get()
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| DataplaneError::netlink("listing addresses", e))?;
+        let msgs = self.addresses().await?;
         Ok(msgs
             .iter()
             .flat_map(|m| &m.attributes)
@@ -135,14 +139,7 @@ impl AddrManager {
             .into_iter()
             .map(|l| (l.index, l.name))
             .collect();
-        let msgs: Vec<AddressMessage> =
-            self.handle
-                .address()
-                .get()
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| DataplaneError::netlink("listing addresses", e))?;
+        let msgs = self.addresses().await?;
         let mut out = Vec::new();
         for m in msgs {
             let ours = m
