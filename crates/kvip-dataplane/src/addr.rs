@@ -99,14 +99,6 @@ impl AddrManager {
         Ok(msgs.iter().map(link_from).collect())
     }
 
-    pub async fn link(&self, name: &str) -> Result<Link, DataplaneError> {
-        self.links()
-            .await?
-            .into_iter()
-            .find(|l| l.name == name)
-            .ok_or_else(|| DataplaneError::InterfaceNotFound(name.to_string()))
-    }
-
     /// Every address of this namespace, as netlink gives them.
     async fn addresses(&self) -> Result<Vec<AddressMessage>, DataplaneError> {
         self.handle

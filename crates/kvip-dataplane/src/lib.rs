@@ -256,10 +256,6 @@ impl KernelDataplane {
         self.rules.as_ref()
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     /// Records the backend in use (read when `auto` must choose and a tool is missing).
     fn record_backend(&self, report: &mut ApplyReport) {
         let name = self.rules.name();

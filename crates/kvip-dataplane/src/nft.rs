@@ -809,10 +809,4 @@ impl NftBackend {
             Some(v) => parse_table(&v),
         }
     }
-
-    /// Removes the table. Idempotent.
-    pub async fn teardown(&mut self) -> Result<bool, DataplaneError> {
-        self.applied = None;
-        nft_delete_table("inet", &self.table).await
-    }
 }
