@@ -526,28 +526,37 @@ impl DesiredState {
         out
     }
 
+    /// The part of `self` whose VIPs and policies pass the filters. A part of a valid state
+    /// is valid; should it not be, holding nothing is always safe.
+    pub fn subset(
+        &self,
+        keep_vip: impl Fn(&VipClaim) -> bool,
+        keep_policy: impl Fn(&EgressPolicy) -> bool,
+    ) -> DesiredState {
+        let vips = self.vips.iter().filter(|v| keep_vip(v)).cloned().collect();
+        let egress = self
+            .egress
+            .iter()
+            .filter(|p| keep_policy(p))
+            .cloned()
+            .collect();
+        DesiredState::new(vips, egress).unwrap_or_default()
+    }
+
     /// What of `self` (the state the kernel holds) `next` keeps: the VIPs `next` also claims
     /// on the same interface, and the policies `next` also has by name and VIP, as they are in
     /// `self`. Moving from `self` to it only removes: what a node does when `next` cannot be
     /// applied, so that a lost VIP still leaves.
     pub fn retained_in(&self, next: &DesiredState) -> DesiredState {
-        let vips: Vec<VipClaim> = self
-            .vips
-            .iter()
-            .filter(|v| next.vips.contains(v))
-            .cloned()
-            .collect();
-        let egress = self
-            .egress
-            .iter()
-            .filter(|p| {
-                vips.iter().any(|v| v.address == p.vip)
+        self.subset(
+            |v| next.vips.contains(v),
+            |p| {
+                self.vips
+                    .iter()
+                    .any(|v| v.address == p.vip && next.vips.contains(v))
                     && next.policy(&p.name).is_some_and(|n| n.vip == p.vip)
-            })
-            .cloned()
-            .collect();
-        // A part of a valid state is valid; should it not be, holding nothing is safe.
-        DesiredState::new(vips, egress).unwrap_or_default()
+            },
+        )
     }
 
     /// The kinds of difference between this (desired) state and `observed` (empty when

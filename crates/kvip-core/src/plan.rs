@@ -454,20 +454,7 @@ pub fn still_held(last: &DesiredState, plan: &Plan) -> DesiredState {
         .filter(|sp| sp.held)
         .flat_map(|sp| sp.vips.iter().copied())
         .collect();
-    let vips = last
-        .vips()
-        .iter()
-        .filter(|v| held.contains(&v.address))
-        .cloned()
-        .collect();
-    let egress = last
-        .egress()
-        .iter()
-        .filter(|p| held.contains(&p.vip()))
-        .cloned()
-        .collect();
-    // A part of a valid state is valid; should it not be, holding nothing is always safe.
-    DesiredState::new(vips, egress).unwrap_or_default()
+    last.subset(|v| held.contains(&v.address), |p| held.contains(&p.vip()))
 }
 
 /// The egress policies of a held Service, one per VIP family at most.

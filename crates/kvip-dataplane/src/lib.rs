@@ -262,8 +262,13 @@ impl KernelDataplane {
         if name == "none" || last_backend(&self.cfg.instance).as_deref() == Some(name) {
             return;
         }
+        // Written aside and renamed: a process killed meanwhile leaves the old record whole.
+        let write = |path: &std::path::Path| {
+            let aside = path.with_extension(format!("backend.{}", std::process::id()));
+            std::fs::write(&aside, format!("{name}\n")).and_then(|()| std::fs::rename(&aside, path))
+        };
         if let Some(path) = backend_record(&self.cfg.instance)
-            && let Err(e) = std::fs::write(&path, format!("{name}\n"))
+            && let Err(e) = write(&path)
         {
             report
                 .warnings

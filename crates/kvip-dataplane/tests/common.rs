@@ -12,6 +12,15 @@ pub fn state(yaml: &str) -> DesiredState {
     serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("fixture state is invalid: {e}\n{yaml}"))
 }
 
+/// A node namespace with an `eth0` whose peer is in a namespace of its own (kept alive by
+/// the second handle: dropping it removes `eth0`).
+pub fn node(tag: &str) -> (Netns, Netns) {
+    let ns = Netns::new(tag).expect("netns");
+    let peer = Netns::new(&format!("{tag}p")).expect("netns");
+    ns.veth("eth0", &peer, "eth0").expect("veth");
+    (ns, peer)
+}
+
 /// The backends every behavioural test runs on.
 pub fn backends() -> Vec<(&'static str, Config)> {
     vec![

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use kvip_dataplane::{Dataplane, SyncMode};
-use kvip_testkit::{Netns, require_kernel};
+use kvip_testkit::require_kernel;
 
 const STATE: &str = r#"
 vips: [{address: 192.0.2.10, interface: eth0}, {address: "2001:db8::10", interface: eth0}]
@@ -41,9 +41,7 @@ fn hand_made_changes_to_kvips_table_are_stray_and_repaired() {
         ),
     ];
     for (i, (what, script, needle)) in cases.into_iter().enumerate() {
-        let ns = Netns::new(&format!("dr{i}")).expect("netns");
-        let peer = Netns::new(&format!("dr{i}p")).expect("netns");
-        ns.veth("eth0", &peer, "eth0").expect("veth");
+        let (ns, _peer) = node(&format!("dr{i}"));
         let cfg = backends().remove(0).1;
         let want = state(STATE);
         let clean = apply_and_observe(&ns, cfg.clone(), &want);
@@ -86,9 +84,7 @@ fn hand_made_changes_to_kvips_table_are_stray_and_repaired() {
 #[test]
 fn the_other_backends_objects_are_stray_until_removed() {
     require_kernel!();
-    let ns = Netns::new("drob").expect("netns");
-    let peer = Netns::new("drobp").expect("netns");
-    ns.veth("eth0", &peer, "eth0").expect("veth");
+    let (ns, _peer) = node("drob");
     let ipt = backends().remove(1).1;
     let want = state(STATE);
     apply_and_observe(&ns, ipt.clone(), &want);

@@ -506,9 +506,7 @@ fn iptables_variant_follows_the_hosts_rules() {
 fn other_backends_are_looked_for_without_loading_legacy_tables() {
     require_kernel!();
     for (name, cfg) in backends().into_iter().take(2) {
-        let ns = Netns::new("nolg").expect("netns");
-        let peer = Netns::new("nolgp").expect("netns");
-        ns.veth("eth0", &peer, "eth0").expect("veth");
+        let (ns, _peer) = common::node("nolg");
         let s = common::state(
             "vips: [{address: 192.0.2.10, interface: eth0}]\negress:\n  - {name: a/b, vip: 192.0.2.10, sources: [10.244.1.5], exclude: []}\n",
         );

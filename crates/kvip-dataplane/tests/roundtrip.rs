@@ -7,14 +7,7 @@ mod common;
 
 use common::*;
 use kvip_dataplane::{Dataplane, SyncMode};
-use kvip_testkit::{Netns, require_kernel};
-
-fn node(tag: &str) -> (Netns, Netns) {
-    let ns = Netns::new(tag).expect("netns");
-    let peer = Netns::new(&format!("{tag}p")).expect("netns");
-    ns.veth("eth0", &peer, "eth0").expect("veth");
-    (ns, peer)
-}
+use kvip_testkit::require_kernel;
 
 fn edge_state() -> kvip_core::DesiredState {
     let long = format!("ns/{}", "n".repeat(kvip_core::model::MAX_NAME_LEN - 3));

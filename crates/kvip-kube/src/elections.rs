@@ -281,13 +281,12 @@ impl PerService {
 
     /// Publishes the held set under a new seq, changed or not (what waits for a sync
     /// computed without something waits for this seq).
-    fn publish_new_seq(&self) -> u64 {
+    fn publish_new_seq(&self) {
         let held = Leadership::PerService(self.held());
         self.tx.send_modify(|v| {
             v.seq += 1;
             v.leadership = held;
         });
-        self.tx.borrow().seq
     }
 
     fn start_election(&mut self, key: &ServiceKey, c: &Candidacy) {

@@ -106,6 +106,18 @@ struct Running {
     root: CancellationToken,
 }
 
+/// The server, every holder its Lease has had, and the elections of a node that holds the
+/// Service's Lease.
+async fn holding() -> (ApiServer, Arc<std::sync::Mutex<Vec<String>>>, Running) {
+    let server = ApiServer::start().expect("api server");
+    let seen = holders_seen(&server);
+    let r = start(&server);
+    r.synced.send_replace(synced(0, Some(true)));
+    until("held", || holds(&r.leadership.borrow())).await;
+    assert_eq!(holder(&server).as_deref(), Some("n1"));
+    (server, seen, r)
+}
+
 fn start(server: &ApiServer) -> Running {
     let (synced, rx) = watch::channel(None);
     let root = CancellationToken::new();
@@ -131,12 +143,7 @@ fn start(server: &ApiServer) -> Running {
 
 #[tokio::test]
 async fn a_withdrawal_releases_only_after_a_sync_without_the_service() {
-    let server = ApiServer::start().expect("api server");
-    let seen = holders_seen(&server);
-    let r = start(&server);
-    r.synced.send_replace(synced(0, Some(true)));
-    until("held", || holds(&r.leadership.borrow())).await;
-    assert_eq!(holder(&server).as_deref(), Some("n1"));
+    let (server, seen, r) = holding().await;
 
     // The sync at the current seq found this node no longer a candidate.
     let seq = r.leadership.borrow().seq;
@@ -153,11 +160,7 @@ async fn a_withdrawal_releases_only_after_a_sync_without_the_service() {
 
 #[tokio::test]
 async fn a_candidacy_back_before_the_sync_keeps_the_lease() {
-    let server = ApiServer::start().expect("api server");
-    let seen = holders_seen(&server);
-    let r = start(&server);
-    r.synced.send_replace(synced(0, Some(true)));
-    until("held", || holds(&r.leadership.borrow())).await;
+    let (_server, seen, r) = holding().await;
     let seq = r.leadership.borrow().seq;
     r.synced.send_replace(synced(seq, Some(false)));
     until("not counted as held", || !holds(&r.leadership.borrow())).await;
@@ -172,11 +175,7 @@ async fn a_candidacy_back_before_the_sync_keeps_the_lease() {
 
 #[tokio::test]
 async fn a_service_that_comes_back_keeps_its_lease() {
-    let server = ApiServer::start().expect("api server");
-    let seen = holders_seen(&server);
-    let r = start(&server);
-    r.synced.send_replace(synced(0, Some(true)));
-    until("held", || holds(&r.leadership.borrow())).await;
+    let (_server, seen, r) = holding().await;
     // Gone (its election stops; its release waits for a sync without it)...
     let seq = r.leadership.borrow().seq;
     r.synced.send_replace(synced(seq, None));

@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 
 pub(crate) use client::{api_server_addresses, backend_kind, client, node_config, own_namespace};
 
-use crate::metrics::{self, Metrics, NotReady, SourceLabel};
+use crate::metrics::{self, Metrics, SourceLabel};
 
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// SIGTERM and SIGINT, caught from the moment this is created: a signal that arrives while
@@ -368,7 +368,7 @@ impl Start<'_> {
         // the start with the fix; anything else missing degrades the agent (see
         // `permissions`) and is reported while it lasts.
         let needs = self.needs();
-        match unless_stopped(
+        let first_answer = match unless_stopped(
             root,
             permissions::check(&self.client, &needs, &BTreeSet::new()),
         )
@@ -381,11 +381,13 @@ impl Start<'_> {
                     let lines: Vec<String> = fatal.iter().map(ToString::to_string).collect();
                     bail!("cannot watch the cluster: {}", lines.join("; "));
                 }
+                Some(missing)
             }
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "could not check permissions at start; checking again in the background")
+                tracing::warn!(error = %e, "could not check permissions at start; checking again in the background");
+                None
             }
-        }
+        };
         let Some(networks) = self.networks().await? else {
             return Ok(());
         };
@@ -450,35 +452,13 @@ impl Start<'_> {
         tasks.spawn(permissions::watch_permissions(
             self.client.clone(),
             needs,
+            first_answer,
             namespaces_rx,
             forbidden,
             missing_tx,
             self.m.clone(),
             root.child_token(),
         ));
-        tasks.spawn({
-            let m = self.m.clone();
-            let mut missing = missing_rx.clone();
-            let root = root.child_token();
-            async move {
-                loop {
-                    let now = missing.borrow_and_update().clone();
-                    m.not_ready(
-                        NotReady::Permissions,
-                        (!now.is_empty()).then(|| {
-                            now.iter()
-                                .map(ToString::to_string)
-                                .collect::<Vec<_>>()
-                                .join("\n")
-                        }),
-                    );
-                    tokio::select! {
-                        r = missing.changed() => if r.is_err() { return },
-                        _ = root.cancelled() => return,
-                    }
-                }
-            }
-        });
         tasks.spawn(reporter::run(
             self.client.clone(),
             cfg.node_name.clone(),

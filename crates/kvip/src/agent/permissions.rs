@@ -26,7 +26,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::client::{CallError, bounded};
-use crate::metrics::{Metrics, PermissionLabel};
+use crate::metrics::{Metrics, NotReady, PermissionLabel};
 
 /// How often a permission that stays missing is logged again.
 pub(crate) const LOG_INTERVAL: Duration = Duration::from_secs(300);
@@ -190,10 +190,13 @@ pub(crate) fn fatal(missing: &[Missing]) -> Vec<&Missing> {
         .collect()
 }
 
-/// Checks until `root` is cancelled; publishes the missing permissions on `out`.
+/// Checks until `root` is cancelled; publishes the missing permissions on `out`. `first` is
+/// the answer of a check just made (at start), used instead of asking again.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn watch_permissions(
     client: kube::Client,
     needs: Needs,
+    mut first: Option<Vec<Missing>>,
     mut service_namespaces: watch::Receiver<BTreeSet<String>>,
     forbidden: Arc<Notify>,
     out: watch::Sender<Vec<Missing>>,
@@ -205,7 +208,11 @@ pub(crate) async fn watch_permissions(
     loop {
         let started = tokio::time::Instant::now();
         let namespaces = service_namespaces.borrow_and_update().clone();
-        let next = match check(&client, &needs, &namespaces).await {
+        let answer = match first.take() {
+            Some(missing) => Ok(missing),
+            None => check(&client, &needs, &namespaces).await,
+        };
+        let next = match answer {
             Ok(missing) => {
                 check_failed_logged = false;
                 let now = tokio::time::Instant::now();
@@ -236,6 +243,16 @@ pub(crate) async fn watch_permissions(
                         })
                         .set(1);
                 }
+                metrics.not_ready(
+                    NotReady::Permissions,
+                    (!missing.is_empty()).then(|| {
+                        missing
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    }),
+                );
                 let interval = if missing.is_empty() {
                     RECHECK_OK
                 } else {

@@ -165,13 +165,7 @@ async fn check_drift<D: Dataplane>(
     let applied = if foreign.is_empty() {
         applied
     } else {
-        let vips = applied
-            .vips()
-            .iter()
-            .filter(|v| !foreign.contains(&v.address))
-            .cloned()
-            .collect();
-        without_foreign = DesiredState::new(vips, applied.egress().to_vec()).unwrap_or_default();
+        without_foreign = applied.subset(|v| !foreign.contains(&v.address), |_| true);
         &without_foreign
     };
     match dp.observe().await {
@@ -230,11 +224,18 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
     }
     let p = Arc::new((s.planner)(&snapshot, &view.leadership, &s.node));
     let plan_took = started.elapsed() - snapshot_took;
-    let namespaces: BTreeSet<String> = p.services.keys().map(|k| k.namespace.clone()).collect();
-    ch.namespaces
-        .send_if_modified(|v| std::mem::replace(v, namespaces.clone()) != namespaces);
+    let namespaces: BTreeSet<&str> = p.services.keys().map(|k| k.namespace.as_str()).collect();
+    ch.namespaces.send_if_modified(|v| {
+        let same = v.len() == namespaces.len()
+            && v.iter().map(String::as_str).eq(namespaces.iter().copied());
+        if !same {
+            *v = namespaces.iter().map(|n| n.to_string()).collect();
+        }
+        !same
+    });
+    let kept;
     let (desired, invalid) = match &p.desired {
-        Ok(d) => (d.clone(), None),
+        Ok(d) => (d, None),
         Err(e) => {
             // Keep the last good state, less anything whose Lease is gone.
             let error = e.to_string();
@@ -249,19 +250,19 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
                 tracing::error!(%error, "the desired state is invalid; keeping the last good kernel state (less what is no longer held)");
             }
             mem.last_invalid = Some(error.clone());
-            let kept = mem
+            kept = mem
                 .applied
                 .as_ref()
                 .map(|last| still_held(last, &p))
                 .unwrap_or_default();
-            (kept, Some(error))
+            (&kept, Some(error))
         }
     };
     if invalid.is_none() && mem.last_invalid.take().is_some() {
         m.not_ready(NotReady::InvalidState, None);
         tracing::info!("the desired state is valid again");
     }
-    match dp.apply(&desired).await {
+    match dp.apply(desired).await {
         Ok(r) => {
             m.sync_seconds
                 .get_or_create(&ModeLabel {
@@ -316,7 +317,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
             // What cannot be added must not keep what has to go: remove, at least, what this
             // node no longer holds (a lost Lease's VIP), keeping the rest as it was.
             if let Some(last) = mem.applied.clone() {
-                let fallback = last.retained_in(&desired);
+                let fallback = last.retained_in(desired);
                 if fallback != last {
                     match dp.apply(&fallback).await {
                         Ok(r) => {
