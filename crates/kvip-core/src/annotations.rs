@@ -9,6 +9,8 @@ use std::net::IpAddr;
 use crate::cidr::Cidr;
 use crate::port::{PortMatch, PortParseError};
 
+/// Every kube-vip annotation starts with this.
+pub const PREFIX: &str = "kube-vip.io/";
 pub const LOADBALANCER_IPS: &str = "kube-vip.io/loadbalancerIPs";
 pub const IGNORE: &str = "kube-vip.io/ignore";
 pub const EGRESS: &str = "kube-vip.io/egress";

@@ -1,19 +1,23 @@
-//! Watches of the cluster objects `plan()` reads (Services, EndpointSlices, this node's Node),
-//! kept in reflector stores, and their conversion into [`kvip_core::Snapshot`]. Every change bumps a generation
-//! on a watch channel: the agent's loop recomputes the whole desired state from the stores
-//! (level-triggered), so a missed or repeated event cannot leave anything behind.
+//! Watches of the cluster objects `plan()` reads (Services, EndpointSlices, this node's Node)
+//! and their conversion into [`kvip_core::Snapshot`]. Each watched object is converted as it
+//! arrives and only the conversion is kept (the object itself is dropped at once), so memory
+//! follows what kvip reads, not the size of the API's objects. Every change of a conversion
+//! bumps a generation on a watch channel: the agent's loop recomputes the whole desired state
+//! from the stores (level-triggered), so a missed or repeated event cannot leave anything
+//! behind; an event that changes nothing kvip reads (a status written back, a new
+//! resourceVersion) bumps nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use kvip_core::Snapshot;
+use kvip_core::annotations::PREFIX as ANNOTATION_PREFIX;
 use kvip_core::plan::{ClusterNetworks, EndpointInfo, ServiceInfo, ServiceKey};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -26,55 +30,59 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// holds no VIP and competes for no Lease.
 pub const EXCLUDE_FROM_LB_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
 
-/// Reflector stores of the watched objects. The tasks feeding them run on the caller's
-/// tracker and end when its token is cancelled.
-pub struct ClusterCache {
-    services: Store<Service>,
-    slices: Store<EndpointSlice>,
-    node: Store<Node>,
-    /// Conversions of the stored objects, by namespace/name, kept while the object's
-    /// resourceVersion stays the same: a snapshot converts only what changed.
-    converted: std::sync::Mutex<Converted>,
+/// A watch ended before its first complete list.
+#[derive(Debug, thiserror::Error)]
+#[error("the watch of {kind} stopped before its first complete list")]
+pub struct WatchStopped {
+    pub kind: String,
 }
-
-/// What was made of each stored object, by the object's identity: the store replaces an
-/// object's `Arc` whenever it changes, so an `Arc` seen before is the same object. The memory
-/// keeps the `Arc` (the store holds it anyway), so its address cannot be reused meanwhile.
-type Memo<K, T> = std::collections::HashMap<usize, (Arc<K>, T)>;
 
 /// A slice's Service and endpoints.
 type SliceEndpoints = (ServiceKey, Arc<[EndpointInfo]>);
 
-#[derive(Default)]
-struct Converted {
-    services: Memo<Service, Arc<ServiceInfo>>,
-    slices: Memo<EndpointSlice, Option<SliceEndpoints>>,
+/// What is kept of one kind of object, by namespace and name.
+struct Store<T> {
+    kind: String,
+    items: RwLock<HashMap<(String, String), T>>,
+    ready: watch::Receiver<bool>,
 }
 
-/// `convert(obj)`, or the memory of it for an object seen before.
-fn memoised<K, T: Clone>(
-    memo: &mut Memo<K, T>,
-    seen: &mut std::collections::HashSet<usize>,
-    obj: &Arc<K>,
-    convert: impl FnOnce(&K) -> T,
-) -> T {
-    let id = Arc::as_ptr(obj) as usize;
-    seen.insert(id);
-    if let Some((_, v)) = memo.get(&id) {
-        return v.clone();
+impl<T: Clone> Store<T> {
+    /// The values, in no particular order. A poisoned lock (a panic while holding it, which
+    /// the code under it cannot do) still yields the map: its writes are single inserts.
+    fn values(&self) -> Vec<T> {
+        let items = self.items.read().unwrap_or_else(|p| p.into_inner());
+        items.values().cloned().collect()
     }
-    let v = convert(obj);
-    memo.insert(id, (Arc::clone(obj), v.clone()));
-    v
+
+    fn is_empty(&self) -> bool {
+        self.items
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    async fn ready(&self) -> Result<(), WatchStopped> {
+        let mut rx = self.ready.clone();
+        rx.wait_for(|r| *r)
+            .await
+            .map(|_| ())
+            .map_err(|_| WatchStopped {
+                kind: self.kind.clone(),
+            })
+    }
 }
 
-fn spawn_reflector<K>(
+/// Watches `api` and keeps `convert(object)` for each object (`None`: nothing to keep).
+/// A changed conversion bumps `dirty`; the first complete list makes the store ready.
+fn watch_converted<K, T>(
     api: Api<K>,
     config: watcher::Config,
+    convert: fn(&K) -> Option<T>,
     dirty: watch::Sender<u64>,
     tasks: &TaskTracker,
     stop: CancellationToken,
-) -> Store<K>
+) -> Arc<Store<T>>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -83,32 +91,103 @@ where
         + Send
         + Sync
         + 'static,
+    T: PartialEq + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config))
+    let (ready_tx, ready) = watch::channel(false);
+    let kind = K::kind(&()).to_string();
+    let store = Arc::new(Store {
+        kind: kind.clone(),
+        items: RwLock::new(HashMap::new()),
+        ready,
+    });
+    let stream = watcher(api, config)
         // Errors (500s, dropped or expired watches) restart the watch with backoff; the
         // store keeps serving its last state meanwhile.
         .backoff(crate::backoff::WatchBackoff::up_to(
             std::time::Duration::from_secs(30),
         ));
-    let kind = K::kind(&());
+    let writer = Arc::clone(&store);
     tasks.spawn(async move {
         futures_util::pin_mut!(stream);
+        // A re-list is collected aside and replaces the store when complete.
+        let mut relist: HashMap<(String, String), T> = HashMap::new();
         loop {
             let ev = tokio::select! {
                 ev = stream.next() => ev,
                 _ = stop.cancelled() => break,
             };
-            match ev {
-                Some(Ok(_)) => {
-                    dirty.send_modify(|g| *g += 1);
+            let changed = match ev {
+                Some(Ok(ev)) => apply(&writer.items, &mut relist, ev, convert, &ready_tx),
+                Some(Err(e)) => {
+                    tracing::warn!(%kind, error = %e, "watch failed; retrying");
+                    false
                 }
-                Some(Err(e)) => tracing::warn!(%kind, error = %e, "watch failed; retrying"),
                 None => break,
+            };
+            if changed {
+                dirty.send_modify(|g| *g += 1);
             }
         }
     });
-    reader
+    store
+}
+
+fn key_of<K: kube::Resource>(obj: &K) -> (String, String) {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// One watch event into the store; whether what is kept changed.
+fn apply<K: kube::Resource, T: PartialEq>(
+    items: &RwLock<HashMap<(String, String), T>>,
+    relist: &mut HashMap<(String, String), T>,
+    ev: watcher::Event<K>,
+    convert: fn(&K) -> Option<T>,
+    ready: &watch::Sender<bool>,
+) -> bool {
+    let write = || items.write().unwrap_or_else(|p| p.into_inner());
+    match ev {
+        watcher::Event::Apply(obj) => {
+            let key = key_of(&obj);
+            match convert(&obj) {
+                Some(v) => {
+                    let mut items = write();
+                    if items.get(&key) == Some(&v) {
+                        false
+                    } else {
+                        items.insert(key, v);
+                        true
+                    }
+                }
+                None => write().remove(&key).is_some(),
+            }
+        }
+        watcher::Event::Delete(obj) => write().remove(&key_of(&obj)).is_some(),
+        watcher::Event::Init => {
+            relist.clear();
+            false
+        }
+        watcher::Event::InitApply(obj) => {
+            if let Some(v) = convert(&obj) {
+                relist.insert(key_of(&obj), v);
+            }
+            false
+        }
+        watcher::Event::InitDone => {
+            std::mem::swap(&mut *write(), relist);
+            *relist = HashMap::new();
+            ready.send_replace(true);
+            true
+        }
+    }
+}
+
+/// What kvip keeps of the watched objects. The tasks feeding it run on the caller's tracker
+/// and end when its token is cancelled.
+pub struct ClusterCache {
+    services: Arc<Store<Arc<ServiceInfo>>>,
+    slices: Arc<Store<SliceEndpoints>>,
+    /// This node's Node, if it exists: whether it carries [`EXCLUDE_FROM_LB_LABEL`].
+    node: Arc<Store<bool>>,
 }
 
 impl ClusterCache {
@@ -132,70 +211,64 @@ impl ClusterCache {
             None => Api::<EndpointSlice>::all(client.clone()),
         };
         ClusterCache {
-            services: spawn_reflector(services, all(), dirty.clone(), tasks, stop.child_token()),
-            slices: spawn_reflector(slices, all(), dirty.clone(), tasks, stop.child_token()),
-            node: spawn_reflector(
+            services: watch_converted(
+                services,
+                all(),
+                |s| Some(Arc::new(service_info(s))),
+                dirty.clone(),
+                tasks,
+                stop.child_token(),
+            ),
+            slices: watch_converted(
+                slices,
+                all(),
+                |s| slice_endpoints(s).map(|(k, e)| (k, Arc::from(e))),
+                dirty.clone(),
+                tasks,
+                stop.child_token(),
+            ),
+            node: watch_converted(
                 Api::<Node>::all(client),
                 all().fields(&format!("metadata.name={node}")),
+                |n: &Node| {
+                    Some(
+                        n.metadata
+                            .labels
+                            .as_ref()
+                            .is_some_and(|l| l.contains_key(EXCLUDE_FROM_LB_LABEL)),
+                    )
+                },
                 dirty,
                 tasks,
                 stop.child_token(),
             ),
-            converted: std::sync::Mutex::new(Converted::default()),
         }
     }
 
     /// Waits until every store holds a complete initial list.
-    pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        self.services.wait_until_ready().await?;
-        self.slices.wait_until_ready().await?;
-        self.node.wait_until_ready().await
+    pub async fn ready(&self) -> Result<(), WatchStopped> {
+        self.services.ready().await?;
+        self.slices.ready().await?;
+        self.node.ready().await
     }
 
     /// Whether this node's Node object exists (it may be missing when `vip_nodename` is
     /// wrong; kvip then runs as a node without labels).
     pub fn node_found(&self) -> bool {
-        !self.node.state().is_empty()
+        !self.node.is_empty()
     }
 
     /// Whether this node's Node carries [`EXCLUDE_FROM_LB_LABEL`].
     pub fn node_excluded(&self) -> bool {
-        self.node.state().iter().any(|n| {
-            n.metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.contains_key(EXCLUDE_FROM_LB_LABEL))
-        })
+        self.node.values().into_iter().any(|x| x)
     }
 
-    /// The current state as `plan()` reads it.
+    /// The current state as `plan()` reads it. An unchanged object is the same `Arc` from
+    /// one snapshot to the next, which the planner uses to skip it.
     pub fn snapshot(&self, networks: ClusterNetworks) -> Snapshot {
-        // Poisoned only if a conversion panicked; the memory is then simply rebuilt.
-        let mut memo = self.converted.lock().unwrap_or_else(|p| {
-            let mut g = p.into_inner();
-            *g = Converted::default();
-            g
-        });
-        let Converted {
-            services: svc_memo,
-            slices: slice_memo,
-        } = &mut *memo;
-        let mut seen = std::collections::HashSet::new();
-        let services = self
-            .services
-            .state()
-            .iter()
-            .map(|s| memoised(svc_memo, &mut seen, s, |s| Arc::new(service_info(s))))
-            .collect();
-        svc_memo.retain(|k, _| seen.contains(k));
-        seen.clear();
+        let services = self.services.values();
         let mut endpoints: BTreeMap<ServiceKey, Arc<[EndpointInfo]>> = BTreeMap::new();
-        for slice in self.slices.state() {
-            let Some((key, eps)) = memoised(slice_memo, &mut seen, &slice, |s| {
-                slice_endpoints(s).map(|(k, e)| (k, Arc::from(e)))
-            }) else {
-                continue;
-            };
+        for (key, eps) in self.slices.values() {
             // One slice per Service is the common case: shared as it is. Several: joined.
             match endpoints.entry(key) {
                 std::collections::btree_map::Entry::Vacant(v) => {
@@ -211,8 +284,6 @@ impl ClusterCache {
                 }
             }
         }
-        slice_memo.retain(|k, _| seen.contains(k));
-        drop(memo);
         Snapshot {
             services,
             endpoints,
@@ -222,7 +293,7 @@ impl ClusterCache {
     }
 }
 
-/// What `plan()` needs of a Service.
+/// What `plan()` needs of a Service (of its annotations, kube-vip's only).
 pub fn service_info(s: &Service) -> ServiceInfo {
     let spec = s.spec.clone().unwrap_or_default();
     let status_ips = s
@@ -240,7 +311,16 @@ pub fn service_info(s: &Service) -> ServiceInfo {
         load_balancer_ip: spec.load_balancer_ip,
         status_ips,
         traffic_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
-        annotations: s.metadata.annotations.clone().unwrap_or_default(),
+        // Only kube-vip's: the others (a last-applied configuration, say) can be large and
+        // nothing reads them.
+        annotations: s
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 

@@ -260,3 +260,95 @@ async fn snapshot_follows_the_api_through_faults() {
         .await
         .expect("the watch tasks end on cancellation");
 }
+
+/// Only what kvip reads is kept: other annotations are dropped, a change of nothing kvip
+/// reads does not mark the state dirty, and a slice that stops naming a Service leaves it.
+#[tokio::test]
+async fn only_what_kvip_reads_is_kept_and_marks_the_state_dirty() {
+    let server = ApiServer::start().expect("api server");
+    let c = server.client();
+    let services: Api<Service> = Api::namespaced(c.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(c.clone(), "default");
+    let (dirty_tx, dirty_rx) = watch::channel(0u64);
+    let tasks = tokio_util::task::TaskTracker::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cache = ClusterCache::start(c.clone(), None, "n1", dirty_tx, &tasks, &stop);
+    tokio::time::timeout(Duration::from_secs(5), cache.ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    let mut svc = service();
+    svc.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("example.com/config".into(), "x".repeat(10_000));
+    services
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("create service");
+    let count = |cache: &ClusterCache| cache.snapshot(ClusterNetworks::default()).services.len();
+    until("service", Duration::from_secs(5), || count(&cache) == 1).await;
+    let kept: Vec<String> = cache.snapshot(ClusterNetworks::default()).services[0]
+        .annotations
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(
+        kept,
+        vec!["kube-vip.io/egress", "kube-vip.io/loadbalancerIPs"]
+    );
+
+    // A change kvip does not read, then one it does: the watch delivers them in order, so
+    // once the second is seen the first was handled, and only the second marked the state.
+    let before = *dirty_rx.borrow();
+    services
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(
+                json!({"metadata": {"annotations": {"example.com/config": "y"}}}),
+            ),
+        )
+        .await
+        .expect("patch");
+    let mut other = service();
+    other.metadata.name = Some("web2".into());
+    services
+        .create(&PostParams::default(), &other)
+        .await
+        .expect("create web2");
+    until("second service", Duration::from_secs(5), || {
+        count(&cache) == 2
+    })
+    .await;
+    assert_eq!(
+        *dirty_rx.borrow(),
+        before + 1,
+        "only web2 marked the state dirty"
+    );
+
+    slices
+        .create(
+            &PostParams::default(),
+            &slice(&[("10.244.1.5", "n1", Some(true))]),
+        )
+        .await
+        .expect("create slice");
+    until("endpoints", Duration::from_secs(5), || {
+        addresses(&cache) == vec![ip("10.244.1.5")]
+    })
+    .await;
+    let mut unlabelled = slices.get("web-abc").await.expect("get slice");
+    unlabelled.metadata.labels = None;
+    slices
+        .replace("web-abc", &PostParams::default(), &unlabelled)
+        .await
+        .expect("unlabel slice");
+    until("endpoints gone", Duration::from_secs(5), || {
+        addresses(&cache).is_empty()
+    })
+    .await;
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+}
