@@ -1,7 +1,7 @@
 //! `DesiredState`: what this node must hold. Keyed by stable names so that backends can diff
 //! two states and read their own objects back into the same model.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -448,13 +448,15 @@ impl DesiredState {
                 });
             }
         }
-        let mut owner: BTreeMap<IpAddr, &str> = BTreeMap::new();
-        for p in &egress {
+        // By index into the (sorted) policies: the first owner is the policy earlier by name.
+        let total = egress.iter().map(|p| p.sources.len()).sum();
+        let mut owner: HashMap<IpAddr, usize> = HashMap::with_capacity(total);
+        for (i, p) in egress.iter().enumerate() {
             for s in &p.sources {
-                if let Some(first) = owner.insert(*s, &p.name) {
+                if let Some(first) = owner.insert(*s, i) {
                     return Err(ModelError::SourceConflict {
                         source_ip: s.to_string(),
-                        first: first.to_string(),
+                        first: egress[first].name.clone(),
                         second: p.name.clone(),
                     });
                 }
@@ -492,23 +494,41 @@ impl DesiredState {
         self.egress.iter().map(|p| p.sources.len()).sum()
     }
 
-    /// Each translated source with the policy that translates it.
-    pub fn source_owners(&self) -> BTreeMap<IpAddr, &EgressPolicy> {
-        let mut m = BTreeMap::new();
-        for p in &self.egress {
-            for s in &p.sources {
-                m.insert(*s, p);
-            }
-        }
-        m
-    }
-
     /// Sources whose translation differs between `self` (before) and `next`: added, removed,
     /// or moved to a policy that translates differently. Their connection-tracking entries
     /// must be flushed so that existing flows do not keep a stale translation.
+    ///
+    /// A policy equal in both states keeps its sources' translation (no source is in two
+    /// policies of one state), so only the sources of policies that differ are looked at:
+    /// the cost follows the change, not the size of the state.
     pub fn changed_sources(&self, next: &DesiredState) -> BTreeSet<IpAddr> {
-        let before = self.source_owners();
-        let after = next.source_owners();
+        let mut before: HashMap<IpAddr, &EgressPolicy> = HashMap::new();
+        let mut after: HashMap<IpAddr, &EgressPolicy> = HashMap::new();
+        let (mut a, mut b) = (self.egress.iter().peekable(), next.egress.iter().peekable());
+        // Both are sorted by name.
+        loop {
+            let (p, q) = match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(p), Some(q)) => match p.name.cmp(&q.name) {
+                    std::cmp::Ordering::Equal => (a.next(), b.next()),
+                    std::cmp::Ordering::Less => (a.next(), None),
+                    std::cmp::Ordering::Greater => (None, b.next()),
+                },
+                (Some(_), None) => (a.next(), None),
+                (None, Some(_)) => (None, b.next()),
+            };
+            if let (Some(p), Some(q)) = (p, q)
+                && p == q
+            {
+                continue;
+            }
+            if let Some(p) = p {
+                before.extend(p.sources.iter().map(|s| (*s, p)));
+            }
+            if let Some(q) = q {
+                after.extend(q.sources.iter().map(|s| (*s, q)));
+            }
+        }
         let mut out = BTreeSet::new();
         for (s, p) in &before {
             match after.get(s) {
@@ -518,11 +538,7 @@ impl DesiredState {
                 }
             }
         }
-        for s in after.keys() {
-            if !before.contains_key(s) {
-                out.insert(*s);
-            }
-        }
+        out.extend(after.keys().filter(|s| !before.contains_key(s)));
         out
     }
 

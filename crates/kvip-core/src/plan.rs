@@ -391,7 +391,11 @@ fn combine(drafts: &[Arc<Draft>]) -> Plan {
     let mut services: BTreeMap<ServiceKey, ServicePlan> = BTreeMap::new();
     let mut vips: BTreeMap<IpAddr, VipClaim> = BTreeMap::new();
     let mut policies: Vec<EgressPolicy> = Vec::new();
-    let mut pod_owner: HashMap<IpAddr, usize> = HashMap::new();
+    let pods = drafts
+        .iter()
+        .flat_map(|d| d.egress.iter().map(|e| e.sources.len()))
+        .sum();
+    let mut pod_owner: HashMap<IpAddr, usize> = HashMap::with_capacity(pods);
     for (i, d) in drafts.iter().enumerate() {
         let mut sp = d.sp.clone();
         for c in &d.claims {

@@ -90,6 +90,50 @@ proptest! {
         prop_assert_eq!(back, s);
     }
 
+    /// Two random states over a small space of names, VIPs and sources (so that policies
+    /// are often equal, differ by a source or by translation, and sources move): the changed
+    /// sources are exactly those whose owner's translation differs, found source by source.
+    #[test]
+    fn changed_sources_equals_the_per_source_definition(
+        a in proptest::collection::vec((0u8..4, 0u8..2, proptest::collection::btree_set(0u8..12, 0..5)), 0..4),
+        b in proptest::collection::vec((0u8..4, 0u8..2, proptest::collection::btree_set(0u8..12, 0..5)), 0..4),
+    ) {
+        let build = |ps: &[(u8, u8, std::collections::BTreeSet<u8>)]| {
+            let mut taken = std::collections::BTreeSet::new();
+            let mut names = std::collections::BTreeSet::new();
+            let egress: Vec<EgressPolicy> = ps
+                .iter()
+                .filter(|(name, _, _)| names.insert(*name))
+                .filter_map(|(name, vip, srcs)| {
+                    let sources: Vec<IpAddr> = srcs
+                        .iter()
+                        .filter(|s| taken.insert(**s))
+                        .map(|s| IpAddr::V4(Ipv4Addr::new(10, 244, 0, *s + 1)))
+                        .collect();
+                    (!sources.is_empty()).then(|| {
+                        EgressPolicy::new(format!("ns/p{name}"), IpAddr::V4(Ipv4Addr::new(198, 51, 100, *vip + 1)), sources, vec![], None, None).unwrap()
+                    })
+                })
+                .collect();
+            DesiredState::new(vec![], egress).unwrap()
+        };
+        let (x, y) = (build(&a), build(&b));
+        let owners = |s: &DesiredState| -> std::collections::BTreeMap<IpAddr, EgressPolicy> {
+            s.egress().iter().flat_map(|p| p.sources().iter().map(move |src| (*src, p.clone()))).collect()
+        };
+        let (ox, oy) = (owners(&x), owners(&y));
+        let want: std::collections::BTreeSet<IpAddr> = ox
+            .keys()
+            .chain(oy.keys())
+            .filter(|s| match (ox.get(s), oy.get(s)) {
+                (Some(p), Some(q)) => !p.same_translation(q),
+                _ => true,
+            })
+            .copied()
+            .collect();
+        prop_assert_eq!(x.changed_sources(&y), want);
+    }
+
     #[test]
     fn state_parser_never_panics(json in "\\PC{0,200}") {
         let _ = serde_json::from_str::<DesiredState>(&json);

@@ -195,6 +195,16 @@ impl ServiceEvents {
         let node = self.node.clone();
         for (key, sp) in &p.services {
             let pods: usize = sp.egress_pods.values().map(Vec::len).sum();
+            // Nothing new about this Service (the common case): nothing to build.
+            let unchanged = self.last.get(key).is_some_and(|(held, n, w)| {
+                *held == sp.held
+                    && *n == if sp.held { pods } else { 0 }
+                    && w.len() == sp.warnings.len()
+                    && w.iter().zip(&sp.warnings).all(|(a, b)| *a == b.to_string())
+            });
+            if unchanged {
+                continue;
+            }
             let warnings: Vec<String> = sp.warnings.iter().map(ToString::to_string).collect();
             let (was_held, was_pods, was_warnings) =
                 self.last.get(key).cloned().unwrap_or_default();
