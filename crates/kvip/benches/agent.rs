@@ -94,7 +94,15 @@ fn in_kernel(ip: &str) -> bool {
 /// read.
 fn monitor(ns: &Netns) -> (std::process::Child, mpsc::Receiver<(Instant, String)>) {
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "nft", "monitor", "new", "elements"])
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "nft",
+            "monitor",
+            "new",
+            "elements",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -124,7 +132,14 @@ fn monitor_ready(ns: &Netns, lines: &mpsc::Receiver<(Instant, String)>) {
         let ip = format!("192.0.2.{k}");
         ns.exec_ok(
             "nft",
-            &["add", "element", "inet", "kvipbench", "s", &format!("{{ {ip} }}")],
+            &[
+                "add",
+                "element",
+                "inet",
+                "kvipbench",
+                "s",
+                &format!("{{ {ip} }}"),
+            ],
         )
         .expect("probe element");
         while let Ok((_, line)) = lines.recv_timeout(Duration::from_millis(100)) {
