@@ -10,21 +10,24 @@
 //! - base chain `postrouting`: nat hook at priority srcnat - 10, so kvip's SNAT is decided
 //!   before any nat chain at srcnat (iptables-nft, iptables-legacy, a CNI's own table).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use kvip_core::{Cidr, DesiredState, EgressPolicy, Family, PortMatch, Protocol};
-use serde_json::{Value, json};
+use kvip_core::{Cidr, DesiredState, EgressPolicy, Family, PortMatch};
+use serde_json::json;
 
 use crate::error::DataplaneError;
 use crate::exec::{one_line, run_tool};
-use crate::names::{fnv1a, nft_policy_chain, policy_comment, policy_from_comment};
+use crate::names::{fnv1a, nft_policy_chain, policy_comment};
 use crate::nftjson::{Batch, Cmd, Elem, Lhs, Obj, SetType, Stmt};
+use crate::nftread::table_flags;
+pub use crate::nftread::{ParsedTable, parse_table};
 use crate::rules::{EgressSync, SyncMode};
 
 /// Priority of kvip's nat postrouting chain: srcnat (100) - 10.
 pub const NAT_PRIORITY: i32 = 90;
-const BASE_CHAIN: &str = "postrouting";
+pub(crate) const BASE_CHAIN: &str = "postrouting";
 
 fn fam_proto(f: Family) -> &'static str {
     match f {
@@ -330,315 +333,20 @@ pub fn render_delta(
     Some((Batch { cmds }, counts))
 }
 
-/// The table's content read back into the model, plus anything in the table kvip would not
-/// have written (reported, so drift cannot hide).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ParsedTable {
-    pub egress: Vec<EgressPolicy>,
-    pub stray: Vec<String>,
-}
-
-fn parse_addr_elem(v: &Value) -> Result<Vec<Cidr>, DataplaneError> {
-    let bad = || DataplaneError::readback(format!("unexpected set element {v}"));
-    match v {
-        Value::String(s) => s.parse::<Cidr>().map(|c| vec![c]).map_err(|_| bad()),
-        Value::Object(o) => {
-            if let Some(p) = o.get("prefix") {
-                let addr: IpAddr = p["addr"]
-                    .as_str()
-                    .and_then(|a| a.parse().ok())
-                    .ok_or_else(bad)?;
-                let len = p["len"]
-                    .as_u64()
-                    .and_then(|l| u8::try_from(l).ok())
-                    .ok_or_else(bad)?;
-                Cidr::new(addr, len).map(|c| vec![c]).map_err(|_| bad())
-            } else if let Some(r) = o.get("range") {
-                let a: IpAddr = r[0].as_str().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
-                let b: IpAddr = r[1].as_str().and_then(|a| a.parse().ok()).ok_or_else(bad)?;
-                Cidr::from_range(a, b).ok_or_else(bad)
-            } else if let Some(e) = o.get("elem") {
-                parse_addr_elem(&e["val"])
-            } else {
-                Err(bad())
-            }
-        }
-        _ => Err(bad()),
-    }
-}
-
-fn parse_port_elem(v: &Value) -> Result<PortMatch, DataplaneError> {
-    let bad = || DataplaneError::readback(format!("unexpected port element {v}"));
-    let c = v.get("concat").and_then(Value::as_array).ok_or_else(bad)?;
-    let protocol = match c.first().ok_or_else(bad)? {
-        Value::String(s) => Protocol::parse(s),
-        Value::Number(n) => match n.as_u64() {
-            Some(6) => Some(Protocol::Tcp),
-            Some(17) => Some(Protocol::Udp),
-            Some(132) => Some(Protocol::Sctp),
-            _ => None,
-        },
-        _ => None,
-    }
-    .ok_or_else(bad)?;
-    let port = match c.get(1).ok_or_else(bad)? {
-        Value::Number(n) => n.as_u64().and_then(|p| u16::try_from(p).ok()),
-        Value::String(s) => s.parse().ok(),
-        _ => None,
-    }
-    .ok_or_else(bad)?;
-    Ok(PortMatch { protocol, port })
-}
-
-/// What one policy chain's rules say.
-#[derive(Default)]
-struct ChainRules {
-    exclude: Option<String>,
-    allow: Option<String>,
-    ports: Option<String>,
-    snat: Option<(String, IpAddr)>,
-    unknown: usize,
-}
-
-fn set_ref(v: &Value) -> Option<String> {
-    v.as_str()
-        .and_then(|s| s.strip_prefix('@'))
-        .map(str::to_string)
-}
-
-/// Reads `nft -j list table inet <table>` output back into egress policies.
-pub fn parse_table(listing: &Value) -> Result<ParsedTable, DataplaneError> {
-    let items = listing
-        .get("nftables")
-        .and_then(Value::as_array)
-        .ok_or_else(|| DataplaneError::readback("nft listing has no \"nftables\" array"))?;
-    let mut sets: BTreeMap<String, &Value> = BTreeMap::new();
-    let mut maps: BTreeMap<String, &Value> = BTreeMap::new();
-    let mut chains: BTreeMap<String, ChainRules> = BTreeMap::new();
-    for item in items {
-        if let Some(s) = item.get("set") {
-            sets.insert(s["name"].as_str().unwrap_or_default().to_string(), s);
-        } else if let Some(m) = item.get("map") {
-            maps.insert(m["name"].as_str().unwrap_or_default().to_string(), m);
-        } else if let Some(c) = item.get("chain") {
-            chains
-                .entry(c["name"].as_str().unwrap_or_default().to_string())
-                .or_default();
-        } else if let Some(r) = item.get("rule") {
-            let chain = r["chain"].as_str().unwrap_or_default();
-            if chain == BASE_CHAIN {
-                continue;
-            }
-            let cr = chains.entry(chain.to_string()).or_default();
-            let exprs = r["expr"].as_array().cloned().unwrap_or_default();
-            if let Some(nat) = exprs.iter().find_map(|e| e.get("snat")) {
-                let name = r["comment"].as_str().and_then(policy_from_comment);
-                let vip = nat["addr"].as_str().and_then(|a| a.parse::<IpAddr>().ok());
-                match (name, vip) {
-                    (Some(n), Some(v)) => cr.snat = Some((n.to_string(), v)),
-                    _ => cr.unknown += 1,
-                }
-                continue;
-            }
-            let m = exprs.iter().find_map(|e| e.get("match"));
-            let (op, left, right) = match m {
-                Some(m) => (m["op"].as_str(), &m["left"], set_ref(&m["right"])),
-                None => (None, &Value::Null, None),
-            };
-            let is_daddr = left["payload"]["field"] == "daddr";
-            let is_ports = left.get("concat").is_some();
-            match (op, right) {
-                (Some("=="), Some(set)) if is_daddr => cr.exclude = Some(set),
-                (Some("!="), Some(set)) if is_daddr => cr.allow = Some(set),
-                (Some("!="), Some(set)) if is_ports => cr.ports = Some(set),
-                _ => cr.unknown += 1,
-            }
-        }
-    }
-    let elems = |o: Option<&&Value>| -> Vec<Value> {
-        o.and_then(|v| v.get("elem"))
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-    };
-    let mut stray = Vec::new();
-    let mut sources: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-    for name in ["src4", "src6"] {
-        for e in elems(maps.get(name)) {
-            let key: Option<IpAddr> = e[0].as_str().and_then(|s| s.parse().ok());
-            let target = e[1]["goto"]["target"].as_str();
-            match (key, target) {
-                (Some(k), Some(t)) => sources.entry(t.to_string()).or_default().push(k),
-                _ => stray.push(format!("element {e} in map {name}")),
-            }
-        }
-    }
-    let mut used_sets: BTreeSet<String> = BTreeSet::new();
-    let cidrs = |name: &Option<String>| -> Result<Option<Vec<Cidr>>, DataplaneError> {
-        let Some(n) = name else { return Ok(None) };
-        let set = sets
-            .get(n)
-            .ok_or_else(|| DataplaneError::readback(format!("rule refers to missing set {n}")))?;
-        let mut out = Vec::new();
-        for e in elems(Some(set)) {
-            out.extend(parse_addr_elem(&e)?);
-        }
-        Ok(Some(out))
-    };
-    let mut egress = Vec::new();
-    for (chain, cr) in &chains {
-        if chain == BASE_CHAIN {
-            continue;
-        }
-        for s in [&cr.exclude, &cr.allow, &cr.ports].into_iter().flatten() {
-            used_sets.insert(s.clone());
-        }
-        let Some((name, vip)) = &cr.snat else {
-            stray.push(format!("chain {chain} without a translation rule"));
-            continue;
-        };
-        if nft_policy_chain(name) != *chain {
-            stray.push(format!(
-                "chain {chain} carries policy name {name:?} of another chain"
-            ));
-            continue;
-        }
-        if cr.unknown > 0 {
-            stray.push(format!(
-                "chain {chain} holds {} rule(s) kvip does not write",
-                cr.unknown
-            ));
-        }
-        let ex = cidrs(&cr.exclude)?.unwrap_or_default();
-        let allow = cidrs(&cr.allow)?;
-        let ports = match &cr.ports {
-            Some(n) => Some(
-                elems(sets.get(n))
-                    .iter()
-                    .map(parse_port_elem)
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            None => None,
-        };
-        let Some(srcs) = sources.remove(chain) else {
-            stray.push(format!("chain {chain} (policy {name}) has no sources"));
-            continue;
-        };
-        match EgressPolicy::new(name.clone(), *vip, srcs, ex, allow, ports) {
-            Ok(p) => egress.push(p),
-            Err(e) => stray.push(format!("chain {chain}: {e}")),
-        }
-    }
-    for (chain, srcs) in sources {
-        stray.push(format!(
-            "{} sources point at missing chain {chain}",
-            srcs.len()
-        ));
-    }
-    for s in sets.keys().filter(|s| !used_sets.contains(*s)) {
-        stray.push(format!("set {s} is not used by any policy"));
-    }
-    stray.extend(structure_drift(items, !egress.is_empty()));
-    Ok(ParsedTable { egress, stray })
-}
-
-/// The `flags` line of a table's text listing (`table inet kvip {` then `flags dormant`).
-fn table_flags(text: &str) -> Option<&str> {
-    let mut lines = text.lines().map(str::trim);
-    lines.next().filter(|l| l.starts_with("table "))?;
-    lines.next()?.strip_prefix("flags ")
-}
-
-/// What in the table's own structure kvip would not have written (table flags are checked
-/// before, see [`NftBackend::observe`]): the base chain's hook, priority and rules, hooked
-/// policy chains, and the flags of its sets and maps. Each is drift: read back as stray, so `show` and the doctor name it and
-/// the agent replaces the table.
-fn structure_drift(items: &[Value], has_policies: bool) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut base_seen = false;
-    let mut base_rules = Vec::new();
-    let flags = |v: &Value| -> Vec<String> {
-        match &v["flags"] {
-            Value::Array(a) => a
-                .iter()
-                .filter_map(|f| f.as_str().map(String::from))
-                .collect(),
-            Value::String(f) => vec![f.clone()],
-            _ => Vec::new(),
-        }
-    };
-    for item in items {
-        if let Some(c) = item.get("chain") {
-            let name = c["name"].as_str().unwrap_or_default();
-            if name == BASE_CHAIN {
-                base_seen = true;
-                let ok = c["type"] == "nat"
-                    && c["hook"] == "postrouting"
-                    && c["prio"].as_i64() == Some(i64::from(NAT_PRIORITY))
-                    && c["policy"] == "accept";
-                if !ok {
-                    out.push(format!(
-                        "base chain {name} is type {} hook {} priority {} policy {} (kvip writes nat postrouting {NAT_PRIORITY} accept)",
-                        c["type"], c["hook"], c["prio"], c["policy"]
-                    ));
-                }
-            } else if c.get("hook").is_some() {
-                out.push(format!(
-                    "chain {name} is hooked (kvip's policy chains are not)"
-                ));
-            }
-        } else if let Some(s) = item.get("set") {
-            let name = s["name"].as_str().unwrap_or_default();
-            let want: &[&str] = if name.starts_with("pt_") {
-                &[]
-            } else {
-                &["interval"]
-            };
-            let f = flags(s);
-            if f != want {
-                out.push(format!("set {name} has flags {f:?} (kvip writes {want:?})"));
-            }
-        } else if let Some(m) = item.get("map") {
-            let name = m["name"].as_str().unwrap_or_default();
-            let f = flags(m);
-            if !f.is_empty() || m["map"] != "verdict" {
-                out.push(format!(
-                    "map {name} has flags {f:?} and maps to {} (kvip writes a verdict map without flags)",
-                    m["map"]
-                ));
-            }
-        } else if let Some(r) = item.get("rule")
-            && r["chain"] == BASE_CHAIN
-        {
-            base_rules.push(r["expr"].clone());
-        }
-    }
-    if !has_policies {
-        return out;
-    }
-    if !base_seen {
-        out.push(format!(
-            "base chain {BASE_CHAIN} is missing: no pod is translated"
-        ));
-        return out;
-    }
-    let dispatch = |proto: &str, map: &str| serde_json::json!([{"vmap": {"key": {"payload": {"protocol": proto, "field": "saddr"}}, "data": format!("@{map}")}}]);
-    let want = [dispatch("ip", "src4"), dispatch("ip6", "src6")];
-    if base_rules != want {
-        out.push(format!(
-            "base chain {BASE_CHAIN} holds {} rule(s) that are not kvip's dispatch by source (ip saddr vmap @src4, ip6 saddr vmap @src6)",
-            base_rules.len()
-        ));
-    }
-    out
-}
-
 /// How many objects (chains, rules, sets, maps) kvip's table holds for `state`.
 pub fn object_count(state: &DesiredState) -> usize {
     if state.egress().is_empty() {
         return 0;
     }
     render_full("kvip", state).map_or(0, |b| b.cmds.len().saturating_sub(3))
+}
+
+/// The nftables generation, or `None` (logged) when the kernel does not answer: kvip then
+/// knows nothing without listing, as before it asked.
+fn generation_or_unknown() -> Option<u32> {
+    crate::nftgen::generation()
+        .inspect_err(|e| tracing::debug!(error = %e, "reading the nftables generation"))
+        .ok()
 }
 
 /// Runs `nft -j -f -` with a JSON document.
@@ -654,8 +362,8 @@ pub async fn nft_apply(json: &str) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// `nft -j list table inet <table>`; `None` when the table does not exist.
-pub async fn nft_list_table(table: &str) -> Result<Option<Value>, DataplaneError> {
+/// `nft -j list table inet <table>` (the JSON text); `None` when the table does not exist.
+pub async fn nft_list_table(table: &str) -> Result<Option<String>, DataplaneError> {
     let out = run_tool("nft", &["-j", "list", "table", "inet", table], None).await?;
     if !out.status_ok {
         if out.stderr.contains("No such file or directory") {
@@ -667,21 +375,29 @@ pub async fn nft_list_table(table: &str) -> Result<Option<Value>, DataplaneError
             stderr: one_line(&out.stderr),
         });
     }
-    serde_json::from_str(&out.stdout)
-        .map(Some)
-        .map_err(|e| DataplaneError::readback(format!("nft printed invalid JSON: {e}")))
+    Ok(Some(out.stdout))
 }
 
 /// Human-readable listing of the table (`nft list table inet <table>`); empty when missing.
 pub async fn nft_list_text(table: &str) -> Result<String, DataplaneError> {
-    let out = run_tool("nft", &["list", "table", "inet", table], None).await?;
+    nft_list_text_with(table, false).await
+}
+
+/// The same, `terse`: without the elements of sets and maps.
+async fn nft_list_text_with(table: &str, terse: bool) -> Result<String, DataplaneError> {
+    let args: &[&str] = if terse {
+        &["-t", "list", "table", "inet", table]
+    } else {
+        &["list", "table", "inet", table]
+    };
+    let out = run_tool("nft", args, None).await?;
     if !out.status_ok {
         if out.stderr.contains("No such file or directory") {
             return Ok(String::new());
         }
         return Err(DataplaneError::ToolFailed {
             tool: "nft".into(),
-            args: format!("list table inet {table}"),
+            args: args.join(" "),
             stderr: one_line(&out.stderr),
         });
     }
@@ -716,14 +432,49 @@ pub async fn nft_available() -> bool {
 pub struct NftBackend {
     table: String,
     applied: Option<DesiredState>,
+    /// The nftables generation at which the kernel is known to hold exactly `applied`:
+    /// after a transaction of kvip's that was the only one since the last known generation,
+    /// or after a read-back that found `applied`. While the generation stays there, nothing
+    /// in nftables changed, and a read-back has nothing to list. [`UNKNOWN`] otherwise.
+    verified: AtomicU64,
 }
+
+const UNKNOWN: u64 = u64::MAX;
 
 impl NftBackend {
     pub fn new(table: String) -> Self {
         NftBackend {
             table,
             applied: None,
+            verified: AtomicU64::new(UNKNOWN),
         }
+    }
+
+    fn verified(&self) -> Option<u32> {
+        u32::try_from(self.verified.load(Ordering::Acquire)).ok()
+    }
+
+    fn set_verified(&self, generation: Option<u32>) {
+        self.verified
+            .store(generation.map_or(UNKNOWN, u64::from), Ordering::Release);
+    }
+
+    /// Writes `doc` as one transaction; `on_known_base`: it changes a table whose content
+    /// is known (an incremental update), so the result is known only if the table was.
+    async fn write(&self, doc: &Batch, on_known_base: bool) -> Result<(), DataplaneError> {
+        let before = generation_or_unknown();
+        let base_known = !on_known_base || (before.is_some() && before == self.verified());
+        self.set_verified(None);
+        nft_apply(&doc.to_json()).await?;
+        let after = generation_or_unknown();
+        // Only kvip's transaction in between: the kernel holds what was written.
+        if base_known
+            && let (Some(b), Some(a)) = (before, after)
+            && a == b.wrapping_add(1)
+        {
+            self.set_verified(Some(a));
+        }
+        Ok(())
     }
 
     pub fn table(&self) -> &str {
@@ -733,6 +484,7 @@ impl NftBackend {
     /// Forget what was applied: the next apply is a full replace.
     pub fn invalidate(&mut self) {
         self.applied = None;
+        self.set_verified(None);
     }
 
     /// Makes the table hold exactly `desired`'s egress policies: nothing when unchanged,
@@ -749,7 +501,7 @@ impl NftBackend {
                     self.applied = Some(desired.clone());
                     return Ok(EgressSync::default());
                 }
-                match nft_apply(&doc.to_json()).await {
+                match self.write(&doc, true).await {
                     Ok(()) => {
                         self.applied = Some(desired.clone());
                         return Ok(EgressSync {
@@ -768,6 +520,7 @@ impl NftBackend {
             }
         }
         self.applied = None;
+        self.set_verified(None);
         if desired.egress().is_empty() {
             // No policy: kvip owns no nftables object at all.
             let removed = nft_delete_table("inet", &self.table).await?;
@@ -783,7 +536,7 @@ impl NftBackend {
         }
         let doc = render_full(&self.table, desired)?;
         let objects = doc.cmds.len().saturating_sub(3);
-        nft_apply(&doc.to_json()).await?;
+        self.write(&doc, false).await?;
         self.applied = Some(desired.clone());
         Ok(EgressSync {
             mode: SyncMode::Full,
@@ -792,10 +545,36 @@ impl NftBackend {
         })
     }
 
+    /// Reads the table back. When no nftables transaction happened since the kernel was
+    /// known to hold what kvip applied, that is what it holds: nothing is listed.
     pub async fn observe(&self) -> Result<ParsedTable, DataplaneError> {
+        let start = generation_or_unknown();
+        if let (Some(g), Some(applied)) = (start, &self.applied)
+            && self.verified() == Some(g)
+        {
+            return Ok(ParsedTable {
+                egress: applied.egress().to_vec(),
+                stray: Vec::new(),
+            });
+        }
+        let parsed = self.list().await?;
+        // Listed within one generation and equal to what was applied: known again.
+        if let Some(applied) = &self.applied
+            && start.is_some()
+            && generation_or_unknown() == start
+            && parsed.stray.is_empty()
+            && DesiredState::new(vec![], parsed.egress.clone())
+                .is_ok_and(|s| s.egress() == applied.egress())
+        {
+            self.set_verified(start);
+        }
+        Ok(parsed)
+    }
+
+    async fn list(&self) -> Result<ParsedTable, DataplaneError> {
         // Table flags first, from the text listing: with flags set, nft's JSON listing is
         // not always valid (nft 1.0.6 prints `"flags": "ipv4_addr"` or stops short).
-        let text = nft_list_text(&self.table).await?;
+        let text = nft_list_text_with(&self.table, true).await?;
         if let Some(flags) = table_flags(&text) {
             return Ok(ParsedTable {
                 egress: Vec::new(),
@@ -806,7 +585,7 @@ impl NftBackend {
         }
         match nft_list_table(&self.table).await? {
             None => Ok(ParsedTable::default()),
-            Some(v) => parse_table(&v),
+            Some(listing) => parse_table(&listing),
         }
     }
 }

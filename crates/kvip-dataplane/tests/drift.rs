@@ -35,6 +35,11 @@ fn hand_made_changes_to_kvips_table_are_stray_and_repaired() {
             "base chain postrouting holds 3",
         ),
         (
+            "an element with a verdict kvip does not write",
+            "nft add element inet kvip src4 '{ 10.244.9.9 : accept }'",
+            "in map src4",
+        ),
+        (
             "base chain deleted",
             "nft flush chain inet kvip postrouting; nft delete chain inet kvip postrouting",
             "base chain postrouting is missing",
@@ -106,4 +111,88 @@ fn the_other_backends_objects_are_stray_until_removed() {
         "",
         "removed by the first apply"
     );
+}
+
+/// A read-back lists the table only when some nftables transaction happened since the
+/// kernel was known to hold what kvip applied; whenever one did, the change is seen. Shown by
+/// taking `nft` off `PATH`: a read-back that needs no listing still succeeds, one that needs
+/// it fails for want of the tool.
+#[test]
+fn read_back_lists_only_after_another_transaction_and_then_sees_the_change() {
+    require_kernel!();
+    let (ns, _peer) = node("drg");
+    let cfg = backends().remove(0).1;
+    let want = state(STATE);
+    let nft = which("nft");
+    let path = std::env::var("PATH").expect("PATH");
+    let empty = tempfile_dir("kvip-no-tools");
+    // SAFETY: nextest runs this test alone in its process, and nothing else here reads the
+    // environment while it changes.
+    let tools = |on: bool| unsafe {
+        std::env::set_var("PATH", if on { path.as_str() } else { empty.as_str() })
+    };
+    let run = |script: &str| {
+        let st = std::process::Command::new(&nft)
+            .arg(script)
+            .status()
+            .expect("nft");
+        assert!(st.success(), "{script}");
+    };
+    with_dataplane(&ns, cfg, async |dp| {
+        dp.apply(&want).await.expect("apply");
+        tools(false);
+        let o = dp
+            .observe()
+            .await
+            .expect("nothing changed: no listing needed");
+        assert_eq!(o.state, want);
+        assert!(o.stray.is_empty(), "{:?}", o.stray);
+
+        // Another program's transaction, elsewhere: the table must be listed again.
+        tools(true);
+        run("add table inet someone_else");
+        tools(false);
+        assert!(
+            dp.observe().await.is_err(),
+            "a transaction since: the read-back lists (and cannot, without nft)"
+        );
+        tools(true);
+        let o = dp.observe().await.expect("observe");
+        assert!(o.stray.is_empty() && o.state == want, "{o:?}");
+        // Listed and equal: known again, no listing needed.
+        tools(false);
+        assert_eq!(dp.observe().await.expect("known again").state, want);
+
+        // A hand-made change to kvip's table is a transaction too: seen.
+        tools(true);
+        run("add element inet kvip src4 { 10.244.9.9 : accept }");
+        let o = dp.observe().await.expect("observe");
+        assert!(
+            o.stray.iter().any(|s| s.contains("in map src4")),
+            "{:?}",
+            o.stray
+        );
+        // An incremental write on top of an unknown table does not make it known.
+        dp.invalidate();
+        dp.apply(&want).await.expect("repair");
+        tools(false);
+        assert_eq!(dp.observe().await.expect("repaired, known").state, want);
+        tools(true);
+    });
+    let _ = std::fs::remove_dir(&empty);
+}
+
+fn which(tool: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .expect("sh");
+    assert!(out.status.success(), "{tool} not found");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn tempfile_dir(tag: &str) -> String {
+    let d = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d.display().to_string()
 }

@@ -126,7 +126,7 @@ fn nft_render_parses_back() {
         .skip(3)
         .filter_map(|c| c.get("add").cloned())
         .collect();
-    let parsed = parse_table(&serde_json::json!({ "nftables": items })).expect("parse");
+    let parsed = parse_table(&serde_json::json!({ "nftables": items }).to_string()).expect("parse");
     assert!(parsed.stray.is_empty(), "{:?}", parsed.stray);
     assert_eq!(parsed.egress, s.egress());
 }
