@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -49,8 +50,29 @@ pub struct VipClaim {
 
 /// Source NAT of a set of pods to a VIP, for destinations outside `exclude` (and, when given,
 /// inside `allow` and on one of `ports`). Always valid: built only by [`EgressPolicy::new`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EgressPolicy {
+///
+/// Its content is shared: a clone is a reference count, so the states a node keeps (planned,
+/// applied, cached by the backend) hold one copy of each policy, and comparing a policy with
+/// its clone costs nothing.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct EgressPolicy(Arc<PolicyData>);
+
+impl std::ops::Deref for EgressPolicy {
+    type Target = PolicyData;
+    fn deref(&self) -> &PolicyData {
+        &self.0
+    }
+}
+
+impl fmt::Debug for EgressPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The content of an [`EgressPolicy`], read through its accessors.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct PolicyData {
     name: String,
     vip: IpAddr,
     sources: Vec<IpAddr>,
@@ -264,7 +286,7 @@ impl EgressPolicy {
             .into_iter()
             .collect();
         let ports = ports.map(|p| p.into_iter().collect::<BTreeSet<_>>().into_iter().collect());
-        Ok(EgressPolicy {
+        Ok(EgressPolicy(Arc::new(PolicyData {
             name,
             vip,
             sources,
@@ -275,7 +297,7 @@ impl EgressPolicy {
                 .map(Cidr::canonicalize)
                 .filter(|a| !a.iter().any(|c| c.prefix_len() == 0)),
             ports,
-        })
+        })))
     }
 
     /// Parses the serialised form, naming the field and value of the first problem.
