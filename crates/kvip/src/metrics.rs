@@ -58,6 +58,7 @@ pub struct Metrics {
     registry: Registry,
     pub sync_seconds: Family<ModeLabel, Histogram>,
     pub sync_errors: Counter,
+    pub readback_seconds: Histogram,
     pub drift_repairs: Family<KindLabel, Counter>,
     pub announcements: Counter,
     pub generation_observed: Gauge,
@@ -81,6 +82,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
             sync_errors: Counter::default(),
+            readback_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             drift_repairs: Family::default(),
             announcements: Counter::default(),
             generation_observed: Gauge::default(),
@@ -103,6 +105,11 @@ impl Metrics {
             "sync_duration_seconds",
             "Time to make the kernel equal the desired state, by sync mode",
             m.sync_seconds.clone(),
+        );
+        r.register(
+            "readback_duration_seconds",
+            "Time of each periodic read-back of kvip's kernel state (the drift check); the reconcile loop waits for it",
+            m.readback_seconds.clone(),
         );
         r.register(
             "sync_errors",

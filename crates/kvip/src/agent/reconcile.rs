@@ -98,12 +98,17 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
         loop {
             tokio::select! {
                 r = ch.dirty.changed() => if r.is_err() {
-                    tracing::error!("the watches stopped; the reconcile loop stops");
+                    // At shutdown the watches end first: not an error then.
+                    if !root.is_cancelled() {
+                        tracing::error!("the watches stopped; the reconcile loop stops");
+                    }
                     return;
                 },
                 r = ch.leadership.changed() => {
                     if r.is_err() {
-                        tracing::error!("the elections stopped; the reconcile loop stops");
+                        if !root.is_cancelled() {
+                            tracing::error!("the elections stopped; the reconcile loop stops");
+                        }
                         return;
                     }
                     leadership_changed = true;
@@ -168,7 +173,10 @@ async fn check_drift<D: Dataplane>(
         without_foreign = applied.subset(|v| !foreign.contains(&v.address), |_| true);
         &without_foreign
     };
-    match dp.observe().await {
+    let started = std::time::Instant::now();
+    let observed = dp.observe().await;
+    m.readback_seconds.observe(started.elapsed().as_secs_f64());
+    match observed {
         Ok(o) if o.state == *applied && o.stray.is_empty() => {}
         Ok(o) => {
             let mut kinds = applied.drift(&o.state);
