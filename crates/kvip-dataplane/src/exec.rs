@@ -96,9 +96,15 @@ async fn run_unbounded(
         })?;
     Ok(ToolOutput {
         status_ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout: text(out.stdout),
+        stderr: text(out.stderr),
     })
+}
+
+/// A tool's output as text, without a copy when it is valid UTF-8 (a listing can be
+/// megabytes).
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Runs a tool and fails with its stderr unless it exits 0; returns stdout.

@@ -29,6 +29,8 @@ struct Kernel {
     refused: Option<std::net::IpAddr>,
     /// A VIP someone else configured already: applies leave it alone, read-back omits it.
     foreign: Option<std::net::IpAddr>,
+    /// How long a read-back takes (as listing a large table does).
+    observe_delay: Option<std::time::Duration>,
 }
 
 /// The fake; clones share one kernel, so a test keeps a clone to look and to meddle.
@@ -72,6 +74,11 @@ impl FakeDataplane {
     /// Makes `vip` one someone else configured already (`None`: lifts it).
     pub fn foreign_vip(&self, vip: Option<std::net::IpAddr>) {
         self.kernel().foreign = vip;
+    }
+
+    /// Makes each read-back take `d` (`None`: instant again).
+    pub fn slow_observe(&self, d: Option<std::time::Duration>) {
+        self.kernel().observe_delay = d;
     }
 
     /// Every call so far, oldest first.
@@ -150,8 +157,15 @@ impl Dataplane for FakeDataplane {
     }
 
     async fn observe(&self) -> Result<Observed, DataplaneError> {
-        let mut k = self.kernel();
-        k.calls.push(Call::Observe);
+        let delay = {
+            let mut k = self.kernel();
+            k.calls.push(Call::Observe);
+            k.observe_delay
+        };
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        let k = self.kernel();
         let state = match k.foreign {
             Some(f) => DesiredState::new(
                 k.state

@@ -5,6 +5,8 @@
 //!     KVIP_BENCH_SERVICES=1000 KVIP_BENCH_ENDPOINTS=10 KVIP_BENCH_CHANGES=200 cargo bench -p kvip --bench agent
 //!     KVIP_BENCH_AGENT_LOG=/tmp/agent.log …   (keeps the agent's log, at info)
 //!     KVIP_BENCH_DETECT=poll …                 (see below)
+//!     KVIP_BENCH_FOREIGN_EVERY=N …             (another program's nftables transaction
+//!                                              every N changes: the next read-back lists)
 //!
 //! A change counts as in the kernel when the kernel reports the new element: `nft monitor`
 //! runs beside the agent and each of its lines is timestamped as it is read, so the
@@ -194,6 +196,7 @@ fn main() {
     let n_ep = env_usize("KVIP_BENCH_ENDPOINTS", 10);
     let changes = env_usize("KVIP_BENCH_CHANGES", 200);
     let poll = std::env::var("KVIP_BENCH_DETECT").is_ok_and(|v| v == "poll");
+    let foreign_every = env_usize("KVIP_BENCH_FOREIGN_EVERY", 0);
     let ns = Netns::new("abn").expect("netns");
     let peer = Netns::new("abnp").expect("netns");
     ns.veth("eth0", &peer, "eth0").expect("veth");
@@ -274,6 +277,14 @@ fn main() {
     for k in 0..changes {
         let i = (k * 7919) % n_svc;
         let fresh = pod(n_svc * n_ep + k);
+        if foreign_every > 0 && k % foreign_every == foreign_every - 1 {
+            // Between two changes, not timed: a table of the bench's own, added and removed.
+            ns.exec_ok(
+                "nft",
+                &["add table inet kvipbench; delete table inet kvipbench"],
+            )
+            .expect("foreign transaction");
+        }
         pods[i][k % n_ep] = fresh.clone();
         let t0 = Instant::now();
         rt.block_on(async {
@@ -326,6 +337,11 @@ fn main() {
             "`nft monitor new elements`, each line timestamped as read"
         }
     );
+    if foreign_every > 0 {
+        println!(
+            "Another nftables transaction every {foreign_every} changes (KVIP_BENCH_FOREIGN_EVERY).\n"
+        );
+    }
     println!("| changes | p50 | p90 | p99 | max |");
     println!("|---|---|---|---|---|");
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);

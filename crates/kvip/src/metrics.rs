@@ -59,6 +59,7 @@ pub struct Metrics {
     pub sync_seconds: Family<ModeLabel, Histogram>,
     pub sync_errors: Counter,
     pub readback_seconds: Histogram,
+    pub readbacks_interrupted: Counter,
     pub drift_repairs: Family<KindLabel, Counter>,
     pub announcements: Counter,
     pub generation_observed: Gauge,
@@ -83,6 +84,7 @@ impl Metrics {
             }),
             sync_errors: Counter::default(),
             readback_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            readbacks_interrupted: Counter::default(),
             drift_repairs: Family::default(),
             announcements: Counter::default(),
             generation_observed: Gauge::default(),
@@ -108,8 +110,13 @@ impl Metrics {
         );
         r.register(
             "readback_duration_seconds",
-            "Time of each periodic read-back of kvip's kernel state (the drift check); the reconcile loop waits for it",
+            "Time of each completed periodic read-back of kvip's kernel state (the drift check)",
             m.readback_seconds.clone(),
+        );
+        r.register(
+            "readbacks_interrupted",
+            "Read-backs dropped because a change arrived meanwhile (tried again after 1 s; the fourth in a row runs to its end)",
+            m.readbacks_interrupted.clone(),
         );
         r.register(
             "sync_errors",

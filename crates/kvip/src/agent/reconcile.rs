@@ -19,6 +19,21 @@ use crate::metrics::{KindLabel, Metrics, ModeLabel, NotReady};
 /// How long after a failed sync the next one is tried, without a change.
 const RETRY_FAILED: Duration = Duration::from_secs(1);
 
+/// A read-back a change interrupted is tried again this soon.
+const READBACK_RETRY: Duration = Duration::from_secs(1);
+
+/// After this many interrupted read-backs in a row, the next one runs to its end whatever
+/// arrives meanwhile: a steady stream of changes cannot postpone drift detection forever.
+const READBACK_MAX_YIELDS: u32 = 3;
+
+/// A channel's sender is gone: at shutdown (the watches and elections end first) that is
+/// expected; otherwise it is a bug, and the loop stops rather than spin.
+fn stopped(what: &str, root: &CancellationToken) {
+    if !root.is_cancelled() {
+        tracing::error!("the {what} stopped; the reconcile loop stops");
+    }
+}
+
 /// Where the loop reads the cluster from.
 pub(crate) trait SnapshotSource {
     fn snapshot(&self, networks: ClusterNetworks) -> Snapshot;
@@ -81,6 +96,7 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
 ) {
     let mut mem = Memory::default();
     let mut next_resync = tokio::time::Instant::now() + s.resync_period;
+    let mut yielded = 0u32;
     let mut refresh = s.arp_refresh.map(|d| {
         let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -98,18 +114,11 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
         loop {
             tokio::select! {
                 r = ch.dirty.changed() => if r.is_err() {
-                    // At shutdown the watches end first: not an error then.
-                    if !root.is_cancelled() {
-                        tracing::error!("the watches stopped; the reconcile loop stops");
-                    }
-                    return;
+                    return stopped("watches", root);
                 },
                 r = ch.leadership.changed() => {
                     if r.is_err() {
-                        if !root.is_cancelled() {
-                            tracing::error!("the elections stopped; the reconcile loop stops");
-                        }
-                        return;
+                        return stopped("elections", root);
                     }
                     leadership_changed = true;
                 }
@@ -119,10 +128,42 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                         None => std::future::pending::<()>().await,
                     }
                 } => {}
-                // On its own clock: a steady stream of changes does not postpone it.
+                // On its own clock: a steady stream of changes does not postpone it. A change
+                // waits for no read-back: the read-back is dropped (its tool killed) and tried
+                // again shortly; after READBACK_MAX_YIELDS in a row one runs to its end.
                 _ = tokio::time::sleep_until(next_resync) => {
-                    next_resync = tokio::time::Instant::now() + s.resync_period;
-                    check_drift(dp, mem.applied.as_ref(), &mem.foreign, m).await;
+                    let drift = check_drift(dp, mem.applied.as_ref(), &mem.foreign, m);
+                    let finished = if yielded >= READBACK_MAX_YIELDS {
+                        drift.await;
+                        true
+                    } else {
+                        tokio::select! {
+                            _ = drift => true,
+                            r = ch.dirty.changed() => {
+                                if r.is_err() {
+                                    return stopped("watches", root);
+                                }
+                                false
+                            }
+                            r = ch.leadership.changed() => {
+                                if r.is_err() {
+                                    return stopped("elections", root);
+                                }
+                                leadership_changed = true;
+                                false
+                            }
+                            _ = root.cancelled() => return,
+                        }
+                    };
+                    let now = tokio::time::Instant::now();
+                    if finished {
+                        yielded = 0;
+                        next_resync = now + s.resync_period;
+                    } else {
+                        yielded += 1;
+                        m.readbacks_interrupted.inc();
+                        next_resync = now + READBACK_RETRY.min(s.resync_period);
+                    }
                 }
                 _ = async {
                     match refresh.as_mut() {

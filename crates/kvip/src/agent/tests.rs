@@ -252,6 +252,60 @@ async fn drift_is_found_by_the_resync_and_repaired() {
     h.task.await.unwrap();
 }
 
+/// A change arriving during a slow read-back is applied at once (the read-back is dropped);
+/// under a steady stream of changes the fourth read-back in a row runs to its end.
+#[tokio::test(start_paused = true)]
+async fn a_change_waits_for_no_read_back_and_a_steady_stream_cannot_starve_it() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), true);
+    until("first sync", || h.vips().len() == 1).await;
+    h.fake.slow_observe(Some(Duration::from_secs(5)));
+    let observes = |h: &Harness| {
+        h.fake
+            .calls()
+            .iter()
+            .filter(|c| **c == Call::Observe)
+            .count()
+    };
+    until("read-back started", || observes(&h) == 1).await;
+    let started = tokio::time::Instant::now();
+    h.change(snapshot(&[("a", "198.51.100.10", "10.244.1.6")]));
+    let pod = |ip: &str| ip.parse::<std::net::IpAddr>().unwrap();
+    until("change applied", || {
+        h.fake.state().egress()[0].sources() == [pod("10.244.1.6")]
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "the change waited {:?} for the read-back",
+        started.elapsed()
+    );
+    let count = |h: &Harness, name: &str| -> u64 {
+        h.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(count(&h, "kvip_readbacks_interrupted_total"), 1);
+    assert_eq!(count(&h, "kvip_readback_duration_seconds_count"), 0);
+
+    // A change every 500 ms: read-backs keep being interrupted until one runs to its end.
+    for i in 0..40 {
+        if count(&h, "kvip_readback_duration_seconds_count") == 1 {
+            break;
+        }
+        h.change(snapshot(&[(
+            "a",
+            "198.51.100.10",
+            &format!("10.244.2.{i}"),
+        )]));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(count(&h, "kvip_readback_duration_seconds_count"), 1);
+    assert_eq!(count(&h, "kvip_readbacks_interrupted_total"), 3);
+    h.root.cancel();
+    h.task.await.unwrap();
+}
+
 impl Harness {
     fn metrics_text(&self) -> String {
         self.metrics.render().unwrap()
