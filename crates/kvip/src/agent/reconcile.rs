@@ -26,6 +26,15 @@ const READBACK_RETRY: Duration = Duration::from_secs(1);
 /// arrives meanwhile: a steady stream of changes cannot postpone drift detection forever.
 const READBACK_MAX_YIELDS: u32 = 3;
 
+/// How a read-back ended.
+enum ReadBack {
+    Finished,
+    /// A change interrupted it.
+    Yielded,
+    /// A leadership change interrupted it (not counted against READBACK_MAX_YIELDS).
+    Leadership,
+}
+
 /// A channel's sender is gone: at shutdown (the watches and elections end first) that is
 /// expected; otherwise it is a bug, and the loop stops rather than spin.
 fn stopped(what: &str, root: &CancellationToken) {
@@ -130,40 +139,44 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                 } => {}
                 // On its own clock: a steady stream of changes does not postpone it. A change
                 // waits for no read-back: the read-back is dropped (its tool killed) and tried
-                // again shortly; after READBACK_MAX_YIELDS in a row one runs to its end.
+                // again shortly; after READBACK_MAX_YIELDS in a row one runs to its end, which
+                // only a leadership change (a lost Lease waits for nothing) or the stop ends.
                 _ = tokio::time::sleep_until(next_resync) => {
                     let drift = check_drift(dp, mem.applied.as_ref(), &mem.foreign, m);
-                    let finished = if yielded >= READBACK_MAX_YIELDS {
-                        drift.await;
-                        true
-                    } else {
-                        tokio::select! {
-                            _ = drift => true,
-                            r = ch.dirty.changed() => {
-                                if r.is_err() {
-                                    return stopped("watches", root);
-                                }
-                                false
+                    let may_yield = yielded < READBACK_MAX_YIELDS;
+                    let outcome = tokio::select! {
+                        _ = drift => ReadBack::Finished,
+                        r = ch.dirty.changed(), if may_yield => {
+                            if r.is_err() {
+                                return stopped("watches", root);
                             }
-                            r = ch.leadership.changed() => {
-                                if r.is_err() {
-                                    return stopped("elections", root);
-                                }
-                                leadership_changed = true;
-                                false
-                            }
-                            _ = root.cancelled() => return,
+                            ReadBack::Yielded
                         }
+                        r = ch.leadership.changed() => {
+                            if r.is_err() {
+                                return stopped("elections", root);
+                            }
+                            leadership_changed = true;
+                            ReadBack::Leadership
+                        }
+                        _ = root.cancelled() => return,
                     };
                     let now = tokio::time::Instant::now();
-                    if finished {
-                        yielded = 0;
-                        next_resync = now + s.resync_period;
-                    } else {
-                        yielded += 1;
-                        m.readbacks_interrupted.inc();
-                        next_resync = now + READBACK_RETRY.min(s.resync_period);
-                    }
+                    next_resync = now + match outcome {
+                        ReadBack::Finished => {
+                            yielded = 0;
+                            s.resync_period
+                        }
+                        ReadBack::Yielded => {
+                            yielded += 1;
+                            m.readbacks_interrupted.inc();
+                            READBACK_RETRY.min(s.resync_period)
+                        }
+                        ReadBack::Leadership => {
+                            m.readbacks_interrupted.inc();
+                            READBACK_RETRY.min(s.resync_period)
+                        }
+                    };
                 }
                 _ = async {
                     match refresh.as_mut() {

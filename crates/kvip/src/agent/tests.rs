@@ -306,6 +306,42 @@ async fn a_change_waits_for_no_read_back_and_a_steady_stream_cannot_starve_it() 
     h.task.await.unwrap();
 }
 
+/// A lost Lease waits for no read-back, not even one that runs to its end after three
+/// interrupted ones.
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_waits_for_no_read_back_even_a_forced_one() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), true);
+    until("first sync", || h.vips().len() == 1).await;
+    h.fake.slow_observe(Some(Duration::from_secs(5)));
+    let observes = |h: &Harness| {
+        h.fake
+            .calls()
+            .iter()
+            .filter(|c| **c == Call::Observe)
+            .count()
+    };
+    for i in 0..3 {
+        until("read-back started", || observes(&h) == i + 1).await;
+        let pod = format!("10.244.3.{i}");
+        h.change(snapshot(&[("a", "198.51.100.10", &pod)]));
+        until("change applied", || {
+            h.fake.state().egress()[0].sources()[0].to_string() == pod
+        })
+        .await;
+    }
+    until("the forced read-back started", || observes(&h) == 4).await;
+    let started = tokio::time::Instant::now();
+    h.lead(Leadership::Global(false));
+    until("VIP dropped", || h.vips().is_empty()).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "the step-down waited {:?}",
+        started.elapsed()
+    );
+    h.root.cancel();
+    h.task.await.unwrap();
+}
+
 impl Harness {
     fn metrics_text(&self) -> String {
         self.metrics.render().unwrap()
