@@ -173,10 +173,25 @@ fn apply<K: kube::Resource, T: PartialEq>(
             false
         }
         watcher::Event::InitDone => {
-            std::mem::swap(&mut *write(), relist);
+            // What the list found replaces the store; a value equal to the stored one keeps
+            // the stored one (its `Arc`, by which the planner recognises it unchanged).
+            let mut items = write();
+            let mut old = std::mem::take(&mut *items);
+            let mut changed = old.len() != relist.len();
+            for (k, v) in relist.drain() {
+                match old.remove(&k) {
+                    Some(o) if o == v => {
+                        items.insert(k, o);
+                    }
+                    _ => {
+                        changed = true;
+                        items.insert(k, v);
+                    }
+                }
+            }
             *relist = HashMap::new();
-            ready.send_replace(true);
-            true
+            let first = !ready.send_replace(true);
+            changed || first
         }
     }
 }
@@ -279,7 +294,9 @@ impl ClusterCache {
                     // unchanged Service as unchanged.
                     let mut joined: Vec<EndpointInfo> =
                         o.get().iter().chain(eps.iter()).cloned().collect();
-                    joined.sort_by(|a, b| (a.address, &a.node).cmp(&(b.address, &b.node)));
+                    joined.sort_by(|a, b| {
+                        (a.address, &a.node, a.ready).cmp(&(b.address, &b.node, b.ready))
+                    });
                     o.insert(joined.into());
                 }
             }

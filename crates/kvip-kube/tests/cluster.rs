@@ -327,6 +327,49 @@ async fn only_what_kvip_reads_is_kept_and_marks_the_state_dirty() {
         "only web2 marked the state dirty"
     );
 
+    // A list again (410 Gone) that finds the same objects keeps what was stored (the same
+    // `Arc`, by which the planner knows them unchanged) and marks nothing; what follows the
+    // list (web3) is seen after it.
+    let web_of = |cache: &ClusterCache| {
+        cache
+            .snapshot(ClusterNetworks::default())
+            .services
+            .into_iter()
+            .find(|s| s.name == "web")
+            .expect("web")
+    };
+    let stored = web_of(&cache);
+    let before = *dirty_rx.borrow();
+    let lists = || {
+        server
+            .calls()
+            .iter()
+            .filter(|c| c.verb == "list" && c.resource == "services")
+            .count()
+    };
+    let lists_before = lists();
+    server.expire_history();
+    until("listed again", Duration::from_secs(10), || {
+        lists() > lists_before
+    })
+    .await;
+    let mut third = service();
+    third.metadata.name = Some("web3".into());
+    services
+        .create(&PostParams::default(), &third)
+        .await
+        .expect("create web3");
+    until("third service", Duration::from_secs(10), || {
+        count(&cache) == 3
+    })
+    .await;
+    assert!(std::sync::Arc::ptr_eq(&stored, &web_of(&cache)));
+    assert_eq!(
+        *dirty_rx.borrow(),
+        before + 1,
+        "only web3 marked the state dirty"
+    );
+
     slices
         .create(
             &PostParams::default(),
