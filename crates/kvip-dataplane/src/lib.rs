@@ -16,8 +16,8 @@ pub mod fake;
 pub mod iptables;
 pub mod legacy;
 pub mod names;
+mod nfnl;
 pub mod nft;
-mod nftgen;
 pub mod nftjson;
 mod nftread;
 mod ownership;
@@ -178,11 +178,12 @@ pub async fn resolve_backend(cfg: &Config) -> Result<Box<dyn RuleBackend>, Datap
         BackendKind::Iptables => false,
         BackendKind::Auto => {
             let nft = nft::nft_available().await;
-            if !nft && last_backend(&cfg.instance).as_deref() == Some("nftables") {
-                // Falling back to iptables would leave kvip's nftables table translating.
+            // Falling back to iptables would leave kvip's nftables table translating: asked
+            // of the kernel itself (no `nft` needed), not of a record that could be stale.
+            if !nft && nfnl::inet_table_exists(&cfg.instance.nft_table())? {
                 return Err(DataplaneError::ToolMissing {
                     tool: "nft".into(),
-                    hint: "kvip's rules in this namespace were last written with nftables and may still translate pods: install nftables (apt-get install nftables), or remove the table (nft delete table inet kvip) before using iptables",
+                    hint: "kvip's nftables table is in this namespace and may still translate pods: install nftables (apt-get install nftables), or remove the table (nft delete table inet kvip) before using iptables",
                 });
             }
             nft
@@ -199,20 +200,6 @@ pub async fn resolve_backend(cfg: &Config) -> Result<Box<dyn RuleBackend>, Datap
         cfg.instance.chain_prefix(),
         variant,
     )))
-}
-
-/// Where the backend that last wrote an instance's rules in this namespace is recorded.
-fn backend_record(instance: &Instance) -> Option<std::path::PathBuf> {
-    let dir = run::netns_dir().ok()?;
-    Some(dir.join(format!("{}.backend", instance.name().unwrap_or("default"))))
-}
-
-/// The backend that last wrote this instance's rules here (`nftables`, `iptables-nft`, ...).
-fn last_backend(instance: &Instance) -> Option<String> {
-    let path = backend_record(instance)?;
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_string())
 }
 
 impl KernelDataplane {
@@ -256,26 +243,6 @@ impl KernelDataplane {
 
     pub fn backend(&self) -> &dyn RuleBackend {
         self.rules.as_ref()
-    }
-
-    /// Records the backend in use (read when `auto` must choose and a tool is missing).
-    fn record_backend(&self, report: &mut ApplyReport) {
-        let name = self.rules.name();
-        if name == "none" || last_backend(&self.cfg.instance).as_deref() == Some(name) {
-            return;
-        }
-        // Written aside and renamed: a process killed meanwhile leaves the old record whole.
-        let write = |path: &std::path::Path| {
-            let aside = path.with_extension(format!("backend.{}", std::process::id()));
-            std::fs::write(&aside, format!("{name}\n")).and_then(|()| std::fs::rename(&aside, path))
-        };
-        if let Some(path) = backend_record(&self.cfg.instance)
-            && let Err(e) = write(&path)
-        {
-            report
-                .warnings
-                .push(format!("recording the backend in {}: {e}", path.display()));
-        }
     }
 
     fn forget(&mut self) {
@@ -519,9 +486,6 @@ impl Dataplane for KernelDataplane {
             }
         }
         self.applied = Some(desired.clone());
-        if first {
-            self.record_backend(&mut report);
-        }
         report.duration = start.elapsed();
         Ok(report)
     }
@@ -628,13 +592,6 @@ impl Dataplane for KernelDataplane {
         }
         for h in self.announcers.drain(..) {
             h.abort();
-        }
-        if r.errors.is_empty()
-            && let Some(path) = backend_record(&self.cfg.instance)
-            && let Err(e) = std::fs::remove_file(&path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            r.errors.push(format!("removing {}: {e}", path.display()));
         }
         r
     }

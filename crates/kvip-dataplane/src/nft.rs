@@ -344,7 +344,7 @@ pub fn object_count(state: &DesiredState) -> usize {
 /// The nftables generation, or `None` (logged) when the kernel does not answer: kvip then
 /// knows nothing without listing, as before it asked.
 fn generation_or_unknown() -> Option<u32> {
-    crate::nftgen::generation()
+    crate::nfnl::generation()
         .inspect_err(|e| tracing::debug!(error = %e, "reading the nftables generation"))
         .ok()
 }
@@ -441,6 +441,13 @@ pub struct NftBackend {
 
 const UNKNOWN: u64 = u64::MAX;
 
+/// What a write does to kvip's table (see [`NftBackend::write`]).
+#[derive(Clone, Copy)]
+enum Write {
+    Whole,
+    Delta { removes: bool },
+}
+
 impl NftBackend {
     pub fn new(table: String) -> Self {
         NftBackend {
@@ -459,11 +466,21 @@ impl NftBackend {
             .store(generation.map_or(UNKNOWN, u64::from), Ordering::Release);
     }
 
-    /// Writes `doc` as one transaction; `on_known_base`: it changes a table whose content
-    /// is known (an incremental update), so the result is known only if the table was.
-    async fn write(&self, doc: &Batch, on_known_base: bool) -> Result<(), DataplaneError> {
+    /// Writes `doc` as one transaction. `Whole`: it replaces the table (so the result does
+    /// not depend on what was there); `Delta { removes }`: it changes a table whose content
+    /// must be known for the result to be, and `removes` says whether it deletes an element.
+    ///
+    /// The generation moving by exactly one proves kvip's transaction was the only one only
+    /// if kvip's transaction commits something: a deletion always does (a missing element
+    /// fails the batch), a replace deletes the table; a batch of additions alone may commit
+    /// nothing (elements someone else added meanwhile are no-ops), and then another program's
+    /// transaction would be the one counted. So only those make the result known.
+    async fn write(&self, doc: &Batch, kind: Write) -> Result<(), DataplaneError> {
         let before = generation_or_unknown();
-        let base_known = !on_known_base || (before.is_some() && before == self.verified());
+        let base_known = match kind {
+            Write::Whole => true,
+            Write::Delta { removes } => removes && before.is_some() && before == self.verified(),
+        };
         self.set_verified(None);
         nft_apply(&doc.to_json()).await?;
         let after = generation_or_unknown();
@@ -501,7 +518,10 @@ impl NftBackend {
                     self.applied = Some(desired.clone());
                     return Ok(EgressSync::default());
                 }
-                match self.write(&doc, true).await {
+                let kind = Write::Delta {
+                    removes: counts.removed > 0,
+                };
+                match self.write(&doc, kind).await {
                     Ok(()) => {
                         self.applied = Some(desired.clone());
                         return Ok(EgressSync {
@@ -536,7 +556,7 @@ impl NftBackend {
         }
         let doc = render_full(&self.table, desired)?;
         let objects = doc.cmds.len().saturating_sub(3);
-        self.write(&doc, false).await?;
+        self.write(&doc, Write::Whole).await?;
         self.applied = Some(desired.clone());
         Ok(EgressSync {
             mode: SyncMode::Full,

@@ -172,11 +172,29 @@ fn read_back_lists_only_after_another_transaction_and_then_sees_the_change() {
             "{:?}",
             o.stray
         );
-        // An incremental write on top of an unknown table does not make it known.
+        // Replacing the table makes it known again.
         dp.invalidate();
         dp.apply(&want).await.expect("repair");
         tools(false);
         assert_eq!(dp.observe().await.expect("repaired, known").state, want);
+
+        // Additions alone may commit nothing (someone may have added the same elements), so
+        // they leave the table unknown; a change with a deletion keeps it known.
+        tools(true);
+        let grown = state(&STATE.replace("[10.244.1.5]", "[10.244.1.5, 10.244.1.7]"));
+        dp.apply(&grown).await.expect("add a pod");
+        tools(false);
+        assert!(dp.observe().await.is_err(), "after additions alone: listed");
+        tools(true);
+        assert_eq!(dp.observe().await.expect("observe").state, grown);
+        let moved = state(&STATE.replace("[10.244.1.5]", "[10.244.1.5, 10.244.1.8]"));
+        let r = dp.apply(&moved).await.expect("replace a pod");
+        assert_eq!(r.mode, SyncMode::Incremental);
+        tools(false);
+        assert_eq!(
+            dp.observe().await.expect("after a deletion: known").state,
+            moved
+        );
         tools(true);
     });
     let _ = std::fs::remove_dir(&empty);

@@ -702,7 +702,7 @@ fn auto_does_not_switch_away_from_a_live_nft_table_and_teardown_needs_no_tool() 
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "switched to iptables: {err}");
-    assert!(err.contains("last written with nftables"), "{err}");
+    assert!(err.contains("nftables table is in this namespace"), "{err}");
     assert!(
         ns.exec_ok("nft", &["list", "table", "inet", "kvip"])
             .is_ok(),
