@@ -148,7 +148,8 @@ fn apply_times(n: usize, c: &Config) -> ApplyTimes {
         listing,
         json: kvip_dataplane::nft::render_full("kvip", &s)
             .expect("render")
-            .to_json(),
+            .to_json()
+            .expect("json"),
     }
 }
 

@@ -81,6 +81,9 @@ pub enum DataplaneError {
     },
     #[error("cannot read kvip's kernel state back: {0}")]
     ReadBack(String),
+    /// A batch could not be rendered: nothing was written.
+    #[error("rendering the nftables batch failed: {0}")]
+    Render(serde_json::Error),
     #[error("{0}")]
     KernelUnsupported(String),
     #[error("invalid configuration: {0}")]

@@ -328,7 +328,10 @@ pub fn render_delta(
     }
     for (f, elems) in add {
         counts.added += elems.len();
-        cmds.push(Cmd::Add(element(f, elems)));
+        // `create`: an element someone else added meanwhile fails the batch (and the next
+        // apply replaces everything) instead of being a silent no-op, so a batch that succeeds
+        // always commits something (see `NftBackend::write`).
+        cmds.push(Cmd::Create(element(f, elems)));
     }
     Some((Batch { cmds }, counts))
 }
@@ -445,7 +448,7 @@ const UNKNOWN: u64 = u64::MAX;
 #[derive(Clone, Copy)]
 enum Write {
     Whole,
-    Delta { removes: bool },
+    Delta,
 }
 
 impl NftBackend {
@@ -467,22 +470,21 @@ impl NftBackend {
     }
 
     /// Writes `doc` as one transaction. `Whole`: it replaces the table (so the result does
-    /// not depend on what was there); `Delta { removes }`: it changes a table whose content
-    /// must be known for the result to be, and `removes` says whether it deletes an element.
+    /// not depend on what was there); `Delta`: it changes a table whose content must be known
+    /// for the result to be.
     ///
-    /// The generation moving by exactly one proves kvip's transaction was the only one only
-    /// if kvip's transaction commits something: a deletion always does (a missing element
-    /// fails the batch), a replace deletes the table; a batch of additions alone may commit
-    /// nothing (elements someone else added meanwhile are no-ops), and then another program's
-    /// transaction would be the one counted. So only those make the result known.
+    /// The generation moving by exactly one proves kvip's transaction was the only one
+    /// because kvip's batches always commit something when they succeed: a replace deletes
+    /// the table; a delta deletes elements (a missing one fails the batch) or creates them
+    /// (`create`: an existing one fails the batch), never a no-op `add`.
     async fn write(&self, doc: &Batch, kind: Write) -> Result<(), DataplaneError> {
         let before = generation_or_unknown();
         let base_known = match kind {
             Write::Whole => true,
-            Write::Delta { removes } => removes && before.is_some() && before == self.verified(),
+            Write::Delta => before.is_some() && before == self.verified(),
         };
         self.set_verified(None);
-        nft_apply(&doc.to_json()).await?;
+        nft_apply(&doc.to_json()?).await?;
         let after = generation_or_unknown();
         // Only kvip's transaction in between: the kernel holds what was written.
         if base_known
@@ -518,10 +520,7 @@ impl NftBackend {
                     self.applied = Some(desired.clone());
                     return Ok(EgressSync::default());
                 }
-                let kind = Write::Delta {
-                    removes: counts.removed > 0,
-                };
-                match self.write(&doc, kind).await {
+                match self.write(&doc, Write::Delta).await {
                     Ok(()) => {
                         self.applied = Some(desired.clone());
                         return Ok(EgressSync {

@@ -4,6 +4,8 @@
 use serde::ser::{SerializeMap, SerializeSeq};
 use serde::{Serialize, Serializer};
 
+use crate::error::DataplaneError;
+
 /// A batch of commands: one `nft -j -f -` run, one kernel transaction.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Batch {
@@ -12,12 +14,14 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| String::from("{\"nftables\":[]}"))
+    /// The batch as `nft -j -f` reads it. An error here is never an empty batch: the caller
+    /// must not take a failed rendering for "nothing to do".
+    pub fn to_json(&self) -> Result<String, DataplaneError> {
+        serde_json::to_string(self).map_err(DataplaneError::Render)
     }
 
-    pub fn to_value(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    pub fn to_value(&self) -> Result<serde_json::Value, DataplaneError> {
+        serde_json::to_value(self).map_err(DataplaneError::Render)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -29,6 +33,8 @@ impl Batch {
 #[serde(rename_all = "lowercase")]
 pub enum Cmd {
     Add(Obj),
+    /// Adds, failing if the object exists already.
+    Create(Obj),
     Delete(Obj),
 }
 

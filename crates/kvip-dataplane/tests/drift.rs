@@ -178,26 +178,47 @@ fn read_back_lists_only_after_another_transaction_and_then_sees_the_change() {
         tools(false);
         assert_eq!(dp.observe().await.expect("repaired, known").state, want);
 
-        // Additions alone may commit nothing (someone may have added the same elements), so
-        // they leave the table unknown; a change with a deletion keeps it known.
+        // Pods added (kvip `create`s elements, so its batch always commits something): known.
         tools(true);
         let grown = state(&STATE.replace("[10.244.1.5]", "[10.244.1.5, 10.244.1.7]"));
-        dp.apply(&grown).await.expect("add a pod");
-        tools(false);
-        assert!(dp.observe().await.is_err(), "after additions alone: listed");
-        tools(true);
-        assert_eq!(dp.observe().await.expect("observe").state, grown);
-        let moved = state(&STATE.replace("[10.244.1.5]", "[10.244.1.5, 10.244.1.8]"));
-        let r = dp.apply(&moved).await.expect("replace a pod");
+        let r = dp.apply(&grown).await.expect("add a pod");
         assert_eq!(r.mode, SyncMode::Incremental);
         tools(false);
         assert_eq!(
-            dp.observe().await.expect("after a deletion: known").state,
-            moved
+            dp.observe().await.expect("after additions: known").state,
+            grown
         );
+        // An element kvip is about to add, added by someone else first: kvip's `create`
+        // fails and the table is replaced, not taken as written.
+        tools(true);
+        let chain = nft_chain_of(&ns, "10.244.1.5");
+        run(&format!(
+            "add element inet kvip src4 {{ 10.244.1.8 : goto {chain} }}"
+        ));
+        let more = state(&STATE.replace("[10.244.1.5]", "[10.244.1.5, 10.244.1.7, 10.244.1.8]"));
+        let r = dp.apply(&more).await.expect("apply");
+        assert_eq!(r.mode, SyncMode::Full, "{r:?}");
+        tools(false);
+        assert_eq!(dp.observe().await.expect("replaced: known").state, more);
         tools(true);
     });
     let _ = std::fs::remove_dir(&empty);
+}
+
+/// The chain kvip's source map sends `pod` to.
+fn nft_chain_of(ns: &kvip_testkit::Netns, pod: &str) -> String {
+    let listing = ns
+        .exec_ok("nft", &["list", "map", "inet", "kvip", "src4"])
+        .expect("nft list map");
+    listing
+        .split(',')
+        .flat_map(|e| e.split('{'))
+        .find_map(|e| {
+            let (k, v) = e.split_once(':')?;
+            (k.trim() == pod).then(|| v.trim().trim_start_matches("goto ").to_string())
+        })
+        .map(|c| c.split_whitespace().next().unwrap_or_default().to_string())
+        .expect("pod in the map")
 }
 
 fn which(tool: &str) -> String {

@@ -55,7 +55,10 @@ egress:
 
 #[test]
 fn nft_full() {
-    let doc = render_full("kvip", &sample()).expect("render").to_value();
+    let doc = render_full("kvip", &sample())
+        .expect("render")
+        .to_value()
+        .expect("json");
     golden(
         "nft_full.json",
         &format!("{}\n", serde_json::to_string_pretty(&doc).expect("json")),
@@ -71,7 +74,7 @@ fn nft_delta_one_pod() {
             .replace("10.244.1.6", "10.244.1.7"),
     );
     let (doc, counts) = render_delta("kvip", &before, &after).expect("same structure");
-    let doc = doc.to_value();
+    let doc = doc.to_value().expect("json");
     assert_eq!((counts.added, counts.removed), (1, 1));
     golden(
         "nft_delta.json",
@@ -116,7 +119,10 @@ fn iptables_restore_input() {
 #[test]
 fn nft_render_parses_back() {
     let s = sample();
-    let doc = render_full("kvip", &s).expect("render").to_value();
+    let doc = render_full("kvip", &s)
+        .expect("render")
+        .to_value()
+        .expect("json");
     // A listing holds objects, not commands: unwrap the "add" of everything after the
     // table's add/delete/add preamble.
     let items: Vec<serde_json::Value> = doc["nftables"]

@@ -58,7 +58,10 @@ fn nft_rejected_transaction_leaves_previous_ruleset() {
     });
     // B's full replace (delete table, recreate everything) followed by a command the kernel
     // refuses: the whole transaction must be rejected.
-    let mut doc = nft::render_full("kvip", &b).expect("render").to_value();
+    let mut doc = nft::render_full("kvip", &b)
+        .expect("render")
+        .to_value()
+        .expect("json");
     doc["nftables"]
         .as_array_mut()
         .expect("array")
