@@ -156,9 +156,11 @@ fn monitor_ready(ns: &Netns, lines: &mpsc::Receiver<(Instant, String)>) {
     while lines.try_recv().is_ok() {}
 }
 
-/// Whether a monitor line adds `ip` to kvip's source map (exact token, not a prefix).
+/// Whether a monitor line adds `ip` to kvip's source map (exact token, not a prefix; kvip
+/// adds elements to a full table and creates them in a change).
 fn adds(line: &str, ip: &str) -> bool {
-    line.starts_with("add element inet kvip src4 ")
+    (line.starts_with("add element inet kvip src4 ")
+        || line.starts_with("create element inet kvip src4 "))
         && line
             .split(|c: char| c.is_whitespace() || c == ',' || c == '{' || c == '}')
             .any(|t| t == ip)
