@@ -92,9 +92,19 @@ fn in_kernel(ip: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// A child process killed when dropped, also when the bench panics.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `nft monitor new elements` in the namespace: each line it prints, with the instant it was
 /// read.
-fn monitor(ns: &Netns) -> (std::process::Child, mpsc::Receiver<(Instant, String)>) {
+fn monitor(ns: &Netns) -> (Killed, mpsc::Receiver<(Instant, String)>) {
     let mut child = Command::new("ip")
         .args([
             "netns",
@@ -119,7 +129,7 @@ fn monitor(ns: &Netns) -> (std::process::Child, mpsc::Receiver<(Instant, String)
             }
         }
     });
-    (child, rx)
+    (Killed(child), rx)
 }
 
 /// Returns once the monitor reports elements: one is added to a table of the bench's own
@@ -209,35 +219,37 @@ fn main() {
     std::fs::write(&kubeconfig, ApiServer::kubeconfig(&url)).expect("kubeconfig");
     // The monitor is started and proven to report before the agent starts: the probe's
     // transactions then precede all of the agent's.
-    let (mut mon, lines) = monitor(&ns);
+    let (mon, lines) = monitor(&ns);
     monitor_ready(&ns, &lines);
     let agent_log = std::env::var("KVIP_BENCH_AGENT_LOG").ok();
-    let mut agent = ns
-        .clean_env_command()
-        .args([
-            "NODE_NAME=n1",
-            "vip_interface=eth0",
-            "egress_podcidr=10.244.0.0/16",
-            "egress_servicecidr=10.96.0.0/12",
-            // Read-backs (drift checks) every 2 s, not every 30: several fall among the
-            // measured changes and into the memory peak.
-            "resync_period=2",
-        ])
-        // KVIP_BENCH_AGENT_LOG=FILE keeps the agent's log (at info) for a look at each sync.
-        .arg(match agent_log {
-            Some(_) => "RUST_LOG=info",
-            None => "RUST_LOG=warn",
-        })
-        .arg(format!("k8s_config_file={}", kubeconfig.display()))
-        .args([KVIP, "run"])
-        .stdout(Stdio::null())
-        .stderr(match &agent_log {
-            Some(path) => Stdio::from(std::fs::File::create(path).expect("agent log file")),
-            None => Stdio::null(),
-        })
-        .spawn()
-        .expect("kvip run");
-    let pid = agent.id();
+    // Killed should the bench fail; stopped with SIGTERM at its end.
+    let mut agent = Killed(
+        ns.clean_env_command()
+            .args([
+                "NODE_NAME=n1",
+                "vip_interface=eth0",
+                "egress_podcidr=10.244.0.0/16",
+                "egress_servicecidr=10.96.0.0/12",
+                // Read-backs (drift checks) every 2 s, not every 30: several fall among the
+                // measured changes and into the memory peak.
+                "resync_period=2",
+            ])
+            // KVIP_BENCH_AGENT_LOG=FILE keeps the agent's log (at info) for a look at each sync.
+            .arg(match agent_log {
+                Some(_) => "RUST_LOG=info",
+                None => "RUST_LOG=warn",
+            })
+            .arg(format!("k8s_config_file={}", kubeconfig.display()))
+            .args([KVIP, "run"])
+            .stdout(Stdio::null())
+            .stderr(match &agent_log {
+                Some(path) => Stdio::from(std::fs::File::create(path).expect("agent log file")),
+                None => Stdio::null(),
+            })
+            .spawn()
+            .expect("kvip run"),
+    );
+    let pid = agent.0.id();
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -363,8 +375,7 @@ fn main() {
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
-    let _ = agent.wait();
-    let _ = mon.kill();
-    let _ = mon.wait();
+    let _ = agent.0.wait();
+    drop(mon);
     let _ = std::fs::remove_file(&kubeconfig);
 }
