@@ -86,20 +86,65 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
 }
 
+/// Creates the test Service under another name.
+async fn create_named(services: &Api<Service>, name: &str) {
+    let mut svc = service();
+    svc.metadata.name = Some(name.into());
+    services
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("create service");
+}
+
+/// A test API server and a cache watching it, ready.
+struct Setup {
+    server: ApiServer,
+    c: kube::Client,
+    services: Api<Service>,
+    slices: Api<EndpointSlice>,
+    dirty_rx: watch::Receiver<u64>,
+    tasks: tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
+    cache: ClusterCache,
+}
+
+impl Setup {
+    async fn start() -> Setup {
+        let server = ApiServer::start().expect("api server");
+        let c = server.client();
+        let (dirty_tx, dirty_rx) = watch::channel(0u64);
+        let tasks = tokio_util::task::TaskTracker::new();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let cache = ClusterCache::start(c.clone(), None, "n1", dirty_tx, &tasks, &stop);
+        tokio::time::timeout(Duration::from_secs(5), cache.ready())
+            .await
+            .expect("ready in time")
+            .expect("ready");
+        Setup {
+            services: Api::namespaced(c.clone(), "default"),
+            slices: Api::namespaced(c.clone(), "default"),
+            server,
+            c,
+            dirty_rx,
+            tasks,
+            stop,
+            cache,
+        }
+    }
+}
+
 #[tokio::test]
 async fn snapshot_follows_the_api_through_faults() {
-    let server = ApiServer::start().expect("api server");
-    let c = server.client();
-    let services: Api<Service> = Api::namespaced(c.clone(), "default");
-    let slices: Api<EndpointSlice> = Api::namespaced(c.clone(), "default");
-    let (dirty_tx, dirty_rx) = watch::channel(0u64);
-    let tasks = tokio_util::task::TaskTracker::new();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let cache = ClusterCache::start(c.clone(), None, "n1", dirty_tx, &tasks, &stop);
-    tokio::time::timeout(Duration::from_secs(5), cache.ready())
-        .await
-        .expect("ready in time")
-        .expect("ready");
+    let Setup {
+        server,
+        c,
+        services,
+        slices,
+        dirty_rx,
+        tasks,
+        stop,
+        cache,
+    } = Setup::start().await;
 
     services
         .create(&PostParams::default(), &service())
@@ -265,18 +310,16 @@ async fn snapshot_follows_the_api_through_faults() {
 /// reads does not mark the state dirty, and a slice that stops naming a Service leaves it.
 #[tokio::test]
 async fn only_what_kvip_reads_is_kept_and_marks_the_state_dirty() {
-    let server = ApiServer::start().expect("api server");
-    let c = server.client();
-    let services: Api<Service> = Api::namespaced(c.clone(), "default");
-    let slices: Api<EndpointSlice> = Api::namespaced(c.clone(), "default");
-    let (dirty_tx, dirty_rx) = watch::channel(0u64);
-    let tasks = tokio_util::task::TaskTracker::new();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let cache = ClusterCache::start(c.clone(), None, "n1", dirty_tx, &tasks, &stop);
-    tokio::time::timeout(Duration::from_secs(5), cache.ready())
-        .await
-        .expect("ready in time")
-        .expect("ready");
+    let Setup {
+        server,
+        c: _,
+        services,
+        slices,
+        dirty_rx,
+        tasks,
+        stop,
+        cache,
+    } = Setup::start().await;
     let mut svc = service();
     svc.metadata
         .annotations
@@ -311,12 +354,7 @@ async fn only_what_kvip_reads_is_kept_and_marks_the_state_dirty() {
         )
         .await
         .expect("patch");
-    let mut other = service();
-    other.metadata.name = Some("web2".into());
-    services
-        .create(&PostParams::default(), &other)
-        .await
-        .expect("create web2");
+    create_named(&services, "web2").await;
     until("second service", Duration::from_secs(5), || {
         count(&cache) == 2
     })
@@ -353,12 +391,7 @@ async fn only_what_kvip_reads_is_kept_and_marks_the_state_dirty() {
         lists() > lists_before
     })
     .await;
-    let mut third = service();
-    third.metadata.name = Some("web3".into());
-    services
-        .create(&PostParams::default(), &third)
-        .await
-        .expect("create web3");
+    create_named(&services, "web3").await;
     until("third service", Duration::from_secs(10), || {
         count(&cache) == 3
     })

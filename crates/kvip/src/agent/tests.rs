@@ -259,14 +259,7 @@ async fn a_change_waits_for_no_read_back_and_a_steady_stream_cannot_starve_it() 
     let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), true);
     until("first sync", || h.vips().len() == 1).await;
     h.fake.slow_observe(Some(Duration::from_secs(5)));
-    let observes = |h: &Harness| {
-        h.fake
-            .calls()
-            .iter()
-            .filter(|c| **c == Call::Observe)
-            .count()
-    };
-    until("read-back started", || observes(&h) == 1).await;
+    until("read-back started", || h.observes() == 1).await;
     let started = tokio::time::Instant::now();
     h.change(snapshot(&[("a", "198.51.100.10", "10.244.1.6")]));
     let pod = |ip: &str| ip.parse::<std::net::IpAddr>().unwrap();
@@ -279,18 +272,12 @@ async fn a_change_waits_for_no_read_back_and_a_steady_stream_cannot_starve_it() 
         "the change waited {:?} for the read-back",
         started.elapsed()
     );
-    let count = |h: &Harness, name: &str| -> u64 {
-        h.metrics_text()
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    assert_eq!(count(&h, "kvip_readbacks_interrupted_total"), 1);
-    assert_eq!(count(&h, "kvip_readback_duration_seconds_count"), 0);
+    assert_eq!(h.metric("kvip_readbacks_interrupted_total"), 1);
+    assert_eq!(h.metric("kvip_readback_duration_seconds_count"), 0);
 
     // A change every 500 ms: read-backs keep being interrupted until one runs to its end.
     for i in 0..40 {
-        if count(&h, "kvip_readback_duration_seconds_count") == 1 {
+        if h.metric("kvip_readback_duration_seconds_count") == 1 {
             break;
         }
         h.change(snapshot(&[(
@@ -300,8 +287,8 @@ async fn a_change_waits_for_no_read_back_and_a_steady_stream_cannot_starve_it() 
         )]));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert_eq!(count(&h, "kvip_readback_duration_seconds_count"), 1);
-    assert_eq!(count(&h, "kvip_readbacks_interrupted_total"), 3);
+    assert_eq!(h.metric("kvip_readback_duration_seconds_count"), 1);
+    assert_eq!(h.metric("kvip_readbacks_interrupted_total"), 3);
     h.root.cancel();
     h.task.await.unwrap();
 }
@@ -313,15 +300,8 @@ async fn a_lost_lease_waits_for_no_read_back_even_a_forced_one() {
     let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), true);
     until("first sync", || h.vips().len() == 1).await;
     h.fake.slow_observe(Some(Duration::from_secs(5)));
-    let observes = |h: &Harness| {
-        h.fake
-            .calls()
-            .iter()
-            .filter(|c| **c == Call::Observe)
-            .count()
-    };
     for i in 0..3 {
-        until("read-back started", || observes(&h) == i + 1).await;
+        until("read-back started", || h.observes() == i + 1).await;
         let pod = format!("10.244.3.{i}");
         h.change(snapshot(&[("a", "198.51.100.10", &pod)]));
         until("change applied", || {
@@ -329,7 +309,7 @@ async fn a_lost_lease_waits_for_no_read_back_even_a_forced_one() {
         })
         .await;
     }
-    until("the forced read-back started", || observes(&h) == 4).await;
+    until("the forced read-back started", || h.observes() == 4).await;
     let started = tokio::time::Instant::now();
     h.lead(Leadership::Global(false));
     until("VIP dropped", || h.vips().is_empty()).await;
@@ -343,6 +323,23 @@ async fn a_lost_lease_waits_for_no_read_back_even_a_forced_one() {
 }
 
 impl Harness {
+    /// How many read-backs were started.
+    fn observes(&self) -> usize {
+        self.fake
+            .calls()
+            .iter()
+            .filter(|c| **c == Call::Observe)
+            .count()
+    }
+
+    /// A counter's value from the metrics (0 when absent).
+    fn metric(&self, name: &str) -> u64 {
+        self.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     fn metrics_text(&self) -> String {
         self.metrics.render().unwrap()
     }
