@@ -312,7 +312,7 @@ impl ClusterCache {
 
 /// What `plan()` needs of a Service (of its annotations, kube-vip's only).
 pub fn service_info(s: &Service) -> ServiceInfo {
-    let spec = s.spec.clone().unwrap_or_default();
+    let spec = s.spec.as_ref();
     let status_ips = s
         .status
         .as_ref()
@@ -323,11 +323,12 @@ pub fn service_info(s: &Service) -> ServiceInfo {
     ServiceInfo {
         namespace: s.metadata.namespace.clone().unwrap_or_default(),
         name: s.metadata.name.clone().unwrap_or_default(),
-        load_balancer: spec.type_.as_deref() == Some("LoadBalancer"),
-        load_balancer_class: spec.load_balancer_class,
-        load_balancer_ip: spec.load_balancer_ip,
+        load_balancer: spec.and_then(|sp| sp.type_.as_deref()) == Some("LoadBalancer"),
+        load_balancer_class: spec.and_then(|sp| sp.load_balancer_class.clone()),
+        load_balancer_ip: spec.and_then(|sp| sp.load_balancer_ip.clone()),
         status_ips,
-        traffic_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        traffic_policy_local: spec.and_then(|sp| sp.external_traffic_policy.as_deref())
+            == Some("Local"),
         // Only kube-vip's: the others (a last-applied configuration, say) can be large and
         // nothing reads them.
         annotations: s

@@ -1,6 +1,6 @@
 //! kvip-kube: kvip's side of the Kubernetes API. Today: Lease-based election with
 //! resourceVersion-guarded writes, driven by the pure [`kvip_core::lease::Elector`], and the
-//! watches (reflector stores) that feed [`kvip_core::plan`].
+//! watches, kept as what `plan()` reads of each object, that feed [`kvip_core::plan`].
 
 pub mod backoff;
 pub mod cluster;
