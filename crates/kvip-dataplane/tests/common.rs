@@ -101,7 +101,10 @@ pub fn kernel_listing(ns: &Netns) -> String {
         out.push_str(&strip(list(ns, cmd, &[])));
         out.push('\n');
     }
-    out.push_str(&list(ns, "ip", &["-d", "addr", "show"]));
+    // A link-local address is "tentative" until duplicate address detection ends, a
+    // second or so after the link comes up: the kernel's doing, not state.
+    let addrs = list(ns, "ip", &["-d", "addr", "show"]);
+    out.push_str(&addrs.replace(" tentative", ""));
     out
 }
 
