@@ -21,10 +21,21 @@ use doctor::DoctorOutput;
 use manifest::ManifestKind;
 use settings::{run_settings, with_flag};
 
+/// `kvip --version`: the package version and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KVIP_COMMIT"),
+    ")"
+);
+
+/// The name `scripts/dev image` gives the image of this version.
+const DEFAULT_IMAGE: &str = concat!("localhost/kvip:", env!("CARGO_PKG_VERSION"));
+
 #[derive(Parser)]
 #[command(
     name = "kvip",
-    version,
+    version = VERSION,
     about = "Virtual IPs and egress SNAT for Kubernetes LoadBalancer Services"
 )]
 struct Cli {
@@ -62,8 +73,9 @@ enum Command {
         /// Namespace of the agent (its ServiceAccount and Lease).
         #[arg(long, default_value = "kube-system")]
         namespace: String,
-        /// Container image of kvip.
-        #[arg(long, default_value = "kvip:latest")]
+        /// Container image of kvip (default: the image `scripts/dev image` builds from this
+        /// version).
+        #[arg(long, default_value = DEFAULT_IMAGE)]
         image: String,
         /// Interface the VIPs go on (vip_interface).
         #[arg(long, default_value = "eth0")]
