@@ -184,13 +184,16 @@ fn container(spec: &AgentSpec, kubeconfig: Option<&str>) -> Value {
     if let Some(k) = kubeconfig {
         env.push(json!({"name": "k8s_config_file", "value": k}));
     }
-    let mut mounts = vec![json!({"name": "run-kvip", "mountPath": "/run/kvip"})];
+    let mut mounts = vec![
+        json!({"name": "run-kvip", "mountPath": "/run/kvip"}),
+        json!({"name": "xtables-lock", "mountPath": "/run/xtables.lock"}),
+    ];
     if kubeconfig.is_some() {
         mounts.push(json!({"name": "kubeconfig", "mountPath": "/etc/kubernetes/admin.conf", "readOnly": true}));
     }
     json!({
         "name": "kvip", "image": spec.image, "args": ["run"], "env": env,
-        "securityContext": {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}},
+        "securityContext": {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}},
         "ports": [{"name": "metrics", "containerPort": 2112}],
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": 2112}},
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": 2112}},
@@ -199,9 +202,15 @@ fn container(spec: &AgentSpec, kubeconfig: Option<&str>) -> Value {
 }
 
 /// The host's `/run/kvip`: the lock every kvip process of an instance takes (agent and CLI
-/// alike) and the registry of address protocols live there, so they must be the host's.
-fn run_volume() -> Value {
-    json!({"name": "run-kvip", "hostPath": {"path": "/run/kvip", "type": "DirectoryOrCreate"}})
+/// alike) and the registry of address protocols live there, so they must be the host's. And
+/// the host's xtables lock, which legacy iptables takes around its read-modify-write of a
+/// whole table: without it a restore of kvip's and one of kube-proxy's can each undo the
+/// other's change.
+fn run_volumes() -> [Value; 2] {
+    [
+        json!({"name": "run-kvip", "hostPath": {"path": "/run/kvip", "type": "DirectoryOrCreate"}}),
+        json!({"name": "xtables-lock", "hostPath": {"path": "/run/xtables.lock", "type": "FileOrCreate"}}),
+    ]
 }
 
 /// A DaemonSet running the agent on every node (host network, NET_ADMIN and NET_RAW).
@@ -218,7 +227,7 @@ pub fn daemonset(spec: &AgentSpec) -> Value {
                     "terminationGracePeriodSeconds": 30,
                     "tolerations": [{"operator": "Exists"}],
                     "containers": [container(spec, None)],
-                    "volumes": [run_volume()]
+                    "volumes": run_volumes()
                 }
             }
         }
@@ -228,13 +237,15 @@ pub fn daemonset(spec: &AgentSpec) -> Value {
 /// A static pod (for control-plane nodes before the cluster runs pods), using the node's
 /// admin kubeconfig as kube-vip's static pods do.
 pub fn static_pod(spec: &AgentSpec) -> Value {
+    let mut volumes = run_volumes().to_vec();
+    volumes.push(json!({"name": "kubeconfig", "hostPath": {"path": "/etc/kubernetes/admin.conf"}}));
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "kvip", "namespace": spec.namespace},
         "spec": {
             "hostNetwork": true,
             "containers": [container(spec, Some("/etc/kubernetes/admin.conf"))],
-            "volumes": [run_volume(), {"name": "kubeconfig", "hostPath": {"path": "/etc/kubernetes/admin.conf"}}]
+            "volumes": volumes
         }
     })
 }

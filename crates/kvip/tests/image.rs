@@ -62,6 +62,12 @@ fn the_image_applies_shows_and_tears_down_with_every_backend() {
         host_version(),
         "the image was built from another commit: run scripts/dev image"
     );
+    // What the manifests' FileOrCreate volume does on a node.
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open("/run/xtables.lock")
+        .expect("/run/xtables.lock");
     let dir = runtime::TempDir::new("img-dp");
     std::fs::write(dir.path().join("state.yaml"), STATE).expect("write state");
     let state_mount = format!("{}:/state:ro", dir.path().display());
@@ -75,7 +81,7 @@ fn the_image_applies_shows_and_tears_down_with_every_backend() {
         ns.veth("eth0", &peer, "eth0").expect("veth");
         let net = format!("ns:/run/netns/{}", ns.name());
         // As the manifests run it: host network, NET_ADMIN and NET_RAW only, the host's
-        // /run/kvip (the lock the host's kvip processes take too).
+        // /run/kvip (the lock the host's kvip processes take too) and xtables lock.
         let opts = [
             "--network",
             &net,
@@ -87,6 +93,8 @@ fn the_image_applies_shows_and_tears_down_with_every_backend() {
             &state_mount,
             "-v",
             "/run/kvip:/run/kvip",
+            "-v",
+            "/run/xtables.lock:/run/xtables.lock",
         ];
         let dataplane = |args: &[&str]| {
             let mut full = vec!["dataplane"];
