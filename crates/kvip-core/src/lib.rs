@@ -8,6 +8,7 @@ pub mod annotations;
 pub mod cidr;
 pub mod config;
 pub mod error;
+pub mod fence;
 pub mod lease;
 pub mod model;
 pub mod plan;

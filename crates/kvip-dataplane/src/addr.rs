@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use netlink_packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol,
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressProtocol, CacheInfo,
 };
 use netlink_packet_route::link::{AfSpecInet6, AfSpecUnspec, LinkAttribute, LinkMessage};
 use rtnetlink::Handle;
@@ -20,7 +20,20 @@ pub struct OwnedAddress {
     pub address: IpAddr,
     pub ifindex: u32,
     pub interface: String,
+    /// Seconds until the kernel removes the address by itself; `None`: never.
+    pub valid_lft: Option<u32>,
     message: AddressMessage,
+}
+
+/// The kernel's "forever" lifetime.
+const INFINITY_LIFE_TIME: u32 = u32::MAX;
+
+/// A valid and preferred lifetime of `secs` seconds.
+fn lifetime(secs: u32) -> AddressAttribute {
+    let mut c = CacheInfo::default();
+    c.ifa_valid = secs;
+    c.ifa_preferred = secs;
+    AddressAttribute::CacheInfo(c)
 }
 
 /// A link as kvip needs it: name, index and hardware address.
@@ -151,11 +164,18 @@ impl AddrManager {
                     _ => None,
                 })
             });
+            let valid_lft = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::CacheInfo(c) if c.ifa_valid != INFINITY_LIFE_TIME => {
+                    Some(c.ifa_valid)
+                }
+                _ => None,
+            });
             if let Some(address) = addr {
                 out.push(OwnedAddress {
                     address,
                     ifindex: m.header.index,
                     interface: names.get(&m.header.index).cloned().unwrap_or_default(),
+                    valid_lft,
                     message: m,
                 });
             }
@@ -164,14 +184,16 @@ impl AddrManager {
         Ok(out)
     }
 
-    /// Adds `address` as a host address (/32 or /128) marked as kvip's; IPv6 skips duplicate
-    /// address detection so the VIP is usable (and answerable) at once.
-    pub async fn add(
+    /// A request for `address` as a host address (/32 or /128) marked as kvip's, with
+    /// `lifetime_secs` (forever when `None`); IPv6 skips duplicate address detection so the
+    /// VIP is usable (and answerable) at once.
+    fn request(
         &self,
         address: IpAddr,
         ifindex: u32,
         protocol: u8,
-    ) -> Result<(), DataplaneError> {
+        lifetime_secs: Option<u32>,
+    ) -> rtnetlink::AddressAddRequest {
         let len = if address.is_ipv4() { 32 } else { 128 };
         let mut req = self.handle.address().add(ifindex, address, len);
         let msg = req.message_mut();
@@ -182,6 +204,22 @@ impl AddrManager {
             msg.attributes
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
+        if let Some(secs) = lifetime_secs {
+            msg.attributes.push(lifetime(secs));
+        }
+        req
+    }
+
+    /// Adds `address` marked as kvip's, for `lifetime_secs` (forever when `None`): the kernel
+    /// removes it by itself once that runs out.
+    pub async fn add(
+        &self,
+        address: IpAddr,
+        ifindex: u32,
+        protocol: u8,
+        lifetime_secs: Option<u32>,
+    ) -> Result<(), DataplaneError> {
+        let req = self.request(address, ifindex, protocol, lifetime_secs);
         req.execute().await.map_err(|e| {
             DataplaneError::netlink(format!("adding {address} to interface {ifindex}"), e)
         })?;
@@ -216,6 +254,50 @@ impl AddrManager {
                  kvip cannot mark its VIPs as its own, so it does not add them"
                     .into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// Sets the lifetime of kvip's `address` on `ifindex` to `secs` from now (one replace
+    /// request; an address that has just expired is added again, which is what a refreshed
+    /// deadline means).
+    pub async fn set_lifetime(
+        &self,
+        address: IpAddr,
+        ifindex: u32,
+        protocol: u8,
+        secs: u32,
+    ) -> Result<(), DataplaneError> {
+        self.request(address, ifindex, protocol, Some(secs))
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                DataplaneError::netlink(
+                    format!("setting the lifetime of {address} on interface {ifindex}"),
+                    e,
+                )
+            })
+    }
+
+    /// Removes kvip's `address` from `ifindex` (already gone is not an error).
+    pub async fn remove_at(&self, address: IpAddr, ifindex: u32) -> Result<(), DataplaneError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(ifindex)
+            .set_address_filter(address)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| {
+                DataplaneError::netlink(format!("reading {address} on interface {ifindex}"), e)
+            })?;
+        for m in msgs {
+            self.handle.address().del(m).execute().await.map_err(|e| {
+                DataplaneError::netlink(format!("removing {address} from interface {ifindex}"), e)
+            })?;
         }
         Ok(())
     }

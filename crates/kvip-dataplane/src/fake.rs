@@ -2,12 +2,16 @@
 //! and fails on request. It lets the agent's loop (leadership changes, debounce, drift
 //! repair, invalid states, shutdown order) be tested without root.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvip_core::DesiredState;
 
-use crate::{ApplyReport, Dataplane, DataplaneError, Observed, SyncMode, TeardownReport};
+use crate::{
+    ApplyReport, Dataplane, DataplaneError, FenceReport, Observed, SyncMode, TeardownReport,
+};
 
 /// One call the fake received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +35,8 @@ struct Kernel {
     foreign: Option<std::net::IpAddr>,
     /// How long a read-back takes (as listing a large table does).
     observe_delay: Option<std::time::Duration>,
+    /// Every set of deadlines received, oldest first.
+    fences: Vec<BTreeMap<IpAddr, Instant>>,
 }
 
 /// The fake; clones share one kernel, so a test keeps a clone to look and to meddle.
@@ -84,6 +90,11 @@ impl FakeDataplane {
     /// Every call so far, oldest first.
     pub fn calls(&self) -> Vec<Call> {
         self.kernel().calls.clone()
+    }
+
+    /// Every set of deadlines received ([`Dataplane::fence`]), oldest first.
+    pub fn fences(&self) -> Vec<BTreeMap<IpAddr, Instant>> {
+        self.kernel().fences.clone()
     }
 
     /// The states applied so far, oldest first.
@@ -202,6 +213,24 @@ impl Dataplane for FakeDataplane {
         let mut k = self.kernel();
         k.calls.push(Call::Reannounce);
         Ok(k.state.vips().len())
+    }
+
+    async fn fence(
+        &mut self,
+        deadlines: BTreeMap<IpAddr, Instant>,
+    ) -> Result<FenceReport, DataplaneError> {
+        let mut k = self.kernel();
+        let refreshed = k
+            .state
+            .vips()
+            .iter()
+            .filter(|v| deadlines.contains_key(&v.address))
+            .count();
+        k.fences.push(deadlines);
+        Ok(FenceReport {
+            refreshed,
+            expired: Vec::new(),
+        })
     }
 
     fn backend_name(&self) -> &'static str {

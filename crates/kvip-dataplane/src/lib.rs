@@ -13,6 +13,7 @@ pub mod conntrack;
 pub mod error;
 pub mod exec;
 pub mod fake;
+mod fence;
 pub mod iptables;
 pub mod legacy;
 pub mod names;
@@ -37,6 +38,7 @@ use kvip_core::{DesiredState, Family, VipClaim};
 
 pub use announce::AnnounceConfig;
 pub use error::DataplaneError;
+pub use fence::FenceReport;
 pub use iptables::Variant;
 pub use names::Instance;
 pub use rules::{EgressSync, RuleBackend, SyncMode};
@@ -141,6 +143,14 @@ pub trait Dataplane {
     fn invalidate(&mut self);
     /// Announces every VIP held now (neighbour upkeep); returns how many were sent.
     fn reannounce(&mut self) -> impl Future<Output = Result<usize, DataplaneError>>;
+    /// Sets the deadline of each VIP held under a Lease (its renew deadline; a VIP not in
+    /// `deadlines` has none). Addresses are added with a lifetime ending at their deadline,
+    /// and this moves the lifetime of the ones held on; one whose deadline has passed is
+    /// removed. Applies after this call use the same deadlines.
+    fn fence(
+        &mut self,
+        deadlines: BTreeMap<IpAddr, Instant>,
+    ) -> impl Future<Output = Result<FenceReport, DataplaneError>>;
     /// The rule backend in use, for logs.
     fn backend_name(&self) -> &'static str;
 }
@@ -158,6 +168,12 @@ pub struct KernelDataplane {
     protocol: Option<u8>,
     /// The writer token this process last put in the lock file.
     last_token: Option<String>,
+    /// Deadlines of the VIPs held under a Lease ([`Dataplane::fence`]).
+    fences: BTreeMap<IpAddr, Instant>,
+    /// This instance's addresses as it last wrote them: interface index by address...
+    held: BTreeMap<IpAddr, u32>,
+    /// ...and the deadline their lifetime ends at (absent: forever).
+    written: BTreeMap<IpAddr, Instant>,
     /// Test seam: adding this address fails as if the kernel refused it.
     #[cfg(test)]
     fail_add: Option<IpAddr>,
@@ -236,6 +252,9 @@ impl KernelDataplane {
             announcers: Vec::new(),
             protocol: None,
             last_token: None,
+            fences: BTreeMap::new(),
+            held: BTreeMap::new(),
+            written: BTreeMap::new(),
             #[cfg(test)]
             fail_add: None,
         })
@@ -523,6 +542,13 @@ impl Dataplane for KernelDataplane {
         self.announce_held().await
     }
 
+    async fn fence(
+        &mut self,
+        deadlines: BTreeMap<IpAddr, Instant>,
+    ) -> Result<FenceReport, DataplaneError> {
+        self.refresh_fences(deadlines).await
+    }
+
     fn backend_name(&self) -> &'static str {
         self.rules.name()
     }
@@ -546,6 +572,8 @@ impl Dataplane for KernelDataplane {
             self.applied.clone().unwrap_or_default()
         });
         self.applied = None;
+        self.held.clear();
+        self.written.clear();
         let table = self.cfg.instance.nft_table();
         match nft::nft_delete_table("inet", &table).await {
             Ok(true) => r.removed.push(format!("nftables table inet {table}")),

@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::Instant;
 
 use kvip_core::{DesiredState, VipClaim};
 
 use crate::addr::{Link, OwnedAddress};
+use crate::fence::Lifetime;
 use crate::{DataplaneError, KernelDataplane};
 
 /// What the VIP step changed so far.
@@ -18,6 +20,10 @@ pub(crate) struct VipChanges {
     /// Claimed, but already configured by someone else: left alone.
     pub foreign: Vec<IpAddr>,
     pub warnings: Vec<String>,
+}
+
+fn expired_warning(address: IpAddr) -> String {
+    format!("{address}: its Lease's renew deadline has passed; the node does not hold it")
 }
 
 impl KernelDataplane {
@@ -60,19 +66,47 @@ impl KernelDataplane {
         let owned = self.owned_addresses(protocol).await?;
         let want: BTreeMap<IpAddr, &VipClaim> =
             desired.vips().iter().map(|v| (v.address, v)).collect();
+        let now = Instant::now();
+        let mut kept = Vec::new();
         for o in &owned {
             let keep = want
                 .get(&o.address)
                 .is_some_and(|v| links.get(&v.interface).map(|l| l.index) == Some(o.ifindex));
-            if !keep {
+            // A held address whose Lease's deadline has passed goes too.
+            let expired = self.lifetime_of(o.address, now) == Lifetime::Expired;
+            if !keep || expired {
                 self.addrs.remove(o).await?;
+                self.unfenced(o.address);
                 changes.removed.push(o.clone());
+                if keep {
+                    changes.warnings.push(expired_warning(o.address));
+                }
+            } else {
+                kept.push(o);
             }
         }
         let Some(protocol) = protocol else {
             // No protocol is allocated only when no VIP is wanted.
             return Ok(());
         };
+        // Kept addresses get their lifetime too (one added by an earlier process, or before
+        // the deadline moved).
+        for o in kept {
+            let secs = match self.lifetime_of(o.address, now) {
+                Lifetime::Secs(s) => s,
+                Lifetime::Forever if o.valid_lft.is_some() => u32::MAX,
+                _ => {
+                    self.fenced(o.address, o.ifindex);
+                    continue;
+                }
+            };
+            if secs == u32::MAX || self.written.get(&o.address) != self.fences.get(&o.address) {
+                self.addrs
+                    .set_lifetime(o.address, o.ifindex, protocol, secs)
+                    .await?;
+            }
+            self.fenced(o.address, o.ifindex);
+        }
         for v in desired.vips() {
             let link = links
                 .get(&v.interface)
@@ -83,8 +117,22 @@ impl KernelDataplane {
             {
                 continue;
             }
-            match self.add_address(v.address, link.index, protocol).await {
-                Ok(()) => changes.added.push((v.address, link.index)),
+            let lifetime = match self.lifetime_of(v.address, now) {
+                Lifetime::Forever => None,
+                Lifetime::Secs(s) => Some(s),
+                Lifetime::Expired => {
+                    changes.warnings.push(expired_warning(v.address));
+                    continue;
+                }
+            };
+            match self
+                .add_address(v.address, link.index, protocol, lifetime)
+                .await
+            {
+                Ok(()) => {
+                    self.fenced(v.address, link.index);
+                    changes.added.push((v.address, link.index));
+                }
                 Err(e) if e.errno() == Some(libc::EEXIST) => {
                     // The same address is already configured, not by this instance: it is
                     // held, and kvip leaves it alone (it will never remove it either).
@@ -105,6 +153,7 @@ impl KernelDataplane {
         address: IpAddr,
         ifindex: u32,
         protocol: u8,
+        lifetime: Option<u32>,
     ) -> Result<(), DataplaneError> {
         #[cfg(test)]
         if self.fail_add == Some(address) {
@@ -113,7 +162,7 @@ impl KernelDataplane {
                 rtnetlink::Error::RequestFailed,
             ));
         }
-        self.addrs.add(address, ifindex, protocol).await
+        self.addrs.add(address, ifindex, protocol, lifetime).await
     }
 
     /// Puts back what an apply changed before its VIP step failed: the addresses it added
@@ -139,6 +188,7 @@ impl KernelDataplane {
                         if let Err(e) = self.addrs.remove(o).await {
                             tracing::error!(address = %o.address, error = %e, "rollback: removing an added VIP failed");
                         }
+                        self.unfenced(o.address);
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "rollback: listing VIPs failed"),

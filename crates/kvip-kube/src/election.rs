@@ -171,6 +171,10 @@ fn wall_us() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
+/// What an election publishes: while this node leads, until when (its renew deadline,
+/// moved on by every renewal); `None` while it does not.
+pub type Leader = Option<Instant>;
+
 impl Election {
     pub fn new(lock: LeaseLock, identity: &str, timings: Timings) -> Election {
         Election {
@@ -213,8 +217,14 @@ impl Election {
         }
     }
 
-    fn publish(&self, leader: &watch::Sender<bool>) {
-        let l = self.elector.is_leader(self.now());
+    /// Publishes the renew deadline while leader (it moves on with every renewal), `None`
+    /// otherwise.
+    fn publish(&self, leader: &watch::Sender<Leader>) {
+        let l = if self.elector.is_leader(self.now()) {
+            self.elector.leader_until().map(|u| self.start + u)
+        } else {
+            None
+        };
         leader.send_if_modified(|v| std::mem::replace(v, l) != l);
     }
 
@@ -223,7 +233,7 @@ impl Election {
     async fn guarded<T>(
         &self,
         fut: impl Future<Output = Result<T, ElectionError>>,
-        leader: &watch::Sender<bool>,
+        leader: &watch::Sender<Leader>,
     ) -> Result<T, ElectionError> {
         let timed_out = || ElectionError::Timeout(self.lock.name.clone());
         let fut = tokio::time::timeout(self.timings.retry_period, fut);
@@ -233,7 +243,7 @@ impl Election {
             tokio::select! {
                 out = &mut fut => return out.unwrap_or_else(|_| Err(timed_out())),
                 _ = tokio::time::sleep_until(deadline) => {
-                    leader.send_replace(false);
+                    leader.send_replace(None);
                 }
             }
         }
@@ -241,14 +251,14 @@ impl Election {
     }
 
     /// Runs until `stop` is cancelled: competes while `candidate` is true, publishes on
-    /// `leader` whether this node may hold the Service's VIPs. On stop it withdraws leadership
+    /// `leader` until when this node may hold the Service's VIPs ([`Leader`]). On stop it withdraws leadership
     /// at once and returns the [`Release`] still to be written: the caller removes the VIPs
     /// first and releases after, so no other node can take the Lease while this one still
     /// holds an address.
     pub async fn run(
         mut self,
         mut candidate: watch::Receiver<bool>,
-        leader: watch::Sender<bool>,
+        leader: watch::Sender<Leader>,
         stop: CancellationToken,
     ) -> Release {
         let released_events = watcher(
@@ -323,7 +333,7 @@ impl Election {
                 _ = stop.cancelled() => {}
             }
         }
-        leader.send_replace(false);
+        leader.send_replace(None);
         Release {
             me: self.elector.identity().to_string(),
             record: self.elector.release(),

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use kvip_core::Leadership;
+use kvip_core::fence::Deadlines;
 use kvip_core::lease::Timings;
 use kvip_core::plan::{Plan, ServiceKey};
 use tokio::sync::{Notify, watch};
@@ -22,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use crate::election::Release;
-use crate::election::{Election, LeaseLock};
+use crate::election::{Election, Leader, LeaseLock};
 
 /// kube-vip's Lease name for a Service without `kube-vip.io/leaseName`.
 pub fn default_service_lease(service: &str) -> String {
@@ -105,6 +106,9 @@ pub struct Settings {
 /// The running elections: their leadership and, when they end, their releases.
 pub struct Handle {
     pub leadership: watch::Receiver<LeadershipView>,
+    /// The renew deadlines of the Leases held, moved on by every renewal. Updated before
+    /// the leadership view, so a Service seen held has its deadline known.
+    pub deadlines: watch::Receiver<Deadlines>,
     /// Ends after the root is cancelled, with every release still to be written.
     pub releases: JoinHandle<Vec<Release>>,
 }
@@ -125,25 +129,48 @@ pub fn start(
         seq: 0,
         leadership: initial,
     });
+    let (dtx, drx) = watch::channel(match settings.mode {
+        Mode::Off => Deadlines::Unfenced,
+        Mode::Global { .. } => Deadlines::Global(None),
+        Mode::PerService => Deadlines::PerService(BTreeMap::new()),
+    });
+    let out = Out {
+        leadership: tx,
+        deadlines: dtx,
+    };
     let releases = match settings.mode.clone() {
-        // The sender lives as long as the task: a dropped sender would wake the loop at once.
+        // The senders live as long as the task: a dropped sender would wake the loop at once.
         Mode::Off => tasks.spawn(async move {
             root.cancelled().await;
-            drop(tx);
+            drop(out);
             Vec::new()
         }),
         Mode::Global { namespace, lease } => {
             let t = tasks.clone();
-            tasks.spawn(global(settings, namespace, lease, synced, tx, t, root))
+            tasks.spawn(global(settings, namespace, lease, synced, out, t, root))
         }
         Mode::PerService => {
             let t = tasks.clone();
-            tasks.spawn(PerService::new(settings, tx, t, root).run(synced))
+            tasks.spawn(PerService::new(settings, out, t, root).run(synced))
         }
     };
     Handle {
         leadership: rx,
+        deadlines: drx,
         releases,
+    }
+}
+
+/// What the elections publish.
+struct Out {
+    leadership: watch::Sender<LeadershipView>,
+    deadlines: watch::Sender<Deadlines>,
+}
+
+impl Out {
+    fn deadlines(&self, d: Deadlines) {
+        self.deadlines
+            .send_if_modified(|v| std::mem::replace(v, d.clone()) != d);
     }
 }
 
@@ -163,13 +190,13 @@ async fn global(
     namespace: String,
     lease: String,
     mut synced: watch::Receiver<Option<Synced>>,
-    tx: watch::Sender<LeadershipView>,
+    out: Out,
     tasks: TaskTracker,
     root: CancellationToken,
 ) -> Vec<Release> {
     let lock = LeaseLock::new(s.client.clone(), &namespace, &lease);
     let (cand_tx, cand_rx) = watch::channel(false);
-    let (lead_tx, mut lead_rx) = watch::channel(false);
+    let (lead_tx, mut lead_rx) = watch::channel(None);
     let election = tasks.spawn(
         Election::new(lock, &s.identity, s.timings)
             .on_forbidden(s.forbidden.clone())
@@ -179,7 +206,9 @@ async fn global(
         tokio::select! {
             r = lead_rx.changed() => {
                 if r.is_err() { break; }
-                publish(&tx, Leadership::Global(*lead_rx.borrow_and_update()));
+                let d = *lead_rx.borrow_and_update();
+                out.deadlines(Deadlines::Global(d));
+                publish(&out.leadership, Leadership::Global(d.is_some()));
             }
             r = synced.changed() => {
                 if r.is_err() { break; }
@@ -193,7 +222,8 @@ async fn global(
             _ = root.cancelled() => break,
         }
     }
-    publish(&tx, Leadership::Global(false));
+    publish(&out.leadership, Leadership::Global(false));
+    out.deadlines(Deadlines::Global(None));
     match election.await {
         Ok(r) => vec![r],
         Err(e) => {
@@ -207,7 +237,7 @@ struct Running {
     lease: String,
     task: JoinHandle<Release>,
     candidate: watch::Sender<bool>,
-    leader: watch::Receiver<bool>,
+    leader: watch::Receiver<Leader>,
     stop: CancellationToken,
 }
 
@@ -234,7 +264,7 @@ struct Withdrawal {
 /// One election per selected Service.
 struct PerService {
     s: Settings,
-    tx: watch::Sender<LeadershipView>,
+    out: Out,
     running: BTreeMap<ServiceKey, Running>,
     retiring: Vec<Retiring>,
     withdrawing: BTreeMap<ServiceKey, Withdrawal>,
@@ -245,15 +275,10 @@ struct PerService {
 }
 
 impl PerService {
-    fn new(
-        s: Settings,
-        tx: watch::Sender<LeadershipView>,
-        tasks: TaskTracker,
-        root: CancellationToken,
-    ) -> Self {
+    fn new(s: Settings, out: Out, tasks: TaskTracker, root: CancellationToken) -> Self {
         PerService {
             s,
-            tx,
+            out,
             running: BTreeMap::new(),
             retiring: Vec::new(),
             withdrawing: BTreeMap::new(),
@@ -263,27 +288,35 @@ impl PerService {
         }
     }
 
-    fn held(&self) -> BTreeSet<ServiceKey> {
+    /// The Services held, with their renew deadlines.
+    fn held(&self) -> BTreeMap<ServiceKey, std::time::Instant> {
         self.running
             .iter()
-            .filter(|(k, e)| *e.leader.borrow() && !self.withdrawing.contains_key(*k))
-            .map(|(k, _)| k.clone())
+            .filter(|(k, _)| !self.withdrawing.contains_key(*k))
+            .filter_map(|(k, e)| e.leader.borrow().map(|d| (k.clone(), d)))
             .collect()
     }
 
+    /// Publishes the deadlines, then the held set they belong to.
     fn publish_held(&mut self) {
         // A withdrawal is over once its election, told, no longer leads.
         let running = &self.running;
         self.withdrawing
-            .retain(|k, w| !(w.told && running.get(k).is_none_or(|e| !*e.leader.borrow())));
-        publish(&self.tx, Leadership::PerService(self.held()));
+            .retain(|k, w| !(w.told && running.get(k).is_none_or(|e| e.leader.borrow().is_none())));
+        let held = self.held();
+        let keys = held.keys().cloned().collect();
+        self.out.deadlines(Deadlines::PerService(held));
+        publish(&self.out.leadership, Leadership::PerService(keys));
     }
 
     /// Publishes the held set under a new seq, changed or not (what waits for a sync
     /// computed without something waits for this seq).
     fn publish_new_seq(&self) {
-        let held = Leadership::PerService(self.held());
-        self.tx.send_modify(|v| {
+        let held = self.held();
+        let keys: BTreeSet<ServiceKey> = held.keys().cloned().collect();
+        self.out.deadlines(Deadlines::PerService(held));
+        let held = Leadership::PerService(keys);
+        self.out.leadership.send_modify(|v| {
             v.seq += 1;
             v.leadership = held;
         });
@@ -307,7 +340,7 @@ impl PerService {
         }
         let lock = LeaseLock::new(self.s.client.clone(), &key.namespace, &c.lease);
         let (cand_tx, cand_rx) = watch::channel(c.candidate);
-        let (lead_tx, lead_rx) = watch::channel(false);
+        let (lead_tx, lead_rx) = watch::channel(None);
         let stop = self.root.child_token();
         let task = self.tasks.spawn(
             Election::new(lock, &self.s.identity, self.s.timings)
@@ -342,7 +375,7 @@ impl PerService {
             e.stop.cancel();
             self.retiring.push(Retiring {
                 lease: (key.namespace.clone(), e.lease.clone()),
-                seq: self.tx.borrow().seq + 1,
+                seq: self.out.leadership.borrow().seq + 1,
                 task: e.task,
             });
         }
@@ -382,8 +415,8 @@ impl PerService {
                                 .send_if_modified(|v| std::mem::replace(v, false));
                         }
                     } else if *e.candidate.borrow() {
-                        if *e.leader.borrow() {
-                            let seq = self.tx.borrow().seq + 1;
+                        if e.leader.borrow().is_some() {
+                            let seq = self.out.leadership.borrow().seq + 1;
                             self.withdrawing
                                 .insert(key.clone(), Withdrawal { seq, told: false });
                             new_seq = true;
@@ -445,7 +478,11 @@ impl PerService {
                 _ = self.root.cancelled() => break,
             }
         }
-        publish(&self.tx, Leadership::PerService(BTreeSet::new()));
+        publish(
+            &self.out.leadership,
+            Leadership::PerService(BTreeSet::new()),
+        );
+        self.out.deadlines(Deadlines::PerService(BTreeMap::new()));
         let tasks = self
             .retiring
             .into_iter()

@@ -16,7 +16,7 @@ const T: Timings = Timings {
 };
 
 struct Node {
-    leader: watch::Receiver<bool>,
+    leader: watch::Receiver<Option<std::time::Instant>>,
     candidate: watch::Sender<bool>,
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<kvip_kube::election::Release>>,
@@ -27,14 +27,14 @@ impl Node {
         self.task.as_ref().is_some_and(|t| !t.is_finished())
     }
     fn leads(&self) -> bool {
-        self.alive() && *self.leader.borrow()
+        self.alive() && self.leader.borrow().is_some()
     }
 }
 
 fn spawn(server: &ApiServer, id: &str) -> Node {
     let lock = LeaseLock::new(server.client(), "kube-system", "plndr-svcs-lock");
     let (cand_tx, cand_rx) = watch::channel(true);
-    let (lead_tx, lead_rx) = watch::channel(false);
+    let (lead_tx, lead_rx) = watch::channel(None);
     let stop = CancellationToken::new();
     let task = tokio::spawn(Election::new(lock, id, T).run(cand_rx, lead_tx, stop.clone()));
     Node {
@@ -111,7 +111,7 @@ async fn one_leader_and_graceful_handover() {
         .await
         .expect("election task");
     assert!(
-        !*nodes[first].leader.borrow(),
+        nodes[first].leader.borrow().is_none(),
         "leadership withdrawn on stop"
     );
     assert!(release.held());
@@ -182,7 +182,7 @@ async fn holder_cut_off_from_the_api_steps_down_before_the_lease_expires() {
     let cut = Instant::now();
     server.fail_for(Duration::from_millis(2500));
     let mut rx = nodes[first].leader.clone();
-    tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|l| !*l))
+    tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|l| l.is_none()))
         .await
         .expect("the holder steps down")
         .expect("channel open");

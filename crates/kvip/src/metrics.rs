@@ -62,6 +62,9 @@ pub struct Metrics {
     pub readbacks_interrupted: Counter,
     pub drift_repairs: Family<KindLabel, Counter>,
     pub announcements: Counter,
+    pub fence_refreshes: Counter,
+    pub fence_expired: Counter,
+    pub fence_errors: Counter,
     pub generation_observed: Gauge,
     pub generation_realised: Gauge,
     pub vips_held: Gauge,
@@ -87,6 +90,9 @@ impl Metrics {
             readbacks_interrupted: Counter::default(),
             drift_repairs: Family::default(),
             announcements: Counter::default(),
+            fence_refreshes: Counter::default(),
+            fence_expired: Counter::default(),
+            fence_errors: Counter::default(),
             generation_observed: Gauge::default(),
             generation_realised: Gauge::default(),
             vips_held: Gauge::default(),
@@ -132,6 +138,21 @@ impl Metrics {
             "announcements",
             "Gratuitous ARP / unsolicited NA sent to refresh neighbours' entries of held VIPs (vip_arpRate)",
             m.announcements.clone(),
+        );
+        r.register(
+            "vip_lifetime_refreshes",
+            "VIP address lifetimes moved on to their Lease's new renew deadline",
+            m.fence_refreshes.clone(),
+        );
+        r.register(
+            "vip_lifetime_expired",
+            "VIPs removed because their Lease's renew deadline passed before the agent's step-down reached the kernel",
+            m.fence_expired.clone(),
+        );
+        r.register(
+            "vip_lifetime_errors",
+            "Failed attempts to move VIP address lifetimes on (the next sync sets them)",
+            m.fence_errors.clone(),
         );
         r.register(
             "generation_observed",

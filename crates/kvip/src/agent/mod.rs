@@ -480,6 +480,7 @@ impl Start<'_> {
         let channels = reconcile::Channels {
             dirty,
             leadership: handle.leadership,
+            deadlines: handle.deadlines,
             synced: synced_tx,
             reports: reports_tx,
             namespaces: namespaces_tx,

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvip_core::fence::{Deadlines, vip_deadlines};
 use kvip_core::plan::{ClusterNetworks, still_held};
 use kvip_core::{DesiredState, DriftKind, Leadership, NodeConfig, Plan, Snapshot};
 use kvip_dataplane::{Dataplane, SyncMode};
@@ -74,6 +75,9 @@ pub(crate) struct Channels {
     /// Bumped on every change of the watched objects.
     pub dirty: watch::Receiver<u64>,
     pub leadership: watch::Receiver<LeadershipView>,
+    /// The renew deadlines of the Leases held: each held VIP's address lifetime ends at its
+    /// Lease's, and is moved on as they move.
+    pub deadlines: watch::Receiver<Deadlines>,
     /// Each applied plan, for the elections.
     pub synced: watch::Sender<Option<Synced>>,
     /// Each plan (applied, or refused as invalid), for the reporter.
@@ -89,6 +93,8 @@ struct Memory {
     was_excluded: bool,
     /// The state the kernel was last made to hold.
     applied: Option<DesiredState>,
+    /// The plan it came from: which Lease each held VIP is held under.
+    plan: Option<Arc<Plan>>,
     /// Of its VIPs, those someone else had configured already (not read back as kvip's).
     foreign: Vec<std::net::IpAddr>,
     last_invalid: Option<String>,
@@ -130,6 +136,16 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                         return stopped("elections", root);
                     }
                     leadership_changed = true;
+                }
+                // A renewal: the held VIPs' lifetimes move on, without a sync.
+                r = ch.deadlines.changed() => {
+                    if r.is_err() {
+                        return stopped("elections", root);
+                    }
+                    if let Some(p) = mem.plan.clone() {
+                        fence(dp, &p, &mut ch, m).await;
+                    }
+                    continue;
                 }
                 _ = async {
                     match retry {
@@ -207,6 +223,29 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                 _ = ch.leadership.changed() => {}
                 _ = root.cancelled() => return,
             }
+        }
+    }
+}
+
+/// Gives the dataplane the deadline of every VIP `plan` holds, from the elections' latest
+/// deadlines. A failure is logged and counted; the next apply sets the lifetimes anyway.
+async fn fence<D: Dataplane>(dp: &mut D, plan: &Plan, ch: &mut Channels, m: &Metrics) {
+    let deadlines = vip_deadlines(
+        plan,
+        &ch.deadlines.borrow_and_update(),
+        std::time::Instant::now(),
+    );
+    match dp.fence(deadlines).await {
+        Ok(r) => {
+            m.fence_refreshes.inc_by(r.refreshed as u64);
+            if !r.expired.is_empty() {
+                m.fence_expired.inc_by(r.expired.len() as u64);
+                tracing::warn!(vips = ?r.expired, "removed VIPs whose Lease's renew deadline passed");
+            }
+        }
+        Err(e) => {
+            m.fence_errors.inc();
+            tracing::warn!(error = %e, "moving the held VIPs' lifetimes on");
         }
     }
 }
@@ -324,6 +363,8 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
         m.not_ready(NotReady::InvalidState, None);
         tracing::info!("the desired state is valid again");
     }
+    // Each VIP is added (or kept) with a lifetime ending at its Lease's renew deadline.
+    fence(dp, &p, ch, m).await;
     match dp.apply(desired).await {
         Ok(r) => {
             m.sync_seconds
@@ -344,6 +385,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
                     .inc_by(r.vips_repaired.len() as u64);
             }
             mem.applied = Some(desired.clone());
+            mem.plan = Some(p.clone());
             mem.foreign = r.vips_foreign.clone();
             // Only now, with the VIPs of what this node may no longer hold removed, do the
             // elections learn it (and release).
@@ -387,6 +429,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
                             m.vips_held.set(fallback.vips().len() as i64);
                             m.egress_pods.set(fallback.source_count() as i64);
                             mem.applied = Some(fallback);
+                            mem.plan = Some(p.clone());
                             // The kernel holds nothing the plan does not: the elections may
                             // release what it no longer holds.
                             ch.synced.send_replace(Some(Synced::from_plan(

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvip_core::annotations as ann;
+use kvip_core::fence::Deadlines;
 use kvip_core::plan::{ClusterNetworks, EndpointInfo, ServiceInfo, ServiceKey};
 use kvip_core::{Leadership, ModelError, NodeConfig, Plan, Snapshot};
 use kvip_dataplane::fake::{Call, FakeDataplane};
@@ -87,6 +88,7 @@ struct Harness {
     source: Arc<Source>,
     dirty: watch::Sender<u64>,
     leadership: watch::Sender<LeadershipView>,
+    deadlines: watch::Sender<Deadlines>,
     synced: watch::Receiver<Option<Synced>>,
     reports: watch::Receiver<Option<Report>>,
     metrics: Arc<Metrics>,
@@ -103,6 +105,7 @@ impl Harness {
             seq: 0,
             leadership: Leadership::Global(leading),
         });
+        let (deadlines, deadlines_rx) = watch::channel(Deadlines::Global(None));
         let (synced_tx, synced) = watch::channel(None);
         let (reports_tx, reports) = watch::channel(None);
         let (namespaces, _) = watch::channel(BTreeSet::new());
@@ -127,6 +130,7 @@ impl Harness {
         let channels = Channels {
             dirty: dirty_rx,
             leadership: leadership_rx,
+            deadlines: deadlines_rx,
             synced: synced_tx,
             reports: reports_tx,
             namespaces,
@@ -141,6 +145,7 @@ impl Harness {
             source,
             dirty,
             leadership,
+            deadlines,
             synced,
             reports,
             metrics,
@@ -483,4 +488,34 @@ async fn a_vip_someone_else_configured_is_not_drift() {
     );
     h.root.cancel();
     h.task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_vips_get_their_leases_deadline_and_renewals_move_it_without_a_sync() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
+    until("first sync", || h.applies() >= 1).await;
+    let vip: std::net::IpAddr = "198.51.100.10".parse().unwrap();
+    let t1 = std::time::Instant::now() + Duration::from_secs(3);
+    // As the elections do: the deadline first, then the leadership it belongs to.
+    h.deadlines.send_replace(Deadlines::Global(Some(t1)));
+    h.lead(Leadership::Global(true));
+    until("VIP held", || h.vips() == ["198.51.100.10"]).await;
+    // The apply that added the VIP had its deadline.
+    let fences = h.fake.fences();
+    assert_eq!(fences.last().and_then(|f| f.get(&vip)), Some(&t1));
+    let applies = h.applies();
+    // A renewal: the lifetime moves on, and nothing is applied.
+    let t2 = t1 + Duration::from_secs(1);
+    h.deadlines.send_replace(Deadlines::Global(Some(t2)));
+    until("deadline moved on", || {
+        h.fake.fences().last().and_then(|f| f.get(&vip).copied()) == Some(t2)
+    })
+    .await;
+    assert_eq!(h.applies(), applies, "a renewal made a sync");
+    assert!(h.metric("kvip_vip_lifetime_refreshes_total") >= 1);
+    // Leadership lost: the next apply drops the VIP and its deadline.
+    h.deadlines.send_replace(Deadlines::Global(None));
+    h.lead(Leadership::Global(false));
+    until("VIP dropped", || h.vips().is_empty()).await;
+    assert!(h.fake.fences().last().is_some_and(|f| f.is_empty()));
 }
