@@ -354,7 +354,11 @@ impl AgentConfig {
         let lease_duration = env.seconds("vip_leaseduration", 5)?;
         let renew_deadline = env.seconds("vip_renewdeadline", 3)?;
         let retry_period = env.seconds("vip_retryperiod", 1)?;
-        if renew_deadline >= lease_duration || retry_period >= renew_deadline {
+        // The kernel removes a VIP whose lifetime ran out up to a second after its renew
+        // deadline (lifetimes are whole seconds): the Lease must outlast that.
+        if renew_deadline + Duration::from_secs(2) > lease_duration
+            || retry_period >= renew_deadline
+        {
             return Err(ConfigError::Invalid {
                 var: "vip_leaseduration/vip_renewdeadline/vip_retryperiod".into(),
                 value: format!(
@@ -363,7 +367,7 @@ impl AgentConfig {
                     renew_deadline.as_secs(),
                     retry_period.as_secs()
                 ),
-                reason: "need lease duration > renew deadline > retry period, so a holder drops its VIPs before anyone else may take them".into(),
+                reason: "need lease duration ≥ renew deadline + 2 s and renew deadline > retry period, so a holder's VIPs leave its kernel (up to 1 s after the renew deadline) before anyone else may take the Lease".into(),
             });
         }
         let instance_name = env.get("instance_name")?;
@@ -501,6 +505,13 @@ mod tests {
         let e = AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_leaseduration", "3")]))
             .unwrap_err();
         assert!(e.to_string().contains("renew deadline"));
+        // One second between the deadline and the Lease's end is not enough for the kernel.
+        let e = AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_leaseduration", "4")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("4/3/1"), "{e}");
+        assert!(
+            AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_leaseduration", "5")])).is_ok()
+        );
         let e =
             AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("vip_subnet", "24")])).unwrap_err();
         assert!(e.to_string().contains("vip_subnet") && e.to_string().contains("host addresses"));

@@ -209,3 +209,34 @@ async fn only_candidates_lead_and_a_holder_that_stops_being_one_releases() {
     assert_eq!(second, 1);
     assert!(took < Duration::from_millis(800), "handover took {took:?}");
 }
+
+/// While leading, the published deadline is at most the renew deadline ahead (it counts from
+/// when the renewal was sent) and each renewal moves it on; stepping down publishes none.
+#[tokio::test]
+async fn the_published_deadline_moves_on_with_each_renewal() {
+    let server = ApiServer::start().expect("api server");
+    let node = spawn(&server, "n1");
+    next_leader(std::slice::from_ref(&node), None, Duration::from_secs(3)).await;
+    let mut rx = node.leader.clone();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let d = rx.borrow_and_update().expect("leading");
+        assert!(
+            d <= Instant::now() + T.renew_deadline,
+            "deadline {:?} ahead",
+            d - Instant::now()
+        );
+        assert!(seen.last().is_none_or(|p| *p < d), "did not move on");
+        seen.push(d);
+        tokio::time::timeout(2 * T.retry_period, rx.changed())
+            .await
+            .expect("a renewal within two retry periods")
+            .expect("channel open");
+    }
+    server.fail_for(Duration::from_secs(3));
+    tokio::time::timeout(2 * T.renew_deadline, rx.wait_for(|l| l.is_none()))
+        .await
+        .expect("steps down")
+        .expect("channel open");
+    node.stop.cancel();
+}

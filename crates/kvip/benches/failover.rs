@@ -10,7 +10,7 @@
 //! Needs root.
 //!
 //!     cargo bench -p kvip --bench failover
-//!     KVIP_FAILOVERS=50 KVIP_TIMINGS=5/3/1,3/2/1 KVIP_MODES=kill,term cargo bench -p kvip --bench failover
+//!     KVIP_FAILOVERS=50 KVIP_TIMINGS=5/3/1,4/2/1 KVIP_MODES=kill,term cargo bench -p kvip --bench failover
 
 use std::net::{IpAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
@@ -169,7 +169,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let timing_sets: Vec<(u64, u64, u64)> = std::env::var("KVIP_TIMINGS")
-        .unwrap_or_else(|_| "5/3/1,3/2/1".into())
+        .unwrap_or_else(|_| "5/3/1,4/2/1".into())
         .split(',')
         .filter_map(|t| {
             let v: Vec<u64> = t.split('/').filter_map(|x| x.parse().ok()).collect();

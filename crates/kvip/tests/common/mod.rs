@@ -129,7 +129,7 @@ pub fn start_agent_env(
         .arg(format!("NODE_NAME={node}"))
         .args([
             "vip_interface=eth0",
-            "vip_leaseduration=3",
+            "vip_leaseduration=4",
             "vip_renewdeadline=2",
             "vip_retryperiod=1",
             "POD_NAMESPACE=kube-system",

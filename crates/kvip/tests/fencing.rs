@@ -1,0 +1,157 @@
+//! The kernel fences every VIP held under a Lease: the address's lifetime ends at the Lease's
+//! renew deadline and each renewal moves it on. A holder that is SIGKILLed or SIGSTOPped
+//! renews no more, and its VIP leaves its node's kernel by itself before the Lease expires
+//! for another node: a sampler every 50 ms never sees two holders. A SIGCONTed agent does
+//! not take the VIP back. With one Lease for all Services and with one per Service.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kube::api::PostParams;
+use kvip_testkit::require_kernel;
+
+/// Renew deadline of the agents here (vip_renewdeadline=2) plus the second the kernel may
+/// take to remove an expired address, plus scheduling slack.
+const GONE_WITHIN: Duration = Duration::from_millis(2000 + 1000 + 500);
+
+fn signal(agent: &Agent, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &agent.child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+/// What sampling every 50 ms saw after `old` stopped renewing.
+struct Handover {
+    /// When `old`'s VIP left its kernel.
+    gone: Duration,
+    /// When another node held the VIP.
+    taken: Duration,
+    new: usize,
+}
+
+/// Samples the holders every 50 ms from `since` until a node other than `old` holds the
+/// VIP, failing on two holders at any sample.
+fn sample_handover(
+    nodes: &[kvip_testkit::Netns],
+    agents: &[Agent],
+    old: usize,
+    since: Instant,
+) -> Handover {
+    let mut gone = None;
+    loop {
+        let h = holders(nodes);
+        assert!(h.len() <= 1, "two holders at once: {h:?}\n{}", logs(agents));
+        let at = since.elapsed();
+        if gone.is_none() && !h.contains(&old) {
+            gone = Some(at);
+        }
+        if let Some(&new) = h.iter().find(|i| **i != old) {
+            return Handover {
+                gone: gone.expect("the old holder's VIP went first"),
+                taken: at,
+                new,
+            };
+        }
+        assert!(
+            at < Duration::from_secs(20),
+            "no takeover within 20 s: holders {h:?}\n{}",
+            logs(agents)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// For `d`, every 50 ms: exactly `holder` holds the VIP.
+fn steady(nodes: &[kvip_testkit::Netns], agents: &[Agent], holder: usize, d: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < d {
+        assert_eq!(holders(nodes), vec![holder], "{}", logs(agents));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn frozen_and_killed_holders_lose_their_vip_by_themselves(per_service: bool) {
+    let tag = if per_service { "fps" } else { "fgl" };
+    let (server, nodes, _peers, urls) = nodes_with_api(tag, 3);
+    let agents: Vec<Agent> = (0..3)
+        .map(|i| {
+            start_agent_full(
+                &nodes[i],
+                &urls[i],
+                &format!("{tag}{i}"),
+                &format!("n{i}"),
+                true,
+                per_service,
+            )
+        })
+        .collect();
+    let (rt, services, _) = api(&server);
+    rt.block_on(async {
+        services
+            .create(&PostParams::default(), &service(false))
+            .await
+            .expect("service");
+    });
+    wait_until(
+        "a first holder",
+        Duration::from_secs(15),
+        || logs(&agents),
+        || holders(&nodes).len() == 1,
+    );
+    let first = holders(&nodes)[0];
+    steady(&nodes, &agents, first, Duration::from_secs(1));
+
+    // SIGSTOP: the frozen agent renews no more; the kernel removes its VIP by itself, and
+    // only then, once the Lease has expired, does another node take it.
+    let stopped = Instant::now();
+    signal(&agents[first], "STOP");
+    let h = sample_handover(&nodes, &agents, first, stopped);
+    assert!(
+        h.gone <= GONE_WITHIN,
+        "the frozen holder's VIP went after {:?}",
+        h.gone
+    );
+    assert!(h.gone < h.taken);
+    let second = h.new;
+    // Thawed, it finds its deadline passed: it does not put the VIP back.
+    signal(&agents[first], "CONT");
+    steady(&nodes, &agents, second, Duration::from_secs(3));
+
+    // SIGKILL: the same, with no process left at all.
+    let killed = Instant::now();
+    signal(&agents[second], "KILL");
+    let h = sample_handover(&nodes, &agents, second, killed);
+    assert!(
+        h.gone <= GONE_WITHIN,
+        "the killed holder's VIP went after {:?}",
+        h.gone
+    );
+    assert!(h.gone < h.taken);
+    steady(&nodes, &agents, h.new, Duration::from_secs(1));
+    // The lifetimes are visible as kvip's metric of refreshes on the holder.
+    let metrics = http_get(&nodes[h.new], "/metrics");
+    let refreshes = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kvip_vip_lifetime_refreshes_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("kvip_vip_lifetime_refreshes_total");
+    assert!(refreshes >= 1.0, "{metrics}");
+}
+
+#[test]
+fn one_lease_for_all_frozen_and_killed_holders_lose_their_vip_by_themselves() {
+    require_kernel!();
+    frozen_and_killed_holders_lose_their_vip_by_themselves(false);
+}
+
+#[test]
+fn per_service_leases_frozen_and_killed_holders_lose_their_vip_by_themselves() {
+    require_kernel!();
+    frozen_and_killed_holders_lose_their_vip_by_themselves(true);
+}
