@@ -154,6 +154,10 @@ struct Samples {
     vip: Vec<Duration>,
     garp: Vec<Duration>,
     packet: Vec<Duration>,
+    /// The stopped holder's VIP gone from its own `eth0`.
+    gone: Vec<Duration>,
+    /// Polls that saw the VIP on the stopped holder and on another node at once.
+    overlaps: usize,
 }
 
 fn main() {
@@ -197,6 +201,7 @@ fn main() {
                 ("(b) VIP on another node", &s.vip),
                 ("(c) gratuitous ARP seen", &s.garp),
                 ("(d) first pod packet with the VIP", &s.packet),
+                ("(e) VIP gone from the stopped holder", &s.gone),
             ] {
                 let mut v = v.clone();
                 v.sort();
@@ -218,6 +223,10 @@ fn main() {
                     ms(v[v.len() - 1]),
                 );
             }
+            println!(
+                "| {label} | {}/{}/{} s | polls seeing two holders | {} | | | |",
+                timings.0, timings.1, timings.2, s.overlaps
+            );
         }
     }
 }
@@ -360,10 +369,18 @@ fn run(rounds: usize, timings: (u64, u64, u64), kill: bool) -> Samples {
             .args([if kill { "-KILL" } else { "-TERM" }, &pid.to_string()])
             .status()
             .expect("kill");
-        let (mut ta, mut tb, mut tc, mut td) = (None, None, None, None);
+        let (mut ta, mut tb, mut tc, mut td, mut te) = (None, None, None, None, None);
         let mut new_holder = None;
-        while (ta.is_none() || tb.is_none() || tc.is_none() || td.is_none()) && t0.elapsed() < limit
+        while (ta.is_none() || tb.is_none() || tc.is_none() || td.is_none() || te.is_none())
+            && t0.elapsed() < limit
         {
+            let old_has = has_vip(&lab.nodes[holder]);
+            if te.is_none() && !old_has {
+                te = Some(t0.elapsed());
+            }
+            if old_has && (0..NODES).any(|i| i != holder && has_vip(&lab.nodes[i])) {
+                s.overlaps += 1;
+            }
             if ta.is_none() {
                 let h = lease_holder();
                 if !h.is_empty() && h != format!("n{holder}") {
@@ -397,7 +414,7 @@ fn run(rounds: usize, timings: (u64, u64, u64), kill: bool) -> Samples {
             let _ = a.child.wait();
         }
         eprintln!(
-            "{} {}/{}/{} round {round}: holder n{holder} → {:?}: lease {ta:?}, vip {tb:?}, garp {tc:?}, packet {td:?}",
+            "{} {}/{}/{} round {round}: holder n{holder} → {:?}: lease {ta:?}, vip {tb:?}, garp {tc:?}, packet {td:?}, old vip gone {te:?}",
             if kill { "SIGKILL" } else { "SIGTERM" },
             timings.0,
             timings.1,
@@ -408,6 +425,7 @@ fn run(rounds: usize, timings: (u64, u64, u64), kill: bool) -> Samples {
         s.vip.extend(tb);
         s.garp.extend(tc);
         s.packet.extend(td);
+        s.gone.extend(te);
         // The stopped node comes back (it does not lead: another node holds the Lease).
         agents[holder] = Some(start_agent(
             &lab.nodes[holder],
