@@ -3,8 +3,11 @@
 //! at every renewal. An agent that is killed or frozen stops moving it, and the kernel
 //! removes the address by itself before any other node can take the Lease.
 //!
-//! Lifetimes are whole seconds, rounded down, and the kernel removes an expired address up
-//! to a second late: an address given a deadline is gone by that deadline plus one second.
+//! Lifetimes are whole seconds, rounded up (rounding down would leave a 2 s renew deadline
+//! a 1 s lifetime, and the VIP would flicker between renewals a second apart), and the kernel
+//! removes an expired address up to a second late: an address given a deadline is gone less
+//! than two seconds after it. The agent requires the Lease to outlast the renew deadline by
+//! at least that (`vip_leaseduration` ≥ `vip_renewdeadline` + 2 s).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -17,9 +20,9 @@ use crate::{DataplaneError, KernelDataplane};
 pub(crate) enum Lifetime {
     /// Not held under a Lease (no election, or the CLI): no end.
     Forever,
-    /// Whole seconds left before the deadline, at least one.
+    /// The time left before the deadline, rounded up to whole seconds.
     Secs(u32),
-    /// Less than a second is left: the address must not be held.
+    /// The deadline has passed: the address must not be held.
     Expired,
 }
 
@@ -27,11 +30,14 @@ pub(crate) enum Lifetime {
 pub(crate) fn lifetime(deadline: Option<Instant>, now: Instant) -> Lifetime {
     match deadline {
         None => Lifetime::Forever,
-        Some(d) => match u32::try_from(d.saturating_duration_since(now).as_secs()) {
-            Ok(0) => Lifetime::Expired,
-            Ok(s) => Lifetime::Secs(s),
-            Err(_) => Lifetime::Secs(u32::MAX - 1),
-        },
+        Some(d) => {
+            let left = d.saturating_duration_since(now);
+            if left.is_zero() {
+                return Lifetime::Expired;
+            }
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            Lifetime::Secs(u32::try_from(secs).map_or(u32::MAX - 1, |s| s.min(u32::MAX - 1)))
+        }
     }
 }
 
@@ -119,13 +125,13 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn lifetimes_round_down_and_end_before_the_deadline() {
+    fn lifetimes_round_up_and_a_passed_deadline_is_expired() {
         let now = Instant::now();
         let at = |ms: u64| Some(now + Duration::from_millis(ms));
         assert_eq!(lifetime(None, now), Lifetime::Forever);
-        assert_eq!(lifetime(at(2999), now), Lifetime::Secs(2));
+        assert_eq!(lifetime(at(2001), now), Lifetime::Secs(3));
         assert_eq!(lifetime(at(3000), now), Lifetime::Secs(3));
-        assert_eq!(lifetime(at(999), now), Lifetime::Expired);
+        assert_eq!(lifetime(at(1), now), Lifetime::Secs(1));
         assert_eq!(lifetime(Some(now), now), Lifetime::Expired);
         assert_eq!(
             lifetime(Some(now), now + Duration::from_secs(5)),
