@@ -226,18 +226,7 @@ impl AddrManager {
         // A kernel without address protocols (IFA_PROTO, Linux 6.1) accepts the address but
         // drops the mark: kvip could then never find it again after a restart. Refuse that
         // loudly instead of leaking addresses, and take back the one just added.
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(ifindex)
-            .set_address_filter(address)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| {
-                DataplaneError::netlink(format!("reading back {address} on interface {ifindex}"), e)
-            })?;
+        let msgs = self.at(address, ifindex).await?;
         let marked = msgs.iter().any(|m| {
             m.attributes
                 .iter()
@@ -280,10 +269,13 @@ impl AddrManager {
             })
     }
 
-    /// Removes kvip's `address` from `ifindex` (already gone is not an error).
-    pub async fn remove_at(&self, address: IpAddr, ifindex: u32) -> Result<(), DataplaneError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
+    /// The kernel's entries for `address` on `ifindex` (none when it is not there).
+    async fn at(
+        &self,
+        address: IpAddr,
+        ifindex: u32,
+    ) -> Result<Vec<AddressMessage>, DataplaneError> {
+        self.handle
             .address()
             .get()
             .set_link_index_filter(ifindex)
@@ -293,8 +285,12 @@ impl AddrManager {
             .await
             .map_err(|e| {
                 DataplaneError::netlink(format!("reading {address} on interface {ifindex}"), e)
-            })?;
-        for m in msgs {
+            })
+    }
+
+    /// Removes kvip's `address` from `ifindex` (already gone is not an error).
+    pub async fn remove_at(&self, address: IpAddr, ifindex: u32) -> Result<(), DataplaneError> {
+        for m in self.at(address, ifindex).await? {
             self.handle.address().del(m).execute().await.map_err(|e| {
                 DataplaneError::netlink(format!("removing {address} from interface {ifindex}"), e)
             })?;
