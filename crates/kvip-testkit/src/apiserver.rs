@@ -4,9 +4,12 @@
 //! ERROR 410 event for a version older than the retained history), create, replace (409 when
 //! the resourceVersion moved) and delete with Kubernetes' Status errors, records every call,
 //! and injects faults (403 per resource, 500 for a while, stalls, dropped watches, expired
-//! history).
+//! history). One store can be served through several endpoints, one per network namespace
+//! (the shape of several kube-apiservers on one etcd), each of which can be stopped and
+//! started again, frozen, or made to refuse an identity on its own; `/readyz`, `/livez` and
+//! `/healthz` answer `ok` on every endpoint that runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +21,8 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
+
+use crate::endpoint::Incoming;
 use tokio::sync::{broadcast, watch};
 
 /// Where an object lives: API group/version ("v1" for the core group), resource, namespace
@@ -64,6 +69,8 @@ struct Inner {
     hung: Vec<(String, String)>,
     /// Resources answered with 500 until lifted.
     failing: Vec<String>,
+    /// Per endpoint, the identities (bearer tokens) answered with 403 there.
+    refused: BTreeMap<usize, BTreeSet<String>>,
 }
 
 /// One granted permission, as an RBAC rule bound to the caller grants it.
@@ -94,6 +101,8 @@ struct Shared {
     watch_epoch: watch::Sender<u64>,
     /// While true, no request is answered (a frozen API server); answers resume when false.
     frozen: watch::Sender<bool>,
+    /// The endpoints frozen on their own.
+    frozen_endpoints: watch::Sender<BTreeSet<usize>>,
 }
 
 impl Shared {
@@ -113,9 +122,21 @@ impl Shared {
 pub struct ApiServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    listen: tokio::sync::mpsc::UnboundedSender<std::net::TcpListener>,
+    listen: tokio::sync::mpsc::UnboundedSender<Incoming>,
+    /// Per running endpoint, the switch that stops it.
+    stops: Mutex<BTreeMap<usize, watch::Sender<bool>>>,
+    next_id: std::sync::atomic::AtomicUsize,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// One endpoint of the server inside a network namespace: its number (as in [`Call`]) and
+/// URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub id: usize,
+    pub url: String,
+    addr: SocketAddr,
 }
 
 fn status(code: StatusCode, reason: &str, message: String) -> Response {
@@ -411,8 +432,22 @@ async fn handle(
     axum::Extension(ListenerId(listener)): axum::Extension<ListenerId>,
     method: Method,
     uri: Uri,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
+    // An endpoint frozen on its own answers nothing until it thaws.
+    let mut frozen_here = shared.frozen_endpoints.subscribe();
+    let _ = frozen_here.wait_for(|f| !f.contains(&listener)).await;
+    if matches!(uri.path(), "/readyz" | "/livez" | "/healthz") {
+        let mut frozen = shared.frozen.subscribe();
+        let _ = frozen.wait_for(|f| !*f).await;
+        return (StatusCode::OK, "ok").into_response();
+    }
+    let identity = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
     let Some(t) = parse_path(uri.path()) else {
         return status(
             StatusCode::NOT_FOUND,
@@ -454,6 +489,20 @@ async fn handle(
             resource: resource.clone(),
             namespace: t.namespace.clone(),
         });
+        if let Some(who) = identity.as_ref().filter(|who| {
+            g.refused
+                .get(&listener)
+                .is_some_and(|r| r.contains(who.as_str()))
+        }) {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "{resource} is forbidden: User \"{who}\" cannot {verb} resource {resource:?} in the namespace {:?}",
+                    t.namespace
+                ),
+            );
+        }
         if g.failing.contains(&t.resource) || g.failing.contains(&resource) {
             return status(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -745,19 +794,25 @@ impl ApiServer {
         let (changes, _) = broadcast::channel(4096);
         let (watch_epoch, _) = watch::channel(0u64);
         let (frozen, _) = watch::channel(false);
+        let (frozen_endpoints, _) = watch::channel(BTreeSet::new());
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner::default()),
             changes,
             watch_epoch,
             frozen,
+            frozen_endpoints,
         });
         let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (listen_tx, mut listen_rx) =
-            tokio::sync::mpsc::unbounded_channel::<std::net::TcpListener>();
-        let _ = listen_tx.send(std_listener);
+        let (listen_tx, mut listen_rx) = tokio::sync::mpsc::unbounded_channel::<Incoming>();
+        let (loopback_stop, stop_rx) = watch::channel(false);
+        let _ = listen_tx.send(Incoming {
+            listener: std_listener,
+            id: 0,
+            stop: stop_rx,
+        });
         let state = shared.clone();
         let thread = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -771,13 +826,11 @@ impl ApiServer {
                 let serve_all = async {
                     // Every listener handed over (loopback, and those opened inside network
                     // namespaces) is served by the same app and store.
-                    let mut id = 0;
-                    while let Some(l) = listen_rx.recv().await {
-                        if let Ok(listener) = tokio::net::TcpListener::from_std(l) {
-                            let app = app.clone().layer(axum::Extension(ListenerId(id)));
-                            tokio::spawn(axum::serve(listener, app).into_future());
+                    while let Some(i) = listen_rx.recv().await {
+                        if let Ok(listener) = tokio::net::TcpListener::from_std(i.listener) {
+                            let app = app.clone().layer(axum::Extension(ListenerId(i.id)));
+                            tokio::spawn(crate::endpoint::serve(listener, app, i.stop));
                         }
-                        id += 1;
                     }
                 };
                 // Stop at once (open client connections are cut when the runtime goes).
@@ -791,6 +844,8 @@ impl ApiServer {
             addr,
             shared,
             listen: listen_tx,
+            stops: Mutex::new(BTreeMap::from([(0, loopback_stop)])),
+            next_id: std::sync::atomic::AtomicUsize::new(1),
             stop: Some(tx),
             thread: Some(thread),
         })
@@ -800,18 +855,105 @@ impl ApiServer {
     /// so processes there reach the server; returns that URL. Calls through it are recorded
     /// with the listener's number (1 for the first such listener, 2 for the next, ...).
     pub fn listen_in(&self, ns: &crate::Netns) -> std::io::Result<String> {
+        self.endpoint_in(ns).map(|e| e.url)
+    }
+
+    /// As [`ApiServer::listen_in`], returning the endpoint, to stop, start, freeze or make
+    /// refuse an identity on its own.
+    pub fn endpoint_in(&self, ns: &crate::Netns) -> std::io::Result<Endpoint> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let addr = self.serve_in(
+            ns,
+            id,
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+        )?;
+        Ok(Endpoint {
+            id,
+            url: format!("http://{addr}"),
+            addr,
+        })
+    }
+
+    /// Binds `addr` inside `ns` and serves it as endpoint `id`.
+    fn serve_in(
+        &self,
+        ns: &crate::Netns,
+        id: usize,
+        addr: SocketAddr,
+    ) -> std::io::Result<SocketAddr> {
         let l = ns
-            .enter(|| -> std::io::Result<std::net::TcpListener> {
-                let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            .enter(move || -> std::io::Result<std::net::TcpListener> {
+                let l = std::net::TcpListener::bind(addr)?;
                 l.set_nonblocking(true)?;
                 Ok(l)
             })
             .map_err(|e| std::io::Error::other(e.to_string()))??;
-        let url = format!("http://{}", l.local_addr()?);
+        let bound = l.local_addr()?;
+        let (stop, stop_rx) = watch::channel(false);
         self.listen
-            .send(l)
+            .send(Incoming {
+                listener: l,
+                id,
+                stop: stop_rx,
+            })
             .map_err(|_| std::io::Error::other("the test API server has stopped"))?;
-        Ok(url)
+        if let Some(old) = self
+            .stops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, stop)
+        {
+            old.send_replace(true);
+        }
+        Ok(bound)
+    }
+
+    /// Stops `e` as a killed kube-apiserver stops: its port is closed (connections are
+    /// refused) and every connection made through it is cut, open watches included. The
+    /// store and the other endpoints go on.
+    pub fn stop_endpoint(&self, e: &Endpoint) {
+        if let Some(s) = self
+            .stops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&e.id)
+        {
+            s.send_replace(true);
+        }
+    }
+
+    /// Starts a stopped `e` again at the same address (inside `ns`, where it was).
+    pub fn restart_endpoint(&self, ns: &crate::Netns, e: &Endpoint) -> std::io::Result<()> {
+        self.serve_in(ns, e.id, e.addr).map(|_| ())
+    }
+
+    /// Freezes `e` alone: its requests get no answer until [`ApiServer::thaw_endpoint`].
+    pub fn freeze_endpoint(&self, e: &Endpoint) {
+        self.shared.frozen_endpoints.send_modify(|f| {
+            f.insert(e.id);
+        });
+    }
+
+    pub fn thaw_endpoint(&self, e: &Endpoint) {
+        self.shared.frozen_endpoints.send_modify(|f| {
+            f.remove(&e.id);
+        });
+    }
+
+    /// Answers `identity` (the bearer token of its kubeconfig, see
+    /// [`ApiServer::kubeconfig_with_token`]) with 403 on `e` (`refuse` false: lifts it), as an
+    /// API server does for an identity without any granted permission.
+    pub fn refuse_identity(&self, e: &Endpoint, identity: &str, refuse: bool) {
+        self.with(|g| {
+            let set = g.refused.entry(e.id).or_default();
+            if refuse {
+                set.insert(identity.to_string());
+            } else {
+                set.remove(identity);
+            }
+        });
     }
 
     /// `http://127.0.0.1:<port>`
@@ -838,8 +980,17 @@ impl ApiServer {
     /// A kubeconfig (YAML text) pointing at `url`, without credentials (the test server
     /// takes any client).
     pub fn kubeconfig(url: &str) -> String {
+        Self::kubeconfig_with_token(url, None)
+    }
+
+    /// A kubeconfig for `url` whose user presents `token` (the identity the server sees).
+    pub fn kubeconfig_with_token(url: &str, token: Option<&str>) -> String {
+        let user = match token {
+            Some(t) => format!("{{token: \"{t}\"}}"),
+            None => "{}".into(),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {user}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
         )
     }
 

@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod capture;
+mod endpoint;
 pub mod lab;
 pub mod netns;
 pub mod probe;
