@@ -354,9 +354,9 @@ impl AgentConfig {
         let lease_duration = env.seconds("vip_leaseduration", 5)?;
         let renew_deadline = env.seconds("vip_renewdeadline", 3)?;
         let retry_period = env.seconds("vip_retryperiod", 1)?;
-        // The kernel removes a VIP whose lifetime ran out less than 2 s after its renew
-        // deadline (lifetimes are whole seconds, rounded up; the kernel's timer runs up to a
-        // second late): the Lease must outlast that.
+        // The kernel removes a VIP whose lifetime ran out less than 1.5 s after its renew
+        // deadline (lifetimes are whole seconds, rounded up, and short; the kernel removes an
+        // expired address a little late): the Lease must outlast that.
         if renew_deadline + Duration::from_secs(2) > lease_duration
             || retry_period >= renew_deadline
         {
@@ -368,7 +368,7 @@ impl AgentConfig {
                     renew_deadline.as_secs(),
                     retry_period.as_secs()
                 ),
-                reason: "need lease duration ≥ renew deadline + 2 s and renew deadline > retry period, so a holder's VIPs leave its kernel (less than 2 s after the renew deadline) before anyone else may take the Lease".into(),
+                reason: "need lease duration ≥ renew deadline + 2 s and renew deadline > retry period, so a holder's VIPs leave its kernel (less than 1.5 s after the renew deadline) before anyone else may take the Lease".into(),
             });
         }
         let instance_name = env.get("instance_name")?;

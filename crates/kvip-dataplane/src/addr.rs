@@ -288,9 +288,24 @@ impl AddrManager {
             })
     }
 
-    /// Removes kvip's `address` from `ifindex` (already gone is not an error).
-    pub async fn remove_at(&self, address: IpAddr, ifindex: u32) -> Result<(), DataplaneError> {
+    /// Removes kvip's `address` (the host address carrying `protocol`) from `ifindex`;
+    /// already gone is not an error, and an address of the same IP that is not kvip's is
+    /// left alone.
+    pub async fn remove_at(
+        &self,
+        address: IpAddr,
+        ifindex: u32,
+        protocol: u8,
+    ) -> Result<(), DataplaneError> {
+        let host_len = if address.is_ipv4() { 32 } else { 128 };
         for m in self.at(address, ifindex).await? {
+            let ours = m.header.prefix_len == host_len
+                && m.attributes.iter().any(
+                    |a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == protocol),
+                );
+            if !ours {
+                continue;
+            }
             self.handle.address().del(m).execute().await.map_err(|e| {
                 DataplaneError::netlink(format!("removing {address} from interface {ifindex}"), e)
             })?;

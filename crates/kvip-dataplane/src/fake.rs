@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use kvip_core::DesiredState;
 
 use crate::{
-    ApplyReport, Dataplane, DataplaneError, FenceReport, Observed, SyncMode, TeardownReport,
+    ApplyReport, Dataplane, DataplaneError, FenceReport, FenceSink, Observed, SyncMode,
+    TeardownReport,
 };
 
 /// One call the fake received.
@@ -37,6 +38,10 @@ struct Kernel {
     observe_delay: Option<std::time::Duration>,
     /// Every set of deadlines received, oldest first.
     fences: Vec<BTreeMap<IpAddr, Instant>>,
+    /// Lifetimes moved on so far.
+    refreshed: u64,
+    /// VIPs to report lapsed at the next `fence` call.
+    lapsed: Vec<IpAddr>,
 }
 
 /// The fake; clones share one kernel, so a test keeps a clone to look and to meddle.
@@ -90,6 +95,23 @@ impl FakeDataplane {
     /// Every call so far, oldest first.
     pub fn calls(&self) -> Vec<Call> {
         self.kernel().calls.clone()
+    }
+
+    /// Makes `vip` gone before its deadline (its lifetime ran out while held): the next
+    /// `fence` call reports it lapsed, and the "kernel" no longer holds it.
+    pub fn lapse(&self, vip: IpAddr) {
+        let mut k = self.kernel();
+        let vips = k
+            .state
+            .vips()
+            .iter()
+            .filter(|v| v.address != vip)
+            .cloned()
+            .collect();
+        if let Ok(s) = DesiredState::new(vips, k.state.egress().to_vec()) {
+            k.state = s;
+        }
+        k.lapsed.push(vip);
     }
 
     /// Every set of deadlines received ([`Dataplane::fence`]), oldest first.
@@ -215,25 +237,39 @@ impl Dataplane for FakeDataplane {
         Ok(k.state.vips().len())
     }
 
-    async fn fence(
-        &mut self,
-        deadlines: BTreeMap<IpAddr, Instant>,
-    ) -> Result<FenceReport, DataplaneError> {
-        let mut k = self.kernel();
-        let refreshed = k
-            .state
-            .vips()
-            .iter()
-            .filter(|v| deadlines.contains_key(&v.address))
-            .count();
-        k.fences.push(deadlines);
-        Ok(FenceReport {
-            refreshed,
-            expired: Vec::new(),
-        })
+    fn fence_sink(&mut self) -> Result<Arc<dyn FenceSink>, DataplaneError> {
+        Ok(Arc::new(FakeSink(self.kernel.clone())))
     }
 
     fn backend_name(&self) -> &'static str {
         "fake"
+    }
+}
+
+/// The fake's keeper: records the deadlines; a held VIP whose deadline moved counts as
+/// refreshed; reports what [`FakeDataplane::lapse`] made lapse.
+struct FakeSink(Arc<Mutex<Kernel>>);
+
+impl FenceSink for FakeSink {
+    fn set(&self, deadlines: BTreeMap<IpAddr, Instant>) -> FenceReport {
+        let mut k = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let moved = k.fences.last().map(|last| {
+            k.state
+                .vips()
+                .iter()
+                .filter(|v| {
+                    deadlines
+                        .get(&v.address)
+                        .is_some_and(|d| last.get(&v.address) != Some(d))
+                })
+                .count() as u64
+        });
+        k.refreshed += moved.unwrap_or(0);
+        k.fences.push(deadlines);
+        FenceReport {
+            refreshed: k.refreshed,
+            lapsed: std::mem::take(&mut k.lapsed),
+            ..FenceReport::default()
+        }
     }
 }

@@ -1,26 +1,48 @@
-//! The kernel's own fence on VIPs held under a Lease: each such address is given a valid and
-//! preferred lifetime that ends at its Lease's renew deadline, and the lifetime is moved on
-//! at every renewal. An agent that is killed or frozen stops moving it, and the kernel
-//! removes the address by itself before any other node can take the Lease.
+//! The kernel's own fence on VIPs held under a Lease: each such address has a valid and
+//! preferred lifetime that never reaches past its Lease's renew deadline, kept topped up by a
+//! keeper task of its own. An agent that is killed or frozen stops the keeper with it, and
+//! the kernel removes the address by itself before another node can take the Lease.
 //!
-//! Lifetimes are whole seconds, rounded up (rounding down would leave a 2 s renew deadline
-//! a 1 s lifetime, and the VIP would flicker between renewals a second apart), and the kernel
-//! removes an expired address up to a second late: an address given a deadline is gone less
-//! than two seconds after it. The agent requires the Lease to outlast the renew deadline by
-//! at least that (`vip_leaseduration` ≥ `vip_renewdeadline` + 2 s).
+//! The bound: an address is gone less than 1.5 s after its deadline. A lifetime is the time
+//! left until the deadline rounded up to whole seconds (< 1 s more; rounding down would give
+//! a 2 s renew deadline a 1 s lifetime that flickers between renewals a second apart), and
+//! never more than [`CAP`]: the kernel removes an expired address a little late (its check is
+//! rounded to the second within a quarter second, and a timer of a few seconds fires at most
+//! a quarter second late whatever the kernel's HZ; a long lifetime would let the timer wheel
+//! add seconds). The agent requires the Lease to outlast the renew deadline by 2 s.
+//!
+//! The keeper never creates an address: it only moves the lifetime of one that is there,
+//! carries kvip's mark and has a deadline; it checks the time again after each write and
+//! removes the address at once if the deadline passed meanwhile (the process was frozen
+//! between its read and its write). A held address that is gone before its deadline is
+//! reported as lapsed, so the agent syncs and adds it back (with its announcement).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
+use crate::addr::AddrManager;
+use crate::run::InstanceLock;
 use crate::{DataplaneError, KernelDataplane};
+
+/// The longest lifetime written: the keeper tops it up every [`TICK`].
+pub const CAP: u32 = 4;
+
+/// How often the keeper looks (and whenever the deadlines change).
+const TICK: Duration = Duration::from_secs(1);
+
+/// How long the keeper waits for the instance's lock before skipping a round (lifetimes then
+/// run down: the safe direction).
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// The lifetime an address gets now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Lifetime {
     /// Not held under a Lease (no election, or the CLI): no end.
     Forever,
-    /// The time left before the deadline, rounded up to whole seconds.
+    /// Whole seconds: the time left, rounded up, at most [`CAP`].
     Secs(u32),
     /// The deadline has passed: the address must not be held.
     Expired,
@@ -36,109 +58,218 @@ pub(crate) fn lifetime(deadline: Option<Instant>, now: Instant) -> Lifetime {
                 return Lifetime::Expired;
             }
             let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-            Lifetime::Secs(u32::try_from(secs).map_or(u32::MAX - 1, |s| s.min(u32::MAX - 1)))
+            Lifetime::Secs(u32::try_from(secs).map_or(CAP, |s| s.min(CAP)))
         }
     }
 }
 
-/// What a [`crate::Dataplane::fence`] call did.
+/// What the keeper has done, counted since the dataplane opened.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FenceReport {
-    /// Addresses whose lifetime was moved on.
-    pub refreshed: usize,
+    /// Lifetimes moved on.
+    pub refreshed: u64,
     /// Addresses removed because their deadline had passed.
-    pub expired: Vec<IpAddr>,
+    pub expired: u64,
+    /// Rounds or writes that failed (logged; the lifetimes run down meanwhile).
+    pub errors: u64,
+    /// Held addresses gone before their deadline (expired while their Lease was still held,
+    /// or removed by someone): the next sync adds them back.
+    pub lapsed: Vec<IpAddr>,
+}
+
+#[derive(Default)]
+struct State {
+    deadlines: BTreeMap<IpAddr, Instant>,
+    protocol: Option<u8>,
+    /// Addresses seen lapsed, not yet reported.
+    lapsed: BTreeSet<IpAddr>,
+}
+
+/// What the dataplane and its keeper share.
+#[derive(Default)]
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    wake: tokio::sync::Notify,
+    refreshed: AtomicU64,
+    expired: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding it leaves consistent data (plain assignments).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn deadline(&self, address: IpAddr) -> Option<Instant> {
+        self.state().deadlines.get(&address).copied()
+    }
+
+    pub(crate) fn set_protocol(&self, protocol: Option<u8>) {
+        self.state().protocol = protocol;
+    }
+
+    /// Forgets every deadline (teardown): the keeper touches nothing more.
+    pub(crate) fn clear(&self) {
+        let mut s = self.state();
+        s.deadlines.clear();
+        s.lapsed.clear();
+    }
+}
+
+/// The keeper: tops up fenced lifetimes every [`TICK`] and whenever the deadlines change.
+pub(crate) async fn keep(shared: Arc<Shared>, addrs: AddrManager, lock: InstanceLock) {
+    // The fenced addresses present at the last round: one of them gone since, before its
+    // deadline, has lapsed (one not added yet has not).
+    let mut seen: BTreeSet<IpAddr> = BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = shared.wake.notified() => {}
+        }
+        let (deadlines, protocol) = {
+            let s = shared.state();
+            (s.deadlines.clone(), s.protocol)
+        };
+        let Some(protocol) = protocol.filter(|_| !deadlines.is_empty()) else {
+            continue;
+        };
+        // Other kvip processes of the instance take turns with this one; holding the lock
+        // leaves the writer token alone (lifetimes are not objects a sync compares).
+        let _guard = match lock.hold(LOCK_WAIT).await {
+            Ok(g) => g,
+            Err(e) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "VIP lifetimes: the instance lock is busy; trying again");
+                continue;
+            }
+        };
+        let owned = match addrs.owned(protocol).await {
+            Ok(o) => o,
+            Err(e) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "VIP lifetimes: listing kvip's addresses");
+                continue;
+            }
+        };
+        let present: BTreeSet<IpAddr> = owned
+            .iter()
+            .map(|o| o.address)
+            .filter(|a| deadlines.contains_key(a))
+            .collect();
+        for a in seen.difference(&present) {
+            if deadlines.get(a).is_some_and(|d| *d > Instant::now()) {
+                shared.state().lapsed.insert(*a);
+            }
+        }
+        seen = present;
+        for o in owned {
+            let Some(d) = deadlines.get(&o.address).copied() else {
+                continue;
+            };
+            let result = match lifetime(Some(d), Instant::now()) {
+                Lifetime::Forever => Ok(()),
+                Lifetime::Expired => addrs.remove(&o).await.map(|()| {
+                    shared.expired.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(address = %o.address, "VIP removed: its Lease's renew deadline passed");
+                }),
+                Lifetime::Secs(s) if o.valid_lft == Some(s) => Ok(()),
+                Lifetime::Secs(s) => {
+                    match addrs.set_lifetime(o.address, o.ifindex, protocol, s).await {
+                        // Frozen between the read and the write: the deadline may have passed.
+                        Ok(()) if Instant::now() >= d => addrs.remove(&o).await.map(|()| {
+                            shared.expired.fetch_add(1, Ordering::Relaxed);
+                        }),
+                        Ok(()) => {
+                            shared.refreshed.fetch_add(1, Ordering::Relaxed);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(address = %o.address, error = %e, "VIP lifetime");
+            }
+        }
+    }
+}
+
+/// Where the agent hands the deadlines, without waiting for the dataplane (a long read-back
+/// or apply does not hold them back).
+pub trait FenceSink: Send + Sync {
+    /// Sets the deadline of each VIP held under a Lease (its renew deadline; a VIP not in
+    /// `deadlines` has none). Returns what the keeper has done so far, and the held addresses
+    /// it found gone before their deadline (the caller syncs to add them back).
+    fn set(&self, deadlines: BTreeMap<IpAddr, Instant>) -> FenceReport;
+}
+
+impl FenceSink for Shared {
+    fn set(&self, deadlines: BTreeMap<IpAddr, Instant>) -> FenceReport {
+        let lapsed = {
+            let mut s = self.state();
+            if s.deadlines != deadlines {
+                s.deadlines = deadlines;
+                self.wake.notify_one();
+            }
+            std::mem::take(&mut s.lapsed).into_iter().collect()
+        };
+        FenceReport {
+            refreshed: self.refreshed.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            lapsed,
+        }
+    }
 }
 
 impl KernelDataplane {
-    /// The lifetime `address` gets now.
+    /// The lifetime `address` gets now (see [`lifetime`]).
     pub(crate) fn lifetime_of(&self, address: IpAddr, now: Instant) -> Lifetime {
-        lifetime(self.fences.get(&address).copied(), now)
+        lifetime(self.fence.deadline(address), now)
     }
 
-    /// Records that `address` (on `ifindex`) was written with the deadline it has now.
-    pub(crate) fn fenced(&mut self, address: IpAddr, ifindex: u32) {
-        self.held.insert(address, ifindex);
-        match self.fences.get(&address) {
-            Some(d) => self.written.insert(address, *d),
-            None => self.written.remove(&address),
-        };
-    }
-
-    /// Forgets an address this instance no longer holds.
-    pub(crate) fn unfenced(&mut self, address: IpAddr) {
-        self.held.remove(&address);
-        self.written.remove(&address);
-    }
-
-    /// Sets the deadlines (see [`crate::Dataplane::fence`]) and moves on the lifetime of every
-    /// held address whose deadline changed; removes those whose deadline has passed.
-    pub(crate) async fn refresh_fences(
-        &mut self,
-        deadlines: BTreeMap<IpAddr, Instant>,
-    ) -> Result<FenceReport, DataplaneError> {
-        self.fences = deadlines;
-        let mut report = FenceReport::default();
-        let due: Vec<(IpAddr, u32)> = self
-            .held
-            .iter()
-            .filter(|(a, _)| self.fences.get(a) != self.written.get(a))
-            .map(|(a, i)| (*a, *i))
-            .collect();
-        if due.is_empty() {
-            return Ok(report);
+    /// The sink of the deadlines, starting the keeper on the first call (with its own
+    /// netlink socket, in this namespace: the caller's thread is in it).
+    pub(crate) fn fence_sink(&mut self) -> Result<Arc<dyn FenceSink>, DataplaneError> {
+        if self.keeper.is_none() {
+            let addrs = AddrManager::new()?;
+            self.keeper = Some(tokio::spawn(keep(
+                self.fence.clone(),
+                addrs,
+                self.lock.clone(),
+            )));
         }
-        let _lock = self.begin_change().await?;
-        let Some(protocol) = self.protocol.filter(|_| self.applied.is_some()) else {
-            // Another process changed this instance's objects: the next apply reads the
-            // kernel and gives every address its lifetime.
-            return Ok(report);
-        };
-        let now = Instant::now();
-        for (address, ifindex) in due {
-            match self.lifetime_of(address, now) {
-                // A deadline taken away (the Lease's mode changed): the next apply decides.
-                Lifetime::Forever => {}
-                Lifetime::Secs(secs) => {
-                    self.addrs
-                        .set_lifetime(address, ifindex, protocol, secs)
-                        .await?;
-                    self.fenced(address, ifindex);
-                    report.refreshed += 1;
-                }
-                Lifetime::Expired => {
-                    self.addrs.remove_at(address, ifindex).await?;
-                    self.unfenced(address);
-                    // The applied state holds it no more.
-                    self.applied = None;
-                    report.expired.push(address);
-                }
-            }
-        }
-        Ok(report)
+        Ok(self.fence.clone())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
-    fn lifetimes_round_up_and_a_passed_deadline_is_expired() {
+    fn lifetimes_round_up_stay_short_and_a_passed_deadline_is_expired() {
         let now = Instant::now();
         let at = |ms: u64| Some(now + Duration::from_millis(ms));
         assert_eq!(lifetime(None, now), Lifetime::Forever);
         assert_eq!(lifetime(at(2001), now), Lifetime::Secs(3));
         assert_eq!(lifetime(at(3000), now), Lifetime::Secs(3));
         assert_eq!(lifetime(at(1), now), Lifetime::Secs(1));
+        // Never more than CAP: the keeper tops it up.
+        assert_eq!(lifetime(at(9500), now), Lifetime::Secs(CAP));
+        assert_eq!(
+            lifetime(
+                Some(now + Duration::from_secs(u64::from(u32::MAX) + 10)),
+                now
+            ),
+            Lifetime::Secs(CAP)
+        );
         assert_eq!(lifetime(Some(now), now), Lifetime::Expired);
         assert_eq!(
             lifetime(Some(now), now + Duration::from_secs(5)),
             Lifetime::Expired
         );
-        // u32::MAX is the kernel's "forever": a huge deadline stays finite.
-        let far = now + Duration::from_secs(u64::from(u32::MAX) + 10);
-        assert_eq!(lifetime(Some(far), now), Lifetime::Secs(u32::MAX - 1));
     }
 }

@@ -38,7 +38,7 @@ use kvip_core::{DesiredState, Family, VipClaim};
 
 pub use announce::AnnounceConfig;
 pub use error::DataplaneError;
-pub use fence::FenceReport;
+pub use fence::{FenceReport, FenceSink};
 pub use iptables::Variant;
 pub use names::Instance;
 pub use rules::{EgressSync, RuleBackend, SyncMode};
@@ -102,6 +102,9 @@ pub struct ApplyReport {
     /// Claimed VIPs already configured on the node by someone else (not kvip's: left alone,
     /// and not read back as kvip's).
     pub vips_foreign: Vec<IpAddr>,
+    /// Claimed VIPs not held because their Lease's renew deadline had passed (removed, or
+    /// not added): the caller syncs again once the deadline moves.
+    pub vips_expired: Vec<IpAddr>,
     /// Pods whose conntrack entries were flushed.
     pub conntrack_flushed: usize,
     /// Problems that did not stop the apply (conntrack, announcements, other backend).
@@ -143,14 +146,10 @@ pub trait Dataplane {
     fn invalidate(&mut self);
     /// Announces every VIP held now (neighbour upkeep); returns how many were sent.
     fn reannounce(&mut self) -> impl Future<Output = Result<usize, DataplaneError>>;
-    /// Sets the deadline of each VIP held under a Lease (its renew deadline; a VIP not in
-    /// `deadlines` has none). Addresses are added with a lifetime ending at their deadline,
-    /// and this moves the lifetime of the ones held on; one whose deadline has passed is
-    /// removed. Applies after this call use the same deadlines.
-    fn fence(
-        &mut self,
-        deadlines: BTreeMap<IpAddr, Instant>,
-    ) -> impl Future<Output = Result<FenceReport, DataplaneError>>;
+    /// Where the deadlines of the VIPs held under a Lease go (see [`FenceSink`]): addresses
+    /// are added with a lifetime that never reaches past their deadline, kept topped up by a
+    /// keeper task while the deadline lasts; one whose deadline has passed is removed.
+    fn fence_sink(&mut self) -> Result<std::sync::Arc<dyn FenceSink>, DataplaneError>;
     /// The rule backend in use, for logs.
     fn backend_name(&self) -> &'static str;
 }
@@ -168,15 +167,23 @@ pub struct KernelDataplane {
     protocol: Option<u8>,
     /// The writer token this process last put in the lock file.
     last_token: Option<String>,
-    /// Deadlines of the VIPs held under a Lease ([`Dataplane::fence`]).
-    fences: BTreeMap<IpAddr, Instant>,
-    /// This instance's addresses as it last wrote them: interface index by address...
-    held: BTreeMap<IpAddr, u32>,
-    /// ...and the deadline their lifetime ends at (absent: forever).
-    written: BTreeMap<IpAddr, Instant>,
+    /// The deadlines of the VIPs held under a Lease ([`Dataplane::fence`]), shared with the
+    /// keeper of their lifetimes.
+    fence: std::sync::Arc<fence::Shared>,
+    /// The keeper, from the first deadline on.
+    keeper: Option<tokio::task::JoinHandle<()>>,
     /// Test seam: adding this address fails as if the kernel refused it.
     #[cfg(test)]
     fail_add: Option<IpAddr>,
+}
+
+impl Drop for KernelDataplane {
+    fn drop(&mut self) {
+        // The keeper ends with the dataplane: lifetimes then run down, as after a kill.
+        if let Some(k) = self.keeper.take() {
+            k.abort();
+        }
+    }
 }
 
 /// Picks the rule backend for `cfg`.
@@ -252,9 +259,8 @@ impl KernelDataplane {
             announcers: Vec::new(),
             protocol: None,
             last_token: None,
-            fences: BTreeMap::new(),
-            held: BTreeMap::new(),
-            written: BTreeMap::new(),
+            fence: std::sync::Arc::default(),
+            keeper: None,
             #[cfg(test)]
             fail_add: None,
         })
@@ -431,6 +437,7 @@ impl Dataplane for KernelDataplane {
         };
         let links = self.validate(desired).await?;
         let protocol = self.address_protocol(!desired.vips().is_empty()).await?;
+        self.fence.set_protocol(protocol);
         let first = self.applied.is_none();
         // The previous egress, exactly as the kernel holds it, when known: what a failed
         // VIP step rolls the rules back to.
@@ -480,6 +487,12 @@ impl Dataplane for KernelDataplane {
         }
         report.vips_removed = changes.removed.iter().map(|o| o.address).collect();
         report.vips_foreign = changes.foreign.clone();
+        report.vips_expired = changes.expired.clone();
+        for a in &changes.expired {
+            report.warnings.push(format!(
+                "{a}: its Lease's renew deadline has passed; the node does not hold it"
+            ));
+        }
         for (address, ifindex) in &changes.added {
             report.vips_added.push(*address);
             if let Some(link) = links.values().find(|l| l.index == *ifindex)
@@ -542,11 +555,8 @@ impl Dataplane for KernelDataplane {
         self.announce_held().await
     }
 
-    async fn fence(
-        &mut self,
-        deadlines: BTreeMap<IpAddr, Instant>,
-    ) -> Result<FenceReport, DataplaneError> {
-        self.refresh_fences(deadlines).await
+    fn fence_sink(&mut self) -> Result<std::sync::Arc<dyn FenceSink>, DataplaneError> {
+        KernelDataplane::fence_sink(self)
     }
 
     fn backend_name(&self) -> &'static str {
@@ -572,8 +582,7 @@ impl Dataplane for KernelDataplane {
             self.applied.clone().unwrap_or_default()
         });
         self.applied = None;
-        self.held.clear();
-        self.written.clear();
+        self.fence.clear();
         let table = self.cfg.instance.nft_table();
         match nft::nft_delete_table("inet", &table).await {
             Ok(true) => r.removed.push(format!("nftables table inet {table}")),

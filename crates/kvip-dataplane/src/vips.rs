@@ -19,11 +19,9 @@ pub(crate) struct VipChanges {
     pub removed: Vec<OwnedAddress>,
     /// Claimed, but already configured by someone else: left alone.
     pub foreign: Vec<IpAddr>,
+    /// Claimed, but not held (removed, or not added) because their Lease's deadline passed.
+    pub expired: Vec<IpAddr>,
     pub warnings: Vec<String>,
-}
-
-fn expired_warning(address: IpAddr) -> String {
-    format!("{address}: its Lease's renew deadline has passed; the node does not hold it")
 }
 
 impl KernelDataplane {
@@ -66,47 +64,25 @@ impl KernelDataplane {
         let owned = self.owned_addresses(protocol).await?;
         let want: BTreeMap<IpAddr, &VipClaim> =
             desired.vips().iter().map(|v| (v.address, v)).collect();
-        let now = Instant::now();
-        let mut kept = Vec::new();
         for o in &owned {
             let keep = want
                 .get(&o.address)
                 .is_some_and(|v| links.get(&v.interface).map(|l| l.index) == Some(o.ifindex));
-            // A held address whose Lease's deadline has passed goes too.
-            let expired = self.lifetime_of(o.address, now) == Lifetime::Expired;
+            // A held address whose Lease's deadline has passed goes too. (The lifetimes of
+            // those kept are the keeper's: see `fence`.)
+            let expired = self.lifetime_of(o.address, Instant::now()) == Lifetime::Expired;
             if !keep || expired {
                 self.addrs.remove(o).await?;
-                self.unfenced(o.address);
                 changes.removed.push(o.clone());
                 if keep {
-                    changes.warnings.push(expired_warning(o.address));
+                    changes.expired.push(o.address);
                 }
-            } else {
-                kept.push(o);
             }
         }
         let Some(protocol) = protocol else {
             // No protocol is allocated only when no VIP is wanted.
             return Ok(());
         };
-        // Kept addresses get their lifetime too (one added by an earlier process, or before
-        // the deadline moved).
-        for o in kept {
-            let secs = match self.lifetime_of(o.address, now) {
-                Lifetime::Secs(s) => s,
-                Lifetime::Forever if o.valid_lft.is_some() => u32::MAX,
-                _ => {
-                    self.fenced(o.address, o.ifindex);
-                    continue;
-                }
-            };
-            if secs == u32::MAX || self.written.get(&o.address) != self.fences.get(&o.address) {
-                self.addrs
-                    .set_lifetime(o.address, o.ifindex, protocol, secs)
-                    .await?;
-            }
-            self.fenced(o.address, o.ifindex);
-        }
         for v in desired.vips() {
             let link = links
                 .get(&v.interface)
@@ -117,11 +93,12 @@ impl KernelDataplane {
             {
                 continue;
             }
-            let lifetime = match self.lifetime_of(v.address, now) {
+            // The lifetime as of right now, not as of the start of the apply.
+            let lifetime = match self.lifetime_of(v.address, Instant::now()) {
                 Lifetime::Forever => None,
                 Lifetime::Secs(s) => Some(s),
                 Lifetime::Expired => {
-                    changes.warnings.push(expired_warning(v.address));
+                    changes.expired.push(v.address);
                     continue;
                 }
             };
@@ -129,10 +106,14 @@ impl KernelDataplane {
                 .add_address(v.address, link.index, protocol, lifetime)
                 .await
             {
-                Ok(()) => {
-                    self.fenced(v.address, link.index);
-                    changes.added.push((v.address, link.index));
+                // Frozen between the check and the add: the deadline may have passed since.
+                Ok(()) if self.lifetime_of(v.address, Instant::now()) == Lifetime::Expired => {
+                    if let Err(e) = self.addrs.remove_at(v.address, link.index, protocol).await {
+                        tracing::error!(address = %v.address, error = %e, "removing a VIP added past its deadline");
+                    }
+                    changes.expired.push(v.address);
                 }
+                Ok(()) => changes.added.push((v.address, link.index)),
                 Err(e) if e.errno() == Some(libc::EEXIST) => {
                     // The same address is already configured, not by this instance: it is
                     // held, and kvip leaves it alone (it will never remove it either).
@@ -188,7 +169,6 @@ impl KernelDataplane {
                         if let Err(e) = self.addrs.remove(o).await {
                             tracing::error!(address = %o.address, error = %e, "rollback: removing an added VIP failed");
                         }
-                        self.unfenced(o.address);
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "rollback: listing VIPs failed"),

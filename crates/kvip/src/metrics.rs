@@ -65,6 +65,7 @@ pub struct Metrics {
     pub fence_refreshes: Counter,
     pub fence_expired: Counter,
     pub fence_errors: Counter,
+    pub fence_lapsed: Counter,
     pub generation_observed: Gauge,
     pub generation_realised: Gauge,
     pub vips_held: Gauge,
@@ -93,6 +94,7 @@ impl Metrics {
             fence_refreshes: Counter::default(),
             fence_expired: Counter::default(),
             fence_errors: Counter::default(),
+            fence_lapsed: Counter::default(),
             generation_observed: Gauge::default(),
             generation_realised: Gauge::default(),
             vips_held: Gauge::default(),
@@ -146,13 +148,18 @@ impl Metrics {
         );
         r.register(
             "vip_lifetime_expired",
-            "VIPs removed because their Lease's renew deadline passed before the agent's step-down reached the kernel",
+            "VIPs the lifetime keeper removed because their Lease's renew deadline passed before the agent's step-down reached the kernel",
             m.fence_expired.clone(),
         );
         r.register(
             "vip_lifetime_errors",
-            "Failed attempts to move VIP address lifetimes on (the next sync sets them)",
+            "Failed rounds or writes of the VIP lifetime keeper (lifetimes run down meanwhile)",
             m.fence_errors.clone(),
+        );
+        r.register(
+            "vip_lifetime_lapsed",
+            "Held VIPs found gone before their Lease's renew deadline (their lifetime ran out while the keeper was starved, or someone removed them) and added back",
+            m.fence_lapsed.clone(),
         );
         r.register(
             "generation_observed",

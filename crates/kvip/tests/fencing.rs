@@ -27,7 +27,8 @@ fn signal(agent: &Agent, sig: &str) {
     assert!(ok, "kill -{sig}");
 }
 
-/// What sampling every 50 ms saw after `old` stopped renewing.
+/// What sampling every 50 ms saw after `old` stopped renewing (two holders in one sample
+/// fail the test, so `gone` is never later than `taken`).
 struct Handover {
     /// When `old`'s VIP left its kernel.
     gone: Duration,
@@ -76,10 +77,10 @@ fn stop_holder(nodes: &[kvip_testkit::Netns], agents: &[Agent], holder: usize, s
     let h = sample_handover(nodes, agents, holder, since);
     assert!(
         h.gone <= GONE_WITHIN,
-        "SIG{sig}: the holder's VIP went after {:?}",
-        h.gone
+        "SIG{sig}: the holder's VIP went after {:?} (another node held it after {:?})",
+        h.gone,
+        h.taken
     );
-    assert!(h.gone <= h.taken, "SIG{sig}: taken before the VIP went");
     h.new
 }
 

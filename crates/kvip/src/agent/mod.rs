@@ -481,6 +481,9 @@ impl Start<'_> {
             dirty,
             leadership: handle.leadership,
             deadlines: handle.deadlines,
+            fences: dp
+                .fence_sink()
+                .context("starting the keeper of the VIPs' lifetimes")?,
             synced: synced_tx,
             reports: reports_tx,
             namespaces: namespaces_tx,

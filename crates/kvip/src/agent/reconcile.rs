@@ -9,7 +9,7 @@ use std::time::Duration;
 use kvip_core::fence::{Deadlines, vip_deadlines};
 use kvip_core::plan::{ClusterNetworks, still_held};
 use kvip_core::{DesiredState, DriftKind, Leadership, NodeConfig, Plan, Snapshot};
-use kvip_dataplane::{Dataplane, SyncMode};
+use kvip_dataplane::{Dataplane, FenceReport, FenceSink, SyncMode};
 use kvip_kube::elections::{LeadershipView, Synced};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +78,8 @@ pub(crate) struct Channels {
     /// The renew deadlines of the Leases held: each held VIP's address lifetime ends at its
     /// Lease's, and is moved on as they move.
     pub deadlines: watch::Receiver<Deadlines>,
+    /// Where the dataplane takes each VIP's deadline (its lifetime keeper).
+    pub fences: Arc<dyn FenceSink>,
     /// Each applied plan, for the elections.
     pub synced: watch::Sender<Option<Synced>>,
     /// Each plan (applied, or refused as invalid), for the reporter.
@@ -95,6 +97,8 @@ struct Memory {
     applied: Option<DesiredState>,
     /// The plan it came from: which Lease each held VIP is held under.
     plan: Option<Arc<Plan>>,
+    /// What the dataplane's lifetime keeper had done at the last look (its counts).
+    fenced: FenceReport,
     /// Of its VIPs, those someone else had configured already (not read back as kvip's).
     foreign: Vec<std::net::IpAddr>,
     last_invalid: Option<String>,
@@ -142,8 +146,13 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                     if r.is_err() {
                         return stopped("elections", root);
                     }
-                    if let Some(p) = mem.plan.clone() {
-                        fence(dp, &p, &mut ch, m).await;
+                    if let Some(p) = &mem.plan
+                        && fence(&ch.fences, p, &mut ch.deadlines, m, &mut mem.fenced)
+                    {
+                        // Gone before its deadline: the next sync adds it back.
+                        dp.invalidate();
+                        leadership_changed = true;
+                        break;
                     }
                     continue;
                 }
@@ -158,25 +167,46 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                 // again shortly; after READBACK_MAX_YIELDS in a row one runs to its end, which
                 // only a leadership change (a lost Lease waits for nothing) or the stop ends.
                 _ = tokio::time::sleep_until(next_resync) => {
-                    let drift = check_drift(dp, mem.applied.as_ref(), &mem.foreign, m);
-                    let may_yield = yielded < READBACK_MAX_YIELDS;
-                    let outcome = tokio::select! {
-                        _ = drift => ReadBack::Finished,
-                        r = ch.dirty.changed(), if may_yield => {
-                            if r.is_err() {
-                                return stopped("watches", root);
+                    // The read-back borrows the dataplane until it ends or is dropped here.
+                    let (outcome, lapsed) = {
+                        let drift = check_drift(dp, mem.applied.as_ref(), &mem.foreign, m);
+                        tokio::pin!(drift);
+                        let may_yield = yielded < READBACK_MAX_YIELDS;
+                        let mut lapsed = false;
+                        let outcome = loop {
+                            tokio::select! {
+                                _ = &mut drift => break ReadBack::Finished,
+                                r = ch.dirty.changed(), if may_yield => {
+                                    if r.is_err() {
+                                        return stopped("watches", root);
+                                    }
+                                    break ReadBack::Yielded;
+                                }
+                                r = ch.leadership.changed() => {
+                                    if r.is_err() {
+                                        return stopped("elections", root);
+                                    }
+                                    leadership_changed = true;
+                                    break ReadBack::Leadership;
+                                }
+                                // Renewals go on reaching the lifetimes during a long read-back.
+                                r = ch.deadlines.changed() => {
+                                    if r.is_err() {
+                                        return stopped("elections", root);
+                                    }
+                                    if let Some(p) = &mem.plan {
+                                        lapsed |= fence(&ch.fences, p, &mut ch.deadlines, m, &mut mem.fenced);
+                                    }
+                                }
+                                _ = root.cancelled() => return,
                             }
-                            ReadBack::Yielded
-                        }
-                        r = ch.leadership.changed() => {
-                            if r.is_err() {
-                                return stopped("elections", root);
-                            }
-                            leadership_changed = true;
-                            ReadBack::Leadership
-                        }
-                        _ = root.cancelled() => return,
+                        };
+                        (outcome, lapsed)
                     };
+                    if lapsed {
+                        dp.invalidate();
+                        leadership_changed = true;
+                    }
                     let now = tokio::time::Instant::now();
                     next_resync = now + match outcome {
                         ReadBack::Finished => {
@@ -227,27 +257,36 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
     }
 }
 
-/// Gives the dataplane the deadline of every VIP `plan` holds, from the elections' latest
-/// deadlines. A failure is logged and counted; the next apply sets the lifetimes anyway.
-async fn fence<D: Dataplane>(dp: &mut D, plan: &Plan, ch: &mut Channels, m: &Metrics) {
+/// Gives the dataplane's lifetime keeper the deadline of every VIP `plan` holds, from the
+/// elections' latest deadlines, without waiting for the dataplane. Returns whether a held
+/// VIP lapsed (gone before its deadline): the caller syncs to add it back.
+fn fence(
+    sink: &Arc<dyn FenceSink>,
+    plan: &Plan,
+    deadlines: &mut watch::Receiver<Deadlines>,
+    m: &Metrics,
+    counted: &mut FenceReport,
+) -> bool {
     let deadlines = vip_deadlines(
         plan,
-        &ch.deadlines.borrow_and_update(),
+        &deadlines.borrow_and_update(),
         std::time::Instant::now(),
     );
-    match dp.fence(deadlines).await {
-        Ok(r) => {
-            m.fence_refreshes.inc_by(r.refreshed as u64);
-            if !r.expired.is_empty() {
-                m.fence_expired.inc_by(r.expired.len() as u64);
-                tracing::warn!(vips = ?r.expired, "removed VIPs whose Lease's renew deadline passed");
-            }
-        }
-        Err(e) => {
-            m.fence_errors.inc();
-            tracing::warn!(error = %e, "moving the held VIPs' lifetimes on");
-        }
+    let r = sink.set(deadlines);
+    // The keeper counts since the dataplane opened: add what is new.
+    m.fence_refreshes
+        .inc_by(r.refreshed.saturating_sub(counted.refreshed));
+    m.fence_expired
+        .inc_by(r.expired.saturating_sub(counted.expired));
+    m.fence_errors
+        .inc_by(r.errors.saturating_sub(counted.errors));
+    m.fence_lapsed.inc_by(r.lapsed.len() as u64);
+    if !r.lapsed.is_empty() {
+        tracing::warn!(vips = ?r.lapsed, "held VIPs gone before their Lease's renew deadline: adding them back");
     }
+    let lapsed = !r.lapsed.is_empty();
+    *counted = r;
+    lapsed
 }
 
 /// Drift: someone changed kvip's objects by hand. Count it and replace everything next time.
@@ -364,9 +403,13 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
         tracing::info!("the desired state is valid again");
     }
     // Each VIP is added (or kept) with a lifetime ending at its Lease's renew deadline.
-    fence(dp, &p, ch, m).await;
+    fence(&ch.fences, &p, &mut ch.deadlines, m, &mut mem.fenced);
+    let expired;
     match dp.apply(desired).await {
         Ok(r) => {
+            // Not held because its deadline passed during the sync: tried again shortly,
+            // with the deadline the elections publish by then.
+            expired = !r.vips_expired.is_empty();
             m.sync_seconds
                 .get_or_create(&ModeLabel {
                     mode: format!("{:?}", r.mode).to_lowercase(),
@@ -454,5 +497,5 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
         plan: p,
         invalid,
     }));
-    true
+    !expired
 }

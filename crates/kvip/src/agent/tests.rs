@@ -8,6 +8,7 @@ use kvip_core::annotations as ann;
 use kvip_core::fence::Deadlines;
 use kvip_core::plan::{ClusterNetworks, EndpointInfo, ServiceInfo, ServiceKey};
 use kvip_core::{Leadership, ModelError, NodeConfig, Plan, Snapshot};
+use kvip_dataplane::Dataplane;
 use kvip_dataplane::fake::{Call, FakeDataplane};
 use kvip_kube::elections::{LeadershipView, Synced};
 use tokio::sync::watch;
@@ -131,6 +132,7 @@ impl Harness {
             dirty: dirty_rx,
             leadership: leadership_rx,
             deadlines: deadlines_rx,
+            fences: fake.clone().fence_sink().expect("fake sink"),
             synced: synced_tx,
             reports: reports_tx,
             namespaces,
@@ -518,4 +520,48 @@ async fn held_vips_get_their_leases_deadline_and_renewals_move_it_without_a_sync
     h.lead(Leadership::Global(false));
     until("VIP dropped", || h.vips().is_empty()).await;
     assert!(h.fake.fences().last().is_some_and(|f| f.is_empty()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_vip_that_lapsed_is_added_back_at_the_next_renewal() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
+    until("first sync", || h.applies() >= 1).await;
+    let vip: std::net::IpAddr = "198.51.100.10".parse().unwrap();
+    let t1 = std::time::Instant::now() + Duration::from_secs(3);
+    h.deadlines.send_replace(Deadlines::Global(Some(t1)));
+    h.lead(Leadership::Global(true));
+    until("VIP held", || h.vips() == ["198.51.100.10"]).await;
+    // Its lifetime ran out while the Lease was held (the keeper was starved): gone.
+    h.fake.lapse(vip);
+    assert!(h.vips().is_empty());
+    let applies = h.applies();
+    // The next renewal reports it, and a sync adds it back.
+    h.deadlines
+        .send_replace(Deadlines::Global(Some(t1 + Duration::from_secs(1))));
+    until("VIP back", || h.vips() == ["198.51.100.10"]).await;
+    assert!(h.applies() > applies);
+    assert_eq!(h.metric("kvip_vip_lifetime_lapsed_total"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewals_reach_the_lifetimes_during_a_long_read_back() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
+    until("first sync", || h.applies() >= 1).await;
+    let vip: std::net::IpAddr = "198.51.100.10".parse().unwrap();
+    let t1 = std::time::Instant::now() + Duration::from_secs(3);
+    h.deadlines.send_replace(Deadlines::Global(Some(t1)));
+    h.lead(Leadership::Global(true));
+    until("VIP held", || h.vips() == ["198.51.100.10"]).await;
+    // A read-back that takes far longer than the renew deadline.
+    h.fake.slow_observe(Some(Duration::from_secs(60)));
+    until("read-back started", || h.observes() == 1).await;
+    let t2 = t1 + Duration::from_secs(1);
+    h.deadlines.send_replace(Deadlines::Global(Some(t2)));
+    until("deadline moved on during the read-back", || {
+        h.fake.fences().last().and_then(|f| f.get(&vip).copied()) == Some(t2)
+    })
+    .await;
+    assert_eq!(h.observes(), 1, "the read-back went on");
+    h.root.cancel();
+    h.task.await.unwrap();
 }
