@@ -11,6 +11,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::cidr::Cidr;
+use crate::control_plane::{ADMIN_CONF, ControlPlaneConfig};
 
 /// One supported variable: name (lowercase), default, meaning.
 pub struct OptionDoc {
@@ -43,8 +44,53 @@ pub const OPTIONS: &[OptionDoc] = &[
     },
     OptionDoc {
         name: "svc_enable",
-        default: "true",
-        meaning: "handle Services of type LoadBalancer (kvip's only mode; false is an error)",
+        default: "true (false with cp_enable)",
+        meaning: "handle Services of type LoadBalancer; off only with cp_enable (there is nothing else to do)",
+    },
+    OptionDoc {
+        name: "cp_enable",
+        default: "false",
+        meaning: "hold the control-plane VIP (the API server's address) on one control-plane node at a time; see docs/control-plane.md",
+    },
+    OptionDoc {
+        name: "address",
+        default: "(required with cp_enable)",
+        meaning: "the control-plane VIP; `vip_address` is the older name",
+    },
+    OptionDoc {
+        name: "port",
+        default: "6443",
+        meaning: "the API server's port, on the VIP and on the node",
+    },
+    OptionDoc {
+        name: "vip_leasename",
+        default: "plndr-cp-lock",
+        meaning: "the control-plane Lease; `namespace/name` names its namespace too",
+    },
+    OptionDoc {
+        name: "cp_namespace",
+        default: "kube-system",
+        meaning: "namespace of the control-plane Lease",
+    },
+    OptionDoc {
+        name: "kubernetes_addr",
+        default: "127.0.0.1:<port>",
+        meaning: "the node's own API server (`host:port`, or a URL), which the control-plane mode talks to whatever server the kubeconfig names; its certificate is verified for the name `kubernetes`",
+    },
+    OptionDoc {
+        name: "control_plane_health_check_period",
+        default: "1",
+        meaning: "kvip only: seconds between checks of the local API server's /readyz",
+    },
+    OptionDoc {
+        name: "control_plane_health_check_timeout",
+        default: "1",
+        meaning: "kvip only: seconds a /readyz check may take",
+    },
+    OptionDoc {
+        name: "control_plane_health_check_failures",
+        default: "3",
+        meaning: "kvip only: failed checks in a row that make the node drop the control-plane VIP and its Lease; as many successes in a row make it compete again",
     },
     OptionDoc {
         name: "svc_election",
@@ -151,7 +197,6 @@ pub const OPTIONS: &[OptionDoc] = &[
 /// kube-vip features kvip does not implement: switched on, they stop the agent.
 pub const UNSUPPORTED: &[&str] = &[
     "bgp_enable",
-    "cp_enable",
     "vip_wireguard",
     "vip_routingtable",
     "dhcp_mode",
@@ -160,6 +205,7 @@ pub const UNSUPPORTED: &[&str] = &[
     "enable_endpointslices_v6",
     "enable_service_security",
     "egress_withipvs",
+    "lb_enable",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -213,13 +259,17 @@ pub struct AgentConfig {
     /// `vip_arpRate`: repeat announcements this often while holding (`None`: never).
     pub arp_refresh: Option<Duration>,
     pub resync_period: Duration,
+    /// `svc_enable`: LoadBalancer Services are handled.
+    pub services: bool,
+    /// `cp_enable`: the control-plane VIP.
+    pub control_plane: Option<ControlPlaneConfig>,
 }
 
-struct Env<'a>(&'a BTreeMap<String, String>);
+pub(crate) struct Env<'a>(&'a BTreeMap<String, String>);
 
 impl Env<'_> {
     /// The value of `name` in either spelling; an error when both are set and differ.
-    fn get(&self, name: &str) -> Result<Option<String>, ConfigError> {
+    pub(crate) fn get(&self, name: &str) -> Result<Option<String>, ConfigError> {
         let upper = name.to_ascii_uppercase();
         // kube-vip's spelling (`vip_arpRate`), or all lowercase (as `--set` writes it).
         let lo = self
@@ -240,7 +290,7 @@ impl Env<'_> {
         }
     }
 
-    fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+    pub(crate) fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
         match self.get(name)? {
             None => Ok(default),
             Some(v) => parse_bool(&v).ok_or_else(|| ConfigError::Invalid {
@@ -251,7 +301,7 @@ impl Env<'_> {
         }
     }
 
-    fn seconds(&self, name: &str, default: u64) -> Result<Duration, ConfigError> {
+    pub(crate) fn seconds(&self, name: &str, default: u64) -> Result<Duration, ConfigError> {
         match self.get(name)? {
             None => Ok(Duration::from_secs(default)),
             Some(v) => match v.parse::<u64>() {
@@ -334,13 +384,14 @@ impl AgentConfig {
                 });
             }
         }
-        if !env.bool("svc_enable", true)? {
+        let control_plane = ControlPlaneConfig::from_env(&env)?;
+        // As kube-vip: a control-plane pod serves Services only when asked to.
+        let services = env.bool("svc_enable", control_plane.is_none())?;
+        if !services && control_plane.is_none() {
             return Err(ConfigError::Invalid {
                 var: "svc_enable".into(),
                 value: "false".into(),
-                reason:
-                    "kvip serves LoadBalancer Services only; there is nothing to do with it off"
-                        .into(),
+                reason: "with neither Services nor cp_enable there is nothing to do".into(),
             });
         }
         let node_name = match env.get("vip_nodename")? {
@@ -435,7 +486,11 @@ impl AgentConfig {
             prometheus_server: env
                 .get("prometheus_server")?
                 .unwrap_or_else(|| ":2112".into()),
-            kubeconfig: env.get("k8s_config_file")?,
+            kubeconfig: env
+                .get("k8s_config_file")?
+                .or_else(|| control_plane.as_ref().map(|_| ADMIN_CONF.to_string())),
+            services,
+            control_plane,
         })
     }
 }

@@ -7,6 +7,7 @@
 pub mod annotations;
 pub mod cidr;
 pub mod config;
+pub mod control_plane;
 pub mod error;
 pub mod fence;
 pub mod lease;

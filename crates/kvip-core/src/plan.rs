@@ -116,6 +116,9 @@ pub struct NodeConfig {
     pub class_only: bool,
     /// `lb_class_name` (kube-vip's default is `kube-vip.io/kube-vip-class`).
     pub class_name: String,
+    /// Addresses no Service may claim: the control-plane VIP. A Service that asks for one is
+    /// refused it (a warning), never given a share of it.
+    pub reserved: Vec<IpAddr>,
 }
 
 /// A problem with one Service, for a Warning Event and a log line.
@@ -123,6 +126,8 @@ pub struct NodeConfig {
 pub enum ServiceWarning {
     InvalidAnnotation(AnnotationProblem),
     EgressRefused(String),
+    /// The Service asked for an address reserved for something else (the control-plane VIP).
+    VipRefused(IpAddr),
 }
 
 impl fmt::Display for ServiceWarning {
@@ -130,6 +135,7 @@ impl fmt::Display for ServiceWarning {
         match self {
             ServiceWarning::InvalidAnnotation(p) => write!(f, "InvalidAnnotation: {p}"),
             ServiceWarning::EgressRefused(r) => write!(f, "EgressRefused: {r}"),
+            ServiceWarning::VipRefused(a) => write!(f, "VipRefused: {a}"),
         }
     }
 }
@@ -344,6 +350,13 @@ fn draft(
         ..ServicePlan::default()
     };
     sp.vips = service_vips(s, &a, &mut sp.warnings);
+    sp.vips.retain(|v| {
+        let reserved = cfg.reserved.contains(v);
+        if reserved {
+            sp.warnings.push(ServiceWarning::VipRefused(*v));
+        }
+        !reserved
+    });
     let local: Vec<IpAddr> = {
         let mut v: Vec<IpAddr> = endpoints
             .iter()

@@ -41,7 +41,9 @@ impl ElectionError {
 /// One Lease object, read and written with resourceVersion guards.
 #[derive(Clone)]
 pub struct LeaseLock {
-    api: Api<Lease>,
+    /// The client of each call: it may change (a control-plane node's bootstrap identity).
+    client: watch::Receiver<kube::Client>,
+    namespace: String,
     name: String,
 }
 
@@ -67,10 +69,24 @@ fn to_record(l: &Lease) -> LeaseRecord {
 
 impl LeaseLock {
     pub fn new(client: kube::Client, namespace: &str, name: &str) -> LeaseLock {
+        Self::switchable(watch::channel(client).1, namespace, name)
+    }
+
+    /// A lock whose calls use the latest client `client` holds.
+    pub fn switchable(
+        client: watch::Receiver<kube::Client>,
+        namespace: &str,
+        name: &str,
+    ) -> LeaseLock {
         LeaseLock {
-            api: Api::namespaced(client, namespace),
+            client,
+            namespace: namespace.to_string(),
             name: name.to_string(),
         }
+    }
+
+    fn api(&self) -> Api<Lease> {
+        Api::namespaced(self.client.borrow().clone(), &self.namespace)
     }
 
     pub fn name(&self) -> &str {
@@ -108,7 +124,7 @@ impl LeaseLock {
 
     /// The Lease, or `None` when it does not exist.
     pub async fn read(&self) -> Result<Option<LeaseRecord>, ElectionError> {
-        self.api
+        self.api()
             .get_opt(&self.name)
             .await
             .map(|o| o.as_ref().map(to_record))
@@ -116,7 +132,7 @@ impl LeaseLock {
     }
 
     pub async fn create(&self, r: &LeaseRecord) -> Result<LeaseRecord, ElectionError> {
-        self.api
+        self.api()
             .create(&PostParams::default(), &self.to_lease(r))
             .await
             .map(|l| to_record(&l))
@@ -125,7 +141,7 @@ impl LeaseLock {
 
     /// Replaces the Lease if its resourceVersion is still `r.resource_version` (409 otherwise).
     pub async fn replace(&self, r: &LeaseRecord) -> Result<LeaseRecord, ElectionError> {
-        self.api
+        self.api()
             .replace(&self.name, &PostParams::default(), &self.to_lease(r))
             .await
             .map(|l| to_record(&l))
@@ -262,7 +278,7 @@ impl Election {
         stop: CancellationToken,
     ) -> Release {
         let released_events = watcher(
-            self.lock.api.clone(),
+            self.lock.api(),
             watcher::Config::default().fields(&format!("metadata.name={}", self.lock.name)),
         )
         // Only a shortcut (the polling finds a released Lease too): back off long on errors.

@@ -618,14 +618,7 @@ pub(crate) enum DoctorOutput {
 /// `kvip doctor`: whether nothing is wrong.
 pub(crate) fn from_cli(set: &[String], output: DoctorOutput) -> Result<bool> {
     let mut vars = crate::settings::run_settings(set)?;
-    let has_name = ["vip_nodename", "VIP_NODENAME", "NODE_NAME"]
-        .iter()
-        .any(|k| vars.get(*k).is_some_and(|v| !v.trim().is_empty()));
-    if !has_name {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map_err(|e| anyhow::anyhow!("no vip_nodename or NODE_NAME, and no host name: {e}"))?;
-        vars.insert("NODE_NAME".into(), host.trim().to_string());
-    }
+    crate::settings::default_node_name(&mut vars)?;
     let cfg = kvip_core::config::AgentConfig::from_env(&vars)?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -166,7 +166,20 @@ fn main() -> ExitCode {
             *egress_default_cidrs,
             "egress_default_cidrs",
         ))
-        .and_then(|vars| {
+        .and_then(|mut vars| {
+            // A control-plane static pod may run before any Node object: the host name then.
+            let cp = ["cp_enable", "CP_ENABLE"]
+                .iter()
+                .filter_map(|k| vars.get(*k))
+                .any(|v| {
+                    matches!(
+                        v.trim().to_ascii_lowercase().as_str(),
+                        "true" | "1" | "yes" | "on"
+                    )
+                });
+            if cp {
+                settings::default_node_name(&mut vars)?;
+            }
             kvip_core::config::AgentConfig::from_env(&vars).map_err(anyhow::Error::from)
         })
         .and_then(|cfg| {

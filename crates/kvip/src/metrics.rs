@@ -66,6 +66,10 @@ pub struct Metrics {
     pub fence_expired: Counter,
     pub fence_errors: Counter,
     pub fence_lapsed: Counter,
+    pub control_plane_held: Gauge,
+    pub control_plane_api_ready: Gauge,
+    pub control_plane_health_failures: Counter,
+    pub control_plane_super_admin: Gauge,
     pub generation_observed: Gauge,
     pub generation_realised: Gauge,
     pub vips_held: Gauge,
@@ -95,6 +99,10 @@ impl Metrics {
             fence_expired: Counter::default(),
             fence_errors: Counter::default(),
             fence_lapsed: Counter::default(),
+            control_plane_held: Gauge::default(),
+            control_plane_api_ready: Gauge::default(),
+            control_plane_health_failures: Counter::default(),
+            control_plane_super_admin: Gauge::default(),
             generation_observed: Gauge::default(),
             generation_realised: Gauge::default(),
             vips_held: Gauge::default(),
@@ -160,6 +168,26 @@ impl Metrics {
             "vip_lifetime_lapsed",
             "Held VIPs found gone before their Lease's renew deadline (their lifetime ran out while the keeper was starved, or someone removed them) and added back",
             m.fence_lapsed.clone(),
+        );
+        r.register(
+            "control_plane_held",
+            "1 while this node holds the control-plane VIP (cp_enable)",
+            m.control_plane_held.clone(),
+        );
+        r.register(
+            "control_plane_api_ready",
+            "1 while the node's own API server answers /readyz (cp_enable); 0 drops the control-plane VIP",
+            m.control_plane_api_ready.clone(),
+        );
+        r.register(
+            "control_plane_health_failures",
+            "Checks of the local API server's /readyz that failed or timed out",
+            m.control_plane_health_failures.clone(),
+        );
+        r.register(
+            "control_plane_super_admin",
+            "1 while the control-plane Lease is written with super-admin.conf (the kubeconfig's identity is refused: a first kubeadm init)",
+            m.control_plane_super_admin.clone(),
         );
         r.register(
             "generation_observed",

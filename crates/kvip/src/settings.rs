@@ -35,3 +35,17 @@ pub(crate) fn run_settings(set: &[String]) -> Result<BTreeMap<String, String>> {
     }
     Ok(vars)
 }
+
+/// Without `vip_nodename` or `NODE_NAME`, the host name, lowercased (as kube-vip does, and as
+/// the kubelet names its Node by default).
+pub(crate) fn default_node_name(vars: &mut BTreeMap<String, String>) -> Result<()> {
+    let has_name = ["vip_nodename", "VIP_NODENAME", "NODE_NAME"]
+        .iter()
+        .any(|k| vars.get(*k).is_some_and(|v| !v.trim().is_empty()));
+    if !has_name {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("no vip_nodename or NODE_NAME, and the host name cannot be read")?;
+        vars.insert("NODE_NAME".into(), host.trim().to_ascii_lowercase());
+    }
+    Ok(())
+}

@@ -65,6 +65,7 @@ pub(crate) fn node_config(cfg: &AgentConfig, interface: String) -> NodeConfig {
         namespace: cfg.namespace.clone(),
         class_only: cfg.lb_class_only,
         class_name: cfg.lb_class_name.clone(),
+        reserved: cfg.control_plane.iter().map(|c| c.address).collect(),
     }
 }
 

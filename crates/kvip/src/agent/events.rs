@@ -251,6 +251,11 @@ impl ServiceEvents {
                     ServiceWarning::EgressRefused(r) => {
                         ("EgressRefused", "Egress".to_string(), r.clone())
                     }
+                    ServiceWarning::VipRefused(a) => (
+                        "VipRefused",
+                        "HoldVIP".to_string(),
+                        format!("{a} is the control-plane VIP: no Service may hold it or share it"),
+                    ),
                 };
                 tracing::warn!(service = %key, reason, "{note}");
                 self.emit(key, EventType::Warning, reason, &action, note)

@@ -10,6 +10,7 @@
 //! are released, then every task has ended.
 
 mod client;
+mod control_plane;
 mod events;
 pub(crate) mod permissions;
 mod reconcile;
@@ -78,6 +79,8 @@ async fn unless_stopped<T>(root: &CancellationToken, fut: impl Future<Output = T
 struct Running {
     /// The elections' releases, once they have stopped.
     releases: Option<tokio::task::JoinHandle<Vec<Release>>>,
+    /// The control-plane election's release, once it has stopped.
+    control_plane_release: Option<tokio::task::JoinHandle<Release>>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT (exit 0) or a failure (an error). Whichever way it
@@ -93,7 +96,30 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .interface()
         .map(str::to_string)
         .context("vip_interface is not set (kvip does not pick an interface by itself yet)")?;
-    let (client, api_url) = client(&cfg).await?;
+    // With cp_enable every call goes to the node's own API server.
+    let (client, api_url, super_admin) = match &cfg.control_plane {
+        Some(cp) => {
+            let path = std::path::PathBuf::from(
+                cfg.kubeconfig
+                    .as_deref()
+                    .unwrap_or(kvip_core::control_plane::ADMIN_CONF),
+            );
+            let primary = control_plane::local_client(&path, cp)
+                .await?
+                .with_context(|| format!("k8s_config_file {}: missing or empty", path.display()))?;
+            let super_admin =
+                control_plane::local_client(&control_plane::super_admin_path(&path), cp).await?;
+            let url = cp
+                .local_api_url()
+                .parse()
+                .context("the local API server's URL")?;
+            (primary, url, super_admin)
+        }
+        None => {
+            let (c, u) = client(&cfg).await?;
+            (c, u, None)
+        }
+    };
     let listen = metrics::listen_address(&cfg.prometheus_server)?;
     let metrics_listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -137,6 +163,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         interface,
         client,
         api_url,
+        super_admin,
         m,
         root: &root,
         tasks: &tasks,
@@ -165,10 +192,23 @@ async fn shutdown(
     let deadline = started + cfg.shutdown_timeout;
     tracing::info!("removing kvip's kernel state, then releasing the leases");
     let releases = async {
-        match running.releases {
+        let mut all = match running.releases {
             Some(h) => tokio::time::timeout_at(deadline, h).await,
             None => Ok(Ok(Vec::new())),
+        };
+        if let Some(h) = running.control_plane_release {
+            let cp = tokio::time::timeout_at(deadline, h).await;
+            all = match (all, cp) {
+                (Ok(Ok(mut v)), Ok(Ok(r))) => {
+                    v.push(r);
+                    Ok(Ok(v))
+                }
+                (Ok(Ok(_)), Ok(Err(e))) => Ok(Err(e)),
+                (Ok(Ok(_)), Err(e)) => Err(e),
+                (other, _) => other,
+            };
         }
+        all
     };
     let teardown = async {
         match tokio::time::timeout_at(deadline, dp.teardown()).await {
@@ -275,6 +315,9 @@ struct Start<'a> {
     interface: String,
     client: kube::Client,
     api_url: http::Uri,
+    /// `super-admin.conf` beside the kubeconfig, for the control-plane Lease while the
+    /// kubeconfig's identity is refused.
+    super_admin: Option<kube::Client>,
     m: Arc<Metrics>,
     root: &'a CancellationToken,
     tasks: &'a TaskTracker,
@@ -354,6 +397,39 @@ impl Start<'_> {
             .context("clearing kvip's kernel state left by an earlier run")?;
         if !cleared.vips_removed.is_empty() || cleared.mode != kvip_dataplane::SyncMode::Unchanged {
             tracing::info!(vips_removed = ?cleared.vips_removed, "cleared kvip's kernel state left by an earlier run");
+        }
+        let timings = Timings {
+            lease_duration: cfg.lease_duration,
+            renew_deadline: cfg.renew_deadline,
+            retry_period: cfg.retry_period,
+        };
+        let control_plane = match &cfg.control_plane {
+            Some(cp) => {
+                let interface = cfg
+                    .vip_interface
+                    .clone()
+                    .context("vip_interface is not set: the control-plane VIP needs it")?;
+                let claim = kvip_core::VipClaim::new(cp.address, interface)
+                    .context("the control-plane VIP")?;
+                let (c, release) = control_plane::start(
+                    cp,
+                    claim,
+                    &cfg.node_name,
+                    self.client.clone(),
+                    self.super_admin.clone(),
+                    timings,
+                    &self.m,
+                    tasks,
+                    root,
+                );
+                running.control_plane_release = Some(release);
+                tracing::info!(vip = %cp.address, lease = %format!("{}/{}", cp.lease_namespace, cp.lease_name), api = %self.api_url, "control-plane VIP: competing while the local API server is ready");
+                Some(c)
+            }
+            None => None,
+        };
+        if !cfg.services {
+            return self.run_control_plane_only(dp, control_plane).await;
         }
         if cfg.egress_clean {
             let r = kvip_dataplane::legacy::clean_legacy().await;
@@ -436,11 +512,7 @@ impl Start<'_> {
             elections::Settings {
                 client: self.client.clone(),
                 identity: cfg.node_name.clone(),
-                timings: Timings {
-                    lease_duration: cfg.lease_duration,
-                    renew_deadline: cfg.renew_deadline,
-                    retry_period: cfg.retry_period,
-                },
+                timings,
                 mode,
                 forbidden: forbidden.clone(),
             },
@@ -487,8 +559,58 @@ impl Start<'_> {
             synced: synced_tx,
             reports: reports_tx,
             namespaces: namespaces_tx,
+            control_plane,
         };
         reconcile::run(dp, &cache, &mut settings, channels, &self.m, root).await;
+        Ok(())
+    }
+
+    /// `cp_enable` without Services: the loop holds the control-plane VIP alone (no watches,
+    /// no Service elections, no CIDR discovery).
+    async fn run_control_plane_only(
+        self,
+        dp: &mut KernelDataplane,
+        control_plane: Option<control_plane::ControlPlane>,
+    ) -> Result<()> {
+        let node = node_config(self.cfg, self.interface.clone());
+        tracing::info!(node = %node.node_name, backend = dp.backend_name(), "kvip agent started (control plane only)");
+        let mut planner = kvip_core::plan::Planner::default();
+        let mut settings = reconcile::Settings {
+            node,
+            networks: ClusterNetworks::default(),
+            resync_period: self.cfg.resync_period,
+            arp_refresh: self.cfg.arp_refresh.filter(|_| self.cfg.arp),
+            debounce: DEBOUNCE,
+            planner: Box::new(move |s, l, n| planner.plan(s, l, n)),
+        };
+        // The senders of the Service inputs live as long as the loop: none ever changes.
+        let (_dirty_tx, dirty) = watch::channel(0u64);
+        let (_leadership_tx, leadership) = watch::channel(elections::LeadershipView::default());
+        let (_deadlines_tx, deadlines) = watch::channel(kvip_core::fence::Deadlines::Unfenced);
+        let (synced, _synced_rx) = watch::channel(None);
+        let (reports, _reports_rx) = watch::channel(None);
+        let (namespaces, _namespaces_rx) = watch::channel(BTreeSet::new());
+        let channels = reconcile::Channels {
+            dirty,
+            leadership,
+            deadlines,
+            fences: dp
+                .fence_sink()
+                .context("starting the keeper of the VIPs' lifetimes")?,
+            synced,
+            reports,
+            namespaces,
+            control_plane,
+        };
+        reconcile::run(
+            dp,
+            &reconcile::NoServices,
+            &mut settings,
+            channels,
+            &self.m,
+            self.root,
+        )
+        .await;
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ use kvip_kube::elections::{LeadershipView, Synced};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::control_plane::ControlPlane;
 use super::reporter::Report;
 use crate::metrics::{KindLabel, Metrics, ModeLabel, NotReady};
 
@@ -55,6 +56,18 @@ impl SnapshotSource for kvip_kube::ClusterCache {
     }
 }
 
+/// The cluster without Services (`cp_enable` alone).
+pub(crate) struct NoServices;
+
+impl SnapshotSource for NoServices {
+    fn snapshot(&self, networks: ClusterNetworks) -> Snapshot {
+        Snapshot {
+            networks,
+            ..Snapshot::default()
+        }
+    }
+}
+
 /// The planner the loop calls: `kvip_core::plan::Planner` (the memoising `plan()`); tests
 /// substitute it.
 pub(crate) type Planner = Box<dyn FnMut(&Snapshot, &Leadership, &NodeConfig) -> Plan + Send>;
@@ -86,6 +99,28 @@ pub(crate) struct Channels {
     pub reports: watch::Sender<Option<Report>>,
     /// The namespaces of the selected Services (for per-Service Lease permissions).
     pub namespaces: watch::Sender<BTreeSet<String>>,
+    /// The control-plane VIP (`cp_enable`).
+    pub control_plane: Option<ControlPlane>,
+}
+
+/// What changed of the control-plane VIP's inputs.
+enum CpChange {
+    /// The Lease was won, lost or renewed.
+    Leader,
+    /// The local API server's health.
+    Health,
+}
+
+/// Until an input of the control-plane VIP changes (never without `cp_enable`); `Err` when
+/// its task is gone.
+async fn control_plane_changed(cp: Option<&mut ControlPlane>) -> Result<CpChange, ()> {
+    let Some(c) = cp else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        r = c.leader.changed() => r.map(|_| CpChange::Leader).map_err(|_| ()),
+        r = c.healthy.changed() => r.map(|_| CpChange::Health).map_err(|_| ()),
+    }
 }
 
 /// The loop's own state between syncs.
@@ -99,6 +134,8 @@ struct Memory {
     plan: Option<Arc<Plan>>,
     /// What the dataplane's lifetime keeper had done at the last look (its counts).
     fenced: FenceReport,
+    /// Whether the control-plane VIP was held (Lease and health) at the last sync.
+    cp_held: bool,
     /// Of its VIPs, those someone else had configured already (not read back as kvip's).
     foreign: Vec<std::net::IpAddr>,
     last_invalid: Option<String>,
@@ -147,7 +184,7 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                         return stopped("elections", root);
                     }
                     if let Some(p) = &mem.plan
-                        && fence(&ch.fences, p, &mut ch.deadlines, m, &mut mem.fenced)
+                        && fence(&ch.fences, p, &mut ch.deadlines, ch.control_plane.as_ref().filter(|_| mem.cp_held), m, &mut mem.fenced)
                     {
                         // Gone before its deadline: the next sync adds it back.
                         dp.invalidate();
@@ -155,6 +192,28 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                         break;
                     }
                     continue;
+                }
+                // The control-plane Lease won or lost, or the API server's health changed: a
+                // sync, at once. A renewal alone moves its VIP's lifetime on.
+                r = control_plane_changed(ch.control_plane.as_mut()) => {
+                    let change = match r {
+                        Err(()) => return stopped("control-plane election", root),
+                        Ok(c) => c,
+                    };
+                    let held = ch.control_plane.as_ref().is_some_and(|c| {
+                        c.leader.borrow().is_some() && *c.healthy.borrow()
+                    });
+                    if matches!(change, CpChange::Leader) && held == mem.cp_held {
+                        if let Some(p) = &mem.plan
+                            && fence(&ch.fences, p, &mut ch.deadlines, ch.control_plane.as_ref().filter(|_| mem.cp_held), m, &mut mem.fenced)
+                        {
+                            dp.invalidate();
+                            leadership_changed = true;
+                            break;
+                        }
+                        continue;
+                    }
+                    leadership_changed = true;
                 }
                 _ = async {
                     match retry {
@@ -195,7 +254,7 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                                         return stopped("elections", root);
                                     }
                                     if let Some(p) = &mem.plan {
-                                        lapsed |= fence(&ch.fences, p, &mut ch.deadlines, m, &mut mem.fenced);
+                                        lapsed |= fence(&ch.fences, p, &mut ch.deadlines, ch.control_plane.as_ref().filter(|_| mem.cp_held), m, &mut mem.fenced);
                                     }
                                 }
                                 _ = root.cancelled() => return,
@@ -264,14 +323,17 @@ fn fence(
     sink: &Arc<dyn FenceSink>,
     plan: &Plan,
     deadlines: &mut watch::Receiver<Deadlines>,
+    control_plane: Option<&ControlPlane>,
     m: &Metrics,
     counted: &mut FenceReport,
 ) -> bool {
-    let deadlines = vip_deadlines(
-        plan,
-        &deadlines.borrow_and_update(),
-        std::time::Instant::now(),
-    );
+    let now = std::time::Instant::now();
+    let mut deadlines = vip_deadlines(plan, &deadlines.borrow_and_update(), now);
+    if let Some(c) = control_plane {
+        // Held with no deadline known (the Lease just lost): passed already.
+        let d = (*c.leader.borrow()).unwrap_or(now);
+        deadlines.insert(c.claim.address, d);
+    }
     let r = sink.set(deadlines);
     // The keeper counts since the dataplane opened: add what is new.
     m.fence_refreshes
@@ -287,6 +349,26 @@ fn fence(
     let lapsed = !r.lapsed.is_empty();
     *counted = r;
     lapsed
+}
+
+/// After an applied sync: whether the control-plane VIP is held now, and (only now that the
+/// kernel holds exactly that) whether the election competes: a node whose API server is not
+/// ready releases the Lease once its VIP is gone, never before.
+fn control_plane_synced(
+    ch: &mut Channels,
+    mem: &mut Memory,
+    held: bool,
+    healthy: bool,
+    m: &Metrics,
+) {
+    let Some(c) = &ch.control_plane else { return };
+    if held != mem.cp_held {
+        tracing::info!(vip = %c.claim.address, held, "control-plane VIP");
+    }
+    mem.cp_held = held;
+    m.control_plane_held.set(i64::from(held));
+    c.candidate
+        .send_if_modified(|v| std::mem::replace(v, healthy) != healthy);
 }
 
 /// Drift: someone changed kvip's objects by hand. Count it and replace everything next time.
@@ -403,7 +485,42 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
         tracing::info!("the desired state is valid again");
     }
     // Each VIP is added (or kept) with a lifetime ending at its Lease's renew deadline.
-    fence(&ch.fences, &p, &mut ch.deadlines, m, &mut mem.fenced);
+    // The control-plane VIP, while this node holds its Lease and its API server is ready.
+    let (cp_held, cp_healthy) = match &mut ch.control_plane {
+        Some(c) => {
+            let healthy = *c.healthy.borrow_and_update();
+            (c.leader.borrow_and_update().is_some() && healthy, healthy)
+        }
+        None => (false, false),
+    };
+    let with_cp;
+    let desired = match ch.control_plane.as_ref().filter(|_| cp_held) {
+        Some(c) => {
+            let mut vips = desired.vips().to_vec();
+            vips.push(c.claim.clone());
+            match DesiredState::new(vips, desired.egress().to_vec()) {
+                Ok(s) => {
+                    with_cp = s;
+                    &with_cp
+                }
+                Err(e) => {
+                    // plan() refuses Services the control-plane VIP: a bug if it happens.
+                    tracing::error!(error = %e, "adding the control-plane VIP to the desired state");
+                    desired
+                }
+            }
+        }
+        None => desired,
+    };
+    // Each VIP is added with a lifetime that ends by its Lease's renew deadline.
+    fence(
+        &ch.fences,
+        &p,
+        &mut ch.deadlines,
+        ch.control_plane.as_ref().filter(|_| cp_held),
+        m,
+        &mut mem.fenced,
+    );
     let expired;
     match dp.apply(desired).await {
         Ok(r) => {
@@ -430,6 +547,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
             mem.applied = Some(desired.clone());
             mem.plan = Some(p.clone());
             mem.foreign = r.vips_foreign.clone();
+            control_plane_synced(ch, mem, cp_held, cp_healthy, m);
             // Only now, with the VIPs of what this node may no longer hold removed, do the
             // elections learn it (and release).
             ch.synced.send_replace(Some(Synced::from_plan(
@@ -473,6 +591,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
                             m.egress_pods.set(fallback.source_count() as i64);
                             mem.applied = Some(fallback);
                             mem.plan = Some(p.clone());
+                            control_plane_synced(ch, mem, cp_held, cp_healthy, m);
                             // The kernel holds nothing the plan does not: the elections may
                             // release what it no longer holds.
                             ch.synced.send_replace(Some(Synced::from_plan(

@@ -136,6 +136,7 @@ impl Harness {
             synced: synced_tx,
             reports: reports_tx,
             namespaces,
+            control_plane: None,
         };
         let task = tokio::spawn({
             let (mut dp, source, m, root) =
