@@ -861,17 +861,19 @@ impl ApiServer {
     /// As [`ApiServer::listen_in`], returning the endpoint, to stop, start, freeze or make
     /// refuse an identity on its own.
     pub fn endpoint_in(&self, ns: &crate::Netns) -> std::io::Result<Endpoint> {
+        self.endpoint_in_at(ns, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// An endpoint bound to `addr` inside `ns` (`0.0.0.0:0`: every address of the namespace,
+    /// a VIP included, on a free port). Its URL names 127.0.0.1 and the port.
+    pub fn endpoint_in_at(&self, ns: &crate::Netns, addr: SocketAddr) -> std::io::Result<Endpoint> {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let addr = self.serve_in(
-            ns,
-            id,
-            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
-        )?;
+        let addr = self.serve_in(ns, id, addr)?;
         Ok(Endpoint {
             id,
-            url: format!("http://{addr}"),
+            url: format!("http://127.0.0.1:{}", addr.port()),
             addr,
         })
     }

@@ -1,0 +1,283 @@
+//! The control-plane VIP (`cp_enable`) on three control-plane nodes, each with its own API
+//! server endpoint (one store: three kube-apiservers on one etcd) and a real `kvip run` whose
+//! kubeconfig names the VIP as its server, as kubeadm writes it:
+//! - bootstrap: the kubeconfig's identity refused everywhere (a first `kubeadm init`) and
+//!   `super-admin.conf` beside it on the first node: the VIP comes up, the API answers
+//!   through it, and the agent goes back to its own identity once it is authorised;
+//! - the holder's local API server stopped (its kvip running): it drops the VIP, and another
+//!   node holds it once the Lease expires; started again, it does not take the VIP back;
+//! - SIGTERM of the holder: handover through the released Lease; SIGSTOP and SIGKILL: its VIP
+//!   leaves its kernel by itself before another node holds it, and a thawed agent does not
+//!   take it back.
+//!
+//! A sampler every 50 ms never sees two holders.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Agent, logs, node_pairs, wait_until};
+use kvip_testkit::apiserver::{ApiServer, Endpoint};
+use kvip_testkit::{Netns, require_kernel};
+
+const KVIP: &str = env!("CARGO_BIN_EXE_kvip");
+const VIP: &str = "192.0.2.100";
+const ADMIN: &str = "kubernetes-admin";
+const SUPER_ADMIN: &str = "kubernetes-super-admin";
+
+/// Failed checks in a row that make a node drop the VIP (one a second).
+const HEALTH_FAILURES: u64 = 2;
+
+/// kubeadm's kubeconfig: the VIP as server, a token as identity.
+fn kubeconfig(token: &str) -> String {
+    ApiServer::kubeconfig_with_token(&format!("https://{VIP}:6443"), Some(token))
+}
+
+struct Node {
+    ns: Netns,
+    endpoint: Endpoint,
+    dir: PathBuf,
+}
+
+fn start_agent(n: &Node, i: usize) -> Agent {
+    let log = n.dir.join("kvip.log");
+    let child =
+        n.ns.clean_env_command()
+            .arg(format!("vip_nodename=cp{i}"))
+            .args([
+                "cp_enable=true",
+                "vip_interface=eth0",
+                "vip_arp=true",
+                "vip_leaseduration=4",
+                "vip_renewdeadline=2",
+                "vip_retryperiod=1",
+                "control_plane_health_check_period=1",
+            ])
+            .arg(format!("address={VIP}"))
+            .arg(format!(
+                "control_plane_health_check_failures={HEALTH_FAILURES}"
+            ))
+            .arg(format!("kubernetes_addr={}", n.endpoint.url))
+            .arg(format!(
+                "k8s_config_file={}",
+                n.dir.join("admin.conf").display()
+            ))
+            .args([KVIP, "run"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("kvip run");
+    Agent { child, log }
+}
+
+fn signal(agent: &Agent, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &agent.child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+fn holders(nodes: &[Node]) -> Vec<usize> {
+    (0..nodes.len())
+        .filter(|i| common::addresses(&nodes[*i].ns).contains(&format!("{VIP}/32")))
+        .collect()
+}
+
+/// `GET /readyz` to the VIP's address on `port`, from inside `ns`.
+fn readyz_through_vip(ns: &Netns, port: u16) -> std::io::Result<String> {
+    let addr: SocketAddr = format!("{VIP}:{port}").parse().expect("address");
+    ns.enter(move || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(s, "GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .expect("netns")
+}
+
+/// A metric's value on node `n` (from its agent's /metrics).
+fn metric(n: &Node, name: &str) -> Option<f64> {
+    common::try_http_get(&n.ns, "/metrics")?
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Samples every 50 ms from `since` until another node than `old` holds the VIP, failing on
+/// two holders at any sample; returns when `old`'s VIP went and when the new holder held it.
+fn handover(
+    nodes: &[Node],
+    agents: &[Agent],
+    old: usize,
+    since: Instant,
+    limit: Duration,
+) -> (Duration, Duration, usize) {
+    let mut gone = None;
+    loop {
+        let h = holders(nodes);
+        assert!(h.len() <= 1, "two holders at once: {h:?}\n{}", logs(agents));
+        let at = since.elapsed();
+        if gone.is_none() && !h.contains(&old) {
+            gone = Some(at);
+        }
+        if let Some(&new) = h.iter().find(|i| **i != old) {
+            return (gone.unwrap_or(at), at, new);
+        }
+        assert!(
+            at < limit,
+            "no handover within {limit:?}: {h:?}\n{}",
+            logs(agents)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// For `d`, every 50 ms: exactly `holder` holds the VIP.
+fn steady(nodes: &[Node], agents: &[Agent], holder: usize, d: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < d {
+        assert_eq!(holders(nodes), vec![holder], "{}", logs(agents));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write");
+}
+
+#[test]
+fn control_plane_vip_bootstraps_follows_health_and_fails_over() {
+    require_kernel!();
+    let server = ApiServer::start().expect("api server");
+    let (nss, _peers) = node_pairs("cp", 3);
+    let base = std::env::temp_dir().join(format!("kvip-cp-{}", std::process::id()));
+    let nodes: Vec<Node> = nss
+        .into_iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            // Every address of the node: the API answers on the VIP too.
+            let endpoint = server
+                .endpoint_in_at(&ns, SocketAddr::from(([0, 0, 0, 0], 0)))
+                .expect("endpoint");
+            let dir = base.join(format!("cp{i}"));
+            std::fs::create_dir_all(&dir).expect("dir");
+            write(&dir.join("admin.conf"), &kubeconfig(ADMIN));
+            // The first node has kubeadm's super-admin.conf; the others an empty file (the
+            // static pod's FileOrCreate volume), which counts as absent.
+            let sa = if i == 0 {
+                kubeconfig(SUPER_ADMIN)
+            } else {
+                String::new()
+            };
+            write(&dir.join("super-admin.conf"), &sa);
+            Node { ns, endpoint, dir }
+        })
+        .collect();
+    // The first `kubeadm init`: admin.conf's group is bound to nothing yet, anywhere.
+    for n in &nodes {
+        server.refuse_identity(&n.endpoint, ADMIN, true);
+    }
+    let mut agents = vec![start_agent(&nodes[0], 0)];
+    wait_until(
+        "the first node holds the VIP with super-admin.conf",
+        Duration::from_secs(20),
+        || logs(&agents),
+        || holders(&nodes) == [0],
+    );
+    let port = nodes[0]
+        .endpoint
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let answer = readyz_through_vip(&nodes[0].ns, port).expect("the API through the VIP");
+    assert!(answer.ends_with("ok"), "{answer}");
+    assert_eq!(
+        metric(&nodes[0], "kvip_control_plane_super_admin"),
+        Some(1.0)
+    );
+    let lease = server
+        .object(
+            "coordination.k8s.io/v1",
+            "leases",
+            "kube-system",
+            "plndr-cp-lock",
+        )
+        .expect("the control-plane Lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "cp0");
+
+    // kubeadm binds admin.conf's group: the agent goes back to its own identity.
+    for n in &nodes {
+        server.refuse_identity(&n.endpoint, ADMIN, false);
+    }
+    agents.push(start_agent(&nodes[1], 1));
+    agents.push(start_agent(&nodes[2], 2));
+    wait_until(
+        "back to the kubeconfig's identity",
+        Duration::from_secs(15),
+        || logs(&agents),
+        || metric(&nodes[0], "kvip_control_plane_super_admin") == Some(0.0),
+    );
+    steady(&nodes, &agents, 0, Duration::from_secs(2));
+
+    // The holder's API server stops; its kvip goes on. It drops the VIP after the failed
+    // checks, and another node holds it once the Lease (renewed no more) has expired.
+    let stopped = Instant::now();
+    server.stop_endpoint(&nodes[0].endpoint);
+    let (gone, taken, second) = handover(&nodes, &agents, 0, stopped, Duration::from_secs(15));
+    assert!(gone <= taken);
+    // Checks (2 × 1 s), the Lease's duration (4 s) from the last renewal, a retry (1 s), slack.
+    assert!(
+        taken <= Duration::from_millis(HEALTH_FAILURES * 1000 + 4000 + 1000 + 1500),
+        "taken over after {taken:?}"
+    );
+    assert_eq!(metric(&nodes[0], "kvip_control_plane_api_ready"), Some(0.0));
+    // Its API server back, it competes again but takes nothing from the holder.
+    server
+        .restart_endpoint(&nodes[0].ns, &nodes[0].endpoint)
+        .expect("restart");
+    steady(&nodes, &agents, second, Duration::from_secs(4));
+    assert_eq!(metric(&nodes[0], "kvip_control_plane_api_ready"), Some(1.0));
+
+    // SIGTERM: the VIP goes, then the Lease is released; another node takes it at once.
+    let termed = Instant::now();
+    signal(&agents[second], "TERM");
+    let (_, taken, third) = handover(&nodes, &agents, second, termed, Duration::from_secs(10));
+    assert!(
+        taken < Duration::from_secs(2),
+        "handover after SIGTERM took {taken:?}"
+    );
+    let status = agents[second].child.wait().expect("wait");
+    assert!(status.success(), "exit status {status}");
+
+    // SIGSTOP: the frozen holder renews no more; its VIP leaves its kernel by itself, before
+    // anyone takes it. Thawed, it finds its deadline passed and does not take it back.
+    let frozen = Instant::now();
+    signal(&agents[third], "STOP");
+    let (gone, _, fourth) = handover(&nodes, &agents, third, frozen, Duration::from_secs(15));
+    assert!(
+        gone <= Duration::from_millis(2000 + 1500 + 500),
+        "the frozen holder's VIP went after {gone:?}"
+    );
+    signal(&agents[third], "CONT");
+    steady(&nodes, &agents, fourth, Duration::from_secs(3));
+
+    // SIGKILL: the same with no process left; the thawed node takes over.
+    let killed = Instant::now();
+    signal(&agents[fourth], "KILL");
+    let (gone, _, _) = handover(&nodes, &agents, fourth, killed, Duration::from_secs(15));
+    assert!(
+        gone <= Duration::from_millis(2000 + 1500 + 500),
+        "the killed holder's VIP went after {gone:?}"
+    );
+    let _ = std::fs::remove_dir_all(&base);
+}
