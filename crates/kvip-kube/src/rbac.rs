@@ -163,6 +163,8 @@ pub struct AgentSpec {
     pub pod_cidr: Option<String>,
     pub service_cidr: Option<String>,
     pub svc_election: bool,
+    /// The control-plane VIP and the API server's port (`kvip manifest pod --control-plane`).
+    pub control_plane: Option<(std::net::IpAddr, u16)>,
 }
 
 fn container(spec: &AgentSpec, kubeconfig: Option<&str>) -> Value {
@@ -184,12 +186,26 @@ fn container(spec: &AgentSpec, kubeconfig: Option<&str>) -> Value {
     if let Some(k) = kubeconfig {
         env.push(json!({"name": "k8s_config_file", "value": k}));
     }
+    if let Some((address, port)) = spec.control_plane {
+        env.extend([
+            json!({"name": "cp_enable", "value": "true"}),
+            json!({"name": "address", "value": address.to_string()}),
+            json!({"name": "port", "value": port.to_string()}),
+            json!({"name": "vip_leaderelection", "value": "true"}),
+            json!({"name": "vip_leasename", "value": "plndr-cp-lock"}),
+            json!({"name": "cp_namespace", "value": "kube-system"}),
+        ]);
+    }
     let mut mounts = vec![
         json!({"name": "run-kvip", "mountPath": "/run/kvip"}),
         json!({"name": "xtables-lock", "mountPath": "/run/xtables.lock"}),
     ];
     if kubeconfig.is_some() {
         mounts.push(json!({"name": "kubeconfig", "mountPath": "/etc/kubernetes/admin.conf", "readOnly": true}));
+    }
+    if spec.control_plane.is_some() {
+        // Beside admin.conf, as kvip looks for it; an empty file on joined nodes.
+        mounts.push(json!({"name": "super-admin", "mountPath": "/etc/kubernetes/super-admin.conf", "readOnly": true}));
     }
     json!({
         "name": "kvip", "image": spec.image, "args": ["run"], "env": env,
@@ -238,7 +254,12 @@ pub fn daemonset(spec: &AgentSpec) -> Value {
 /// admin kubeconfig as kube-vip's static pods do.
 pub fn static_pod(spec: &AgentSpec) -> Value {
     let mut volumes = run_volumes().to_vec();
-    volumes.push(json!({"name": "kubeconfig", "hostPath": {"path": "/etc/kubernetes/admin.conf"}}));
+    volumes.push(json!({"name": "kubeconfig", "hostPath": {"path": "/etc/kubernetes/admin.conf", "type": "File"}}));
+    if spec.control_plane.is_some() {
+        // kubeadm writes it on the first control-plane node only (Kubernetes 1.29 and later);
+        // elsewhere the volume creates it empty, which kvip counts as absent.
+        volumes.push(json!({"name": "super-admin", "hostPath": {"path": "/etc/kubernetes/super-admin.conf", "type": "FileOrCreate"}}));
+    }
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "kvip", "namespace": spec.namespace},

@@ -89,6 +89,16 @@ enum Command {
         /// One Lease per Service (svc_election): Leases are then granted in every namespace.
         #[arg(long)]
         svc_election: bool,
+        /// With `pod`: the static pod of a control-plane node holding the API server's VIP
+        /// (cp_enable), for /etc/kubernetes/manifests; needs --address.
+        #[arg(long)]
+        control_plane: bool,
+        /// The control-plane VIP (address).
+        #[arg(long, requires = "control_plane")]
+        address: Option<std::net::IpAddr>,
+        /// The API server's port (port).
+        #[arg(long, default_value_t = 6443, requires = "control_plane")]
+        port: u16,
     },
     /// Look at this node (and the cluster, when the API answers) for what would make kvip
     /// misbehave; each finding comes with its fix. Changes nothing. Exit status: 0 nothing
@@ -146,18 +156,25 @@ fn main() -> ExitCode {
             pod_cidr,
             service_cidr,
             svc_election,
-        } => manifest::command(
-            *what,
-            &kvip_kube::rbac::AgentSpec {
-                namespace: namespace.clone(),
-                image: image.clone(),
-                interface: interface.clone(),
-                pod_cidr: pod_cidr.clone(),
-                service_cidr: service_cidr.clone(),
-                svc_election: *svc_election,
-            },
-        )
-        .map(|text| print!("{text}")),
+            control_plane,
+            address,
+            port,
+        } => manifest::control_plane(*what, *control_plane, *address, *port)
+            .and_then(|cp| {
+                manifest::command(
+                    *what,
+                    &kvip_kube::rbac::AgentSpec {
+                        namespace: namespace.clone(),
+                        image: image.clone(),
+                        interface: interface.clone(),
+                        pod_cidr: pod_cidr.clone(),
+                        service_cidr: service_cidr.clone(),
+                        svc_election: *svc_election,
+                        control_plane: cp,
+                    },
+                )
+            })
+            .map(|text| print!("{text}")),
         Command::Run {
             set,
             egress_default_cidrs,

@@ -1,6 +1,6 @@
 //! `kvip manifest`: the RBAC, DaemonSet and static pod that deploy the agent.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::ValueEnum;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -31,4 +31,29 @@ pub(crate) fn command(what: ManifestKind, spec: &kvip_kube::rbac::AgentSpec) -> 
         out.push_str(&serde_norway::to_string(&d)?);
     }
     Ok(out)
+}
+
+/// The control-plane VIP of `--control-plane --address A --port P`: only for `pod`, and
+/// with an address.
+pub(crate) fn control_plane(
+    what: ManifestKind,
+    control_plane: bool,
+    address: Option<std::net::IpAddr>,
+    port: u16,
+) -> Result<Option<(std::net::IpAddr, u16)>> {
+    if !control_plane {
+        return Ok(None);
+    }
+    if !matches!(what, ManifestKind::Pod) {
+        bail!(
+            "--control-plane is for `kvip manifest pod` (a static pod on each control-plane node)"
+        );
+    }
+    match address {
+        Some(a) if !a.is_unspecified() && !a.is_loopback() && !a.is_multicast() => {
+            Ok(Some((a, port)))
+        }
+        Some(a) => bail!("--address {a}: not a unicast address a node can hold"),
+        None => bail!("--control-plane needs --address (the control-plane VIP)"),
+    }
 }

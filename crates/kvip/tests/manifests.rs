@@ -78,6 +78,17 @@ fn every_manifest_is_valid_for_every_supported_kubernetes_version() {
             ],
         ),
         ("pod", &["pod", "--interface", "ens3"]),
+        (
+            "pod-control-plane",
+            &[
+                "pod",
+                "--control-plane",
+                "--address",
+                "192.0.2.100",
+                "--interface",
+                "ens3",
+            ],
+        ),
     ];
     for (name, args) in cases {
         let text = manifest(args);
@@ -113,4 +124,103 @@ fn every_manifest_is_valid_for_every_supported_kubernetes_version() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The static pod for /etc/kubernetes/manifests: host network, NET_ADMIN and NET_RAW added and
+/// everything else dropped, admin.conf mounted read-only, super-admin.conf optional (created
+/// empty where kubeadm wrote none), kube-vip's variable names, no hostAliases.
+#[test]
+fn the_control_plane_static_pod_has_the_shape_a_kubeadm_node_needs() {
+    let text = manifest(&[
+        "pod",
+        "--control-plane",
+        "--address",
+        "192.0.2.100",
+        "--interface",
+        "ens3",
+        "--image",
+        "registry.example/kvip:1",
+    ]);
+    let docs: Vec<&str> = text
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .collect();
+    assert_eq!(docs.len(), 1, "{text}");
+    let pod: serde_json::Value = serde_norway::from_str(docs[0]).expect("YAML");
+    let spec = &pod["spec"];
+    assert_eq!(pod["metadata"]["namespace"], "kube-system");
+    assert_eq!(spec["hostNetwork"], true);
+    assert!(spec.get("hostAliases").is_none(), "{text}");
+    let c = &spec["containers"][0];
+    assert_eq!(c["image"], "registry.example/kvip:1");
+    assert_eq!(
+        c["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN", "NET_RAW"])
+    );
+    assert_eq!(
+        c["securityContext"]["capabilities"]["drop"],
+        serde_json::json!(["ALL"])
+    );
+    let env: std::collections::BTreeMap<String, String> = c["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_string(),
+                e["value"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    for (k, v) in [
+        ("cp_enable", "true"),
+        ("address", "192.0.2.100"),
+        ("port", "6443"),
+        ("vip_interface", "ens3"),
+        ("vip_arp", "true"),
+        ("vip_leaderelection", "true"),
+        ("vip_leasename", "plndr-cp-lock"),
+        ("cp_namespace", "kube-system"),
+        ("k8s_config_file", "/etc/kubernetes/admin.conf"),
+    ] {
+        assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
+    }
+    let mounts = c["volumeMounts"].as_array().expect("mounts");
+    let mount = |path: &str| {
+        mounts
+            .iter()
+            .find(|m| m["mountPath"] == path)
+            .unwrap_or_else(|| panic!("no mount at {path}"))
+    };
+    assert_eq!(mount("/etc/kubernetes/admin.conf")["readOnly"], true);
+    assert_eq!(mount("/etc/kubernetes/super-admin.conf")["readOnly"], true);
+    let volumes = spec["volumes"].as_array().expect("volumes");
+    let host_path = |path: &str| {
+        volumes
+            .iter()
+            .find(|v| v["hostPath"]["path"] == path)
+            .unwrap_or_else(|| panic!("no volume of {path}"))["hostPath"]["type"]
+            .clone()
+    };
+    assert_eq!(host_path("/etc/kubernetes/admin.conf"), "File");
+    assert_eq!(
+        host_path("/etc/kubernetes/super-admin.conf"),
+        "FileOrCreate"
+    );
+    // --control-plane belongs to the static pod only, and needs the VIP.
+    for args in [
+        &["daemonset", "--control-plane", "--address", "192.0.2.100"][..],
+        &["pod", "--control-plane"],
+        &["pod", "--control-plane", "--address", "127.0.0.1"],
+    ] {
+        let out = Command::new(KVIP)
+            .arg("manifest")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kvip manifest");
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
 }
