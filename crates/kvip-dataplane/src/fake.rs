@@ -42,6 +42,8 @@ struct Kernel {
     refreshed: u64,
     /// VIPs to report lapsed at the next `fence` call.
     lapsed: Vec<IpAddr>,
+    /// VIPs whose lifetime ran out (see [`FakeDataplane::lapse`]).
+    ran_out: Vec<IpAddr>,
 }
 
 /// The fake; clones share one kernel, so a test keeps a clone to look and to meddle.
@@ -112,6 +114,7 @@ impl FakeDataplane {
             k.state = s;
         }
         k.lapsed.push(vip);
+        k.ran_out.push(vip);
     }
 
     /// Every set of deadlines received ([`Dataplane::fence`]), oldest first.
@@ -271,5 +274,10 @@ impl FenceSink for FakeSink {
             lapsed: std::mem::take(&mut k.lapsed),
             ..FenceReport::default()
         }
+    }
+
+    fn ran_out(&self, address: IpAddr) -> bool {
+        let k = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        k.ran_out.contains(&address)
     }
 }

@@ -72,17 +72,23 @@ pub struct FenceReport {
     pub expired: u64,
     /// Rounds or writes that failed (logged; the lifetimes run down meanwhile).
     pub errors: u64,
-    /// Held addresses gone before their deadline (expired while their Lease was still held,
-    /// or removed by someone): the next sync adds them back.
+    /// Held addresses whose lifetime ran out before their deadline (the keeper was starved
+    /// while their Lease was still held): the next sync adds them back.
     pub lapsed: Vec<IpAddr>,
+    /// Held addresses removed by someone else while their lifetime still ran (drift): the
+    /// next sync adds them back.
+    pub removed: Vec<IpAddr>,
 }
 
 #[derive(Default)]
 struct State {
     deadlines: BTreeMap<IpAddr, Instant>,
     protocol: Option<u8>,
-    /// Addresses seen lapsed, not yet reported.
+    /// Addresses seen lapsed, and removed by someone, not yet reported.
     lapsed: BTreeSet<IpAddr>,
+    removed: BTreeSet<IpAddr>,
+    /// When each fenced address's lifetime, as last written, runs out.
+    expiry: BTreeMap<IpAddr, Instant>,
 }
 
 /// What the dataplane and its keeper share.
@@ -109,11 +115,31 @@ impl Shared {
         self.state().protocol = protocol;
     }
 
+    /// Records that `address` was given `secs` of lifetime just now (0: removed for its
+    /// deadline, which counts as run out).
+    pub(crate) fn written(&self, address: IpAddr, secs: u32) {
+        self.state().expiry.insert(
+            address,
+            Instant::now() + Duration::from_secs(u64::from(secs)),
+        );
+    }
+
+    /// Whether a fenced `address` gone now has run out of lifetime (rather than been
+    /// removed by someone): a quarter of a second of the kernel's rounding allowed.
+    fn ran_out(&self, address: IpAddr) -> bool {
+        self.state()
+            .expiry
+            .get(&address)
+            .is_some_and(|e| Instant::now() + Duration::from_millis(250) >= *e)
+    }
+
     /// Forgets every deadline (teardown): the keeper touches nothing more.
     pub(crate) fn clear(&self) {
         let mut s = self.state();
         s.deadlines.clear();
         s.lapsed.clear();
+        s.removed.clear();
+        s.expiry.clear();
     }
 }
 
@@ -159,7 +185,13 @@ pub(crate) async fn keep(shared: Arc<Shared>, addrs: AddrManager, lock: Instance
             .collect();
         for a in seen.difference(&present) {
             if deadlines.get(a).is_some_and(|d| *d > Instant::now()) {
-                shared.state().lapsed.insert(*a);
+                let ran_out = shared.ran_out(*a);
+                let mut st = shared.state();
+                if ran_out {
+                    st.lapsed.insert(*a);
+                } else {
+                    st.removed.insert(*a);
+                }
             }
         }
         seen = present;
@@ -170,6 +202,7 @@ pub(crate) async fn keep(shared: Arc<Shared>, addrs: AddrManager, lock: Instance
             let result = match lifetime(Some(d), Instant::now()) {
                 Lifetime::Forever => Ok(()),
                 Lifetime::Expired => addrs.remove(&o).await.map(|()| {
+                    shared.written(o.address, 0);
                     shared.expired.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(address = %o.address, "VIP removed: its Lease's renew deadline passed");
                 }),
@@ -178,9 +211,11 @@ pub(crate) async fn keep(shared: Arc<Shared>, addrs: AddrManager, lock: Instance
                     match addrs.set_lifetime(o.address, o.ifindex, protocol, s).await {
                         // Frozen between the read and the write: the deadline may have passed.
                         Ok(()) if Instant::now() >= d => addrs.remove(&o).await.map(|()| {
+                            shared.written(o.address, 0);
                             shared.expired.fetch_add(1, Ordering::Relaxed);
                         }),
                         Ok(()) => {
+                            shared.written(o.address, s);
                             shared.refreshed.fetch_add(1, Ordering::Relaxed);
                             Ok(())
                         }
@@ -203,6 +238,10 @@ pub trait FenceSink: Send + Sync {
     /// `deadlines` has none). Returns what the keeper has done so far, and the held addresses
     /// it found gone before their deadline (the caller syncs to add them back).
     fn set(&self, deadlines: BTreeMap<IpAddr, Instant>) -> FenceReport;
+
+    /// Whether `address`, found gone, had run out of lifetime (a lapse) rather than been
+    /// removed by someone (drift).
+    fn ran_out(&self, address: IpAddr) -> bool;
 }
 
 impl FenceSink for Shared {
@@ -213,14 +252,20 @@ impl FenceSink for Shared {
                 s.deadlines = deadlines;
                 self.wake.notify_one();
             }
-            std::mem::take(&mut s.lapsed).into_iter().collect()
+            let removed = std::mem::take(&mut s.removed).into_iter().collect();
+            (std::mem::take(&mut s.lapsed).into_iter().collect(), removed)
         };
         FenceReport {
             refreshed: self.refreshed.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
-            lapsed,
+            lapsed: lapsed.0,
+            removed: lapsed.1,
         }
+    }
+
+    fn ran_out(&self, address: IpAddr) -> bool {
+        Shared::ran_out(self, address)
     }
 }
 

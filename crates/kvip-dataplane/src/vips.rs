@@ -75,6 +75,7 @@ impl KernelDataplane {
                 self.addrs.remove(o).await?;
                 changes.removed.push(o.clone());
                 if keep {
+                    self.fence.written(o.address, 0);
                     changes.expired.push(o.address);
                 }
             }
@@ -98,6 +99,7 @@ impl KernelDataplane {
                 Lifetime::Forever => None,
                 Lifetime::Secs(s) => Some(s),
                 Lifetime::Expired => {
+                    self.fence.written(v.address, 0);
                     changes.expired.push(v.address);
                     continue;
                 }
@@ -111,9 +113,15 @@ impl KernelDataplane {
                     if let Err(e) = self.addrs.remove_at(v.address, link.index, protocol).await {
                         tracing::error!(address = %v.address, error = %e, "removing a VIP added past its deadline");
                     }
+                    self.fence.written(v.address, 0);
                     changes.expired.push(v.address);
                 }
-                Ok(()) => changes.added.push((v.address, link.index)),
+                Ok(()) => {
+                    if let Some(secs) = lifetime {
+                        self.fence.written(v.address, secs);
+                    }
+                    changes.added.push((v.address, link.index));
+                }
                 Err(e) if e.errno() == Some(libc::EEXIST) => {
                     // The same address is already configured, not by this instance: it is
                     // held, and kvip leaves it alone (it will never remove it either).

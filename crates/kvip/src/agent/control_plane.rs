@@ -21,8 +21,9 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
-use kube::api::PostParams;
+use kube::api::{ListParams, PostParams};
 use kvip_core::VipClaim;
 use kvip_core::control_plane::{API_SERVER_NAME, ControlPlaneConfig};
 use kvip_core::lease::Timings;
@@ -51,21 +52,12 @@ pub(crate) struct ControlPlane {
     pub candidate: watch::Sender<bool>,
 }
 
-/// A client of the kubeconfig at `path`, pointed at the local API server. `None` when the
-/// file is missing or empty (a joined node's `super-admin.conf`, created empty by its volume).
-pub(crate) async fn local_client(
-    path: &Path,
-    cp: &ControlPlaneConfig,
-) -> Result<Option<kube::Client>> {
-    local_config(path, cp)
-        .await?
-        .map(|c| kube::Client::try_from(c).context("creating the local API client"))
-        .transpose()
-}
-
 /// The kubeconfig at `path` with its server replaced by the local API server, verified for
 /// the name `kubernetes` over TLS.
-async fn local_config(path: &Path, cp: &ControlPlaneConfig) -> Result<Option<kube::Config>> {
+pub(crate) async fn local_config(
+    path: &Path,
+    cp: &ControlPlaneConfig,
+) -> Result<Option<kube::Config>> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
@@ -94,33 +86,43 @@ pub(crate) fn super_admin_path(kubeconfig: &Path) -> PathBuf {
     kubeconfig.with_file_name("super-admin.conf")
 }
 
-/// Starts the health check, the identity choice and the control-plane election.
+/// The identities kvip may write the control-plane Lease as: the kubeconfig's, and
+/// `super-admin.conf`'s while that one is refused. Both point at the local API server.
+pub(crate) struct Credentials {
+    pub primary: kube::Config,
+    pub super_admin: Option<kube::Config>,
+}
+
+/// Starts the health check, the choice of identity and API server, and the control-plane
+/// election.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn start(
     cp: &ControlPlaneConfig,
     claim: VipClaim,
     identity: &str,
-    primary: kube::Client,
-    super_admin: Option<kube::Client>,
+    creds: Credentials,
     timings: Timings,
     m: &Arc<Metrics>,
     tasks: &TaskTracker,
     root: &CancellationToken,
-) -> (ControlPlane, JoinHandle<Release>) {
-    let (client_tx, client_rx) = watch::channel(primary.clone());
-    tasks.spawn(choose_identity(
-        primary,
-        super_admin,
-        client_tx,
-        cp.lease_namespace.clone(),
+) -> Result<(ControlPlane, JoinHandle<Release>)> {
+    let local =
+        kube::Client::try_from(creds.primary.clone()).context("creating the local API client")?;
+    let (client_tx, client_rx) = watch::channel(local.clone());
+    let (healthy_tx, healthy) = watch::channel(false);
+    // The health check asks the local API server alone, whatever the election talks to.
+    tasks.spawn(health(
+        local,
+        cp.clone(),
+        healthy_tx,
         m.clone(),
         root.child_token(),
     ));
-    let (healthy_tx, healthy) = watch::channel(false);
-    tasks.spawn(health(
-        client_rx.clone(),
+    tasks.spawn(route(
+        creds,
         cp.clone(),
-        healthy_tx,
+        healthy.clone(),
+        client_tx,
         m.clone(),
         root.child_token(),
     ));
@@ -132,7 +134,7 @@ pub(crate) fn start(
         leader_tx,
         root.child_token(),
     ));
-    (
+    Ok((
         ControlPlane {
             claim,
             leader,
@@ -140,7 +142,7 @@ pub(crate) fn start(
             candidate,
         },
         release,
-    )
+    ))
 }
 
 /// Whether `client`'s identity may update Leases in `namespace`.
@@ -167,54 +169,163 @@ async fn may_update_leases(client: &kube::Client, namespace: &str) -> Result<boo
     }
 }
 
-/// Keeps the Lease's client on the kubeconfig's identity while it is authorised, on
-/// `super-admin.conf`'s while it is not (and that file exists).
-async fn choose_identity(
-    primary: kube::Client,
-    super_admin: Option<kube::Client>,
+/// `config` with its server replaced by `base` (another control-plane node's API server),
+/// or as it is (the local one).
+fn client_for(config: &kube::Config, base: Option<&str>) -> Result<kube::Client> {
+    let mut c = config.clone();
+    if let Some(b) = base {
+        c.cluster_url = b.parse().with_context(|| format!("API server URL {b:?}"))?;
+    }
+    kube::Client::try_from(c).context("creating an API client")
+}
+
+/// The other API servers of the cluster: the endpoints of the `default/kubernetes` Service,
+/// as URLs with the local one's scheme (their certificates carry the name `kubernetes` too).
+async fn api_servers(client: &kube::Client, scheme: &str) -> Result<Vec<String>, CallError> {
+    let api: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    let lp = ListParams::default().labels("kubernetes.io/service-name=kubernetes");
+    let slices = bounded(api.list(&lp)).await?;
+    let mut out = Vec::new();
+    for s in slices.items {
+        let Some(port) = s.ports.iter().flatten().find_map(|p| p.port) else {
+            continue;
+        };
+        for e in &s.endpoints {
+            for a in &e.addresses {
+                let host = match a.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+                    _ => a.clone(),
+                };
+                out.push(format!("{scheme}://{host}:{port}"));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The first of `peers` whose `/readyz` answers.
+async fn ready_peer(config: &kube::Config, peers: &[String], timeout: Duration) -> Option<String> {
+    for p in peers {
+        let Ok(c) = client_for(config, Some(p)) else {
+            continue;
+        };
+        if readyz(&c, timeout).await {
+            return Some(p.clone());
+        }
+    }
+    None
+}
+
+/// Chooses what the control-plane Lease is written through:
+/// - the identity: the kubeconfig's while it is authorised, `super-admin.conf`'s while it is
+///   not and the file exists (a first `kubeadm init`), asked again every [`IDENTITY_CHECK`];
+/// - the API server: the local one while it is ready; while it is not, another control-plane
+///   node's (learnt from the `kubernetes` Service while the local one was ready), so that
+///   the Lease is released at once instead of expiring.
+async fn route(
+    creds: Credentials,
+    cp: ControlPlaneConfig,
+    mut healthy: watch::Receiver<bool>,
     client: watch::Sender<kube::Client>,
-    namespace: String,
     m: Arc<Metrics>,
     stop: CancellationToken,
 ) {
+    let scheme = creds
+        .primary
+        .cluster_url
+        .scheme_str()
+        .unwrap_or("https")
+        .to_string();
     let mut using_super_admin = false;
+    let mut peers: Vec<String> = Vec::new();
     let mut warned = false;
+    let mut current: Option<(bool, Option<String>)> = Some((false, None));
+    let mut next_check = tokio::time::Instant::now();
     loop {
-        match may_update_leases(&primary, &namespace).await {
-            Ok(true) if using_super_admin => {
-                tracing::info!(
-                    "the kubeconfig's identity is authorised now: the control-plane Lease is written with it again, no longer with super-admin.conf"
-                );
-                client.send_replace(primary.clone());
-                using_super_admin = false;
+        let is_healthy = *healthy.borrow_and_update();
+        let base = if is_healthy {
+            None
+        } else {
+            ready_peer(&creds.primary, &peers, cp.health_timeout).await
+        };
+        if tokio::time::Instant::now() >= next_check {
+            next_check = tokio::time::Instant::now() + IDENTITY_CHECK;
+            if let Ok(c) = client_for(&creds.primary, base.as_deref()) {
+                match may_update_leases(&c, &cp.lease_namespace).await {
+                    Ok(true) if using_super_admin => {
+                        tracing::info!(
+                            "the kubeconfig's identity is authorised now: the control-plane Lease is written with it again, no longer with super-admin.conf"
+                        );
+                        using_super_admin = false;
+                    }
+                    Ok(false) if !using_super_admin && creds.super_admin.is_some() => {
+                        tracing::warn!(
+                            "the API refuses the kubeconfig's identity the control-plane Lease (a first kubeadm init): using super-admin.conf until it is authorised"
+                        );
+                        using_super_admin = true;
+                    }
+                    Ok(false) if !using_super_admin && !warned => {
+                        warned = true;
+                        tracing::error!(
+                            namespace = %cp.lease_namespace,
+                            "the kubeconfig's identity may not update Leases and there is no super-admin.conf beside it: this node cannot hold the control-plane VIP; grant it coordination.k8s.io leases in that namespace"
+                        );
+                    }
+                    Ok(_) => {}
+                    // No answer: nothing to decide now (the health check says so).
+                    Err(e) => tracing::debug!(error = %e, "checking the kubeconfig's identity"),
+                }
+                if is_healthy {
+                    match api_servers(&c, &scheme).await {
+                        Ok(p) => peers = p,
+                        Err(e) => tracing::debug!(error = %e, "listing the cluster's API servers"),
+                    }
+                }
             }
-            Ok(true) => {}
-            Ok(false) if !using_super_admin => match &super_admin {
-                Some(sa) => {
-                    tracing::warn!(
-                        "the API refuses the kubeconfig's identity the control-plane Lease (a first kubeadm init): using super-admin.conf until it is authorised"
-                    );
-                    client.send_replace(sa.clone());
-                    using_super_admin = true;
+        }
+        let want = (using_super_admin, base);
+        if current.as_ref() != Some(&want) {
+            let config = match (&creds.super_admin, want.0) {
+                (Some(sa), true) => sa,
+                _ => &creds.primary,
+            };
+            match client_for(config, want.1.as_deref()) {
+                Ok(c) => {
+                    if let Some(b) = &want.1 {
+                        tracing::warn!(api_server = %b, "the local API server is not ready: the control-plane Lease is written through another control-plane node's");
+                    } else if current.as_ref().is_some_and(|c| c.1.is_some()) {
+                        tracing::info!(
+                            "the local API server is ready: the control-plane Lease is written through it again"
+                        );
+                    }
+                    client.send_replace(c);
+                    current = Some(want);
                 }
-                None if !warned => {
-                    warned = true;
-                    tracing::error!(
-                        namespace,
-                        "the kubeconfig's identity may not update Leases and there is no super-admin.conf beside it: this node cannot hold the control-plane VIP; grant it coordination.k8s.io leases in that namespace"
-                    );
-                }
-                None => {}
-            },
-            Ok(false) => {}
-            // The API does not answer: nothing to decide now (the health check says so).
-            Err(e) => tracing::debug!(error = %e, "checking the kubeconfig's identity"),
+                Err(e) => tracing::error!(error = format!("{e:#}"), "choosing the API server"),
+            }
         }
         m.control_plane_super_admin
             .set(i64::from(using_super_admin));
         tokio::select! {
-            _ = tokio::time::sleep(IDENTITY_CHECK) => {}
+            _ = tokio::time::sleep_until(next_check) => {}
+            _ = healthy.changed() => {}
             _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Whether `/readyz` answers within `timeout`.
+async fn readyz(client: &kube::Client, timeout: Duration) -> bool {
+    match http::Request::get("/readyz").body(Vec::new()) {
+        Ok(req) => matches!(
+            tokio::time::timeout(timeout, client.request_text(req)).await,
+            Ok(Ok(_))
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "building the /readyz request");
+            false
         }
     }
 }
@@ -222,7 +333,7 @@ async fn choose_identity(
 /// Asks the local API server's `/readyz` every period; publishes whether it is ready, with
 /// `health_failures` results in a row needed to change the answer either way.
 async fn health(
-    client: watch::Receiver<kube::Client>,
+    client: kube::Client,
     cp: ControlPlaneConfig,
     healthy: watch::Sender<bool>,
     m: Arc<Metrics>,
@@ -236,18 +347,7 @@ async fn health(
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let c = client.borrow().clone();
-        let req = http::Request::get("/readyz").body(Vec::new());
-        let ok = match req {
-            Ok(req) => matches!(
-                tokio::time::timeout(cp.health_timeout, c.request_text(req)).await,
-                Ok(Ok(_))
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "building the /readyz request");
-                false
-            }
-        };
+        let ok = readyz(&client, cp.health_timeout).await;
         if !ok {
             m.control_plane_health_failures.inc();
         }

@@ -97,23 +97,29 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .map(str::to_string)
         .context("vip_interface is not set (kvip does not pick an interface by itself yet)")?;
     // With cp_enable every call goes to the node's own API server.
-    let (client, api_url, super_admin) = match &cfg.control_plane {
+    let (client, api_url, cp_creds) = match &cfg.control_plane {
         Some(cp) => {
             let path = std::path::PathBuf::from(
                 cfg.kubeconfig
                     .as_deref()
                     .unwrap_or(kvip_core::control_plane::ADMIN_CONF),
             );
-            let primary = control_plane::local_client(&path, cp)
+            let primary = control_plane::local_config(&path, cp)
                 .await?
                 .with_context(|| format!("k8s_config_file {}: missing or empty", path.display()))?;
             let super_admin =
-                control_plane::local_client(&control_plane::super_admin_path(&path), cp).await?;
-            let url = cp
-                .local_api_url()
-                .parse()
-                .context("the local API server's URL")?;
-            (primary, url, super_admin)
+                control_plane::local_config(&control_plane::super_admin_path(&path), cp).await?;
+            let url = primary.cluster_url.clone();
+            let client =
+                kube::Client::try_from(primary.clone()).context("creating the local API client")?;
+            (
+                client,
+                url,
+                Some(control_plane::Credentials {
+                    primary,
+                    super_admin,
+                }),
+            )
         }
         None => {
             let (c, u) = client(&cfg).await?;
@@ -163,7 +169,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         interface,
         client,
         api_url,
-        super_admin,
+        cp_creds,
         m,
         root: &root,
         tasks: &tasks,
@@ -315,9 +321,8 @@ struct Start<'a> {
     interface: String,
     client: kube::Client,
     api_url: http::Uri,
-    /// `super-admin.conf` beside the kubeconfig, for the control-plane Lease while the
-    /// kubeconfig's identity is refused.
-    super_admin: Option<kube::Client>,
+    /// The control-plane Lease's identities (`cp_enable`).
+    cp_creds: Option<control_plane::Credentials>,
     m: Arc<Metrics>,
     root: &'a CancellationToken,
     tasks: &'a TaskTracker,
@@ -387,7 +392,7 @@ impl Start<'_> {
     }
 
     /// Startup, then the loop until the root is cancelled (Ok) or startup fails (Err).
-    async fn run(self, dp: &mut KernelDataplane, running: &mut Running) -> Result<()> {
+    async fn run(mut self, dp: &mut KernelDataplane, running: &mut Running) -> Result<()> {
         let (cfg, root, tasks) = (self.cfg, self.root, self.tasks);
         // This process holds no Lease yet: anything an earlier run left in the kernel is
         // stale. Clear it now, before any wait on the API (which may be unreachable).
@@ -403,8 +408,8 @@ impl Start<'_> {
             renew_deadline: cfg.renew_deadline,
             retry_period: cfg.retry_period,
         };
-        let control_plane = match &cfg.control_plane {
-            Some(cp) => {
+        let control_plane = match (&cfg.control_plane, self.cp_creds.take()) {
+            (Some(cp), Some(creds)) => {
                 let interface = cfg
                     .vip_interface
                     .clone()
@@ -415,18 +420,17 @@ impl Start<'_> {
                     cp,
                     claim,
                     &cfg.node_name,
-                    self.client.clone(),
-                    self.super_admin.clone(),
+                    creds,
                     timings,
                     &self.m,
                     tasks,
                     root,
-                );
+                )?;
                 running.control_plane_release = Some(release);
                 tracing::info!(vip = %cp.address, lease = %format!("{}/{}", cp.lease_namespace, cp.lease_name), api = %self.api_url, "control-plane VIP: competing while the local API server is ready");
                 Some(c)
             }
-            None => None,
+            _ => None,
         };
         if !cfg.services {
             return self.run_control_plane_only(dp, control_plane).await;

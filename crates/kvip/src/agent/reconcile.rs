@@ -132,8 +132,8 @@ struct Memory {
     applied: Option<DesiredState>,
     /// The plan it came from: which Lease each held VIP is held under.
     plan: Option<Arc<Plan>>,
-    /// What the dataplane's lifetime keeper had done at the last look (its counts).
-    fenced: FenceReport,
+    /// The lifetime keeper as the loop last saw it.
+    fenced: Fenced,
     /// Whether the control-plane VIP was held (Lease and health) at the last sync.
     cp_held: bool,
     /// Of its VIPs, those someone else had configured already (not read back as kvip's).
@@ -228,7 +228,9 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                 _ = tokio::time::sleep_until(next_resync) => {
                     // The read-back borrows the dataplane until it ends or is dropped here.
                     let (outcome, lapsed) = {
-                        let drift = check_drift(dp, mem.applied.as_ref(), &mem.foreign, m);
+                        let (fenced_vips, sink) = (mem.fenced.vips.clone(), ch.fences.clone());
+                        let ran_out = move |a: std::net::IpAddr| fenced_vips.contains(&a) && sink.ran_out(a);
+                        let drift = check_drift(dp, mem.applied.as_ref(), &mem.foreign, &ran_out, m);
                         tokio::pin!(drift);
                         let may_yield = yielded < READBACK_MAX_YIELDS;
                         let mut lapsed = false;
@@ -319,13 +321,22 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
 /// Gives the dataplane's lifetime keeper the deadline of every VIP `plan` holds, from the
 /// elections' latest deadlines, without waiting for the dataplane. Returns whether a held
 /// VIP lapsed (gone before its deadline): the caller syncs to add it back.
+/// The lifetime keeper as the loop last saw it.
+#[derive(Default)]
+struct Fenced {
+    /// Its counts (it counts since the dataplane opened).
+    counted: FenceReport,
+    /// The VIPs given a deadline: one of them missing is a lapse, not drift.
+    vips: std::collections::BTreeSet<std::net::IpAddr>,
+}
+
 fn fence(
     sink: &Arc<dyn FenceSink>,
     plan: &Plan,
     deadlines: &mut watch::Receiver<Deadlines>,
     control_plane: Option<&ControlPlane>,
     m: &Metrics,
-    counted: &mut FenceReport,
+    fenced: &mut Fenced,
 ) -> bool {
     let now = std::time::Instant::now();
     let mut deadlines = vip_deadlines(plan, &deadlines.borrow_and_update(), now);
@@ -334,6 +345,8 @@ fn fence(
         let d = (*c.leader.borrow()).unwrap_or(now);
         deadlines.insert(c.claim.address, d);
     }
+    fenced.vips = deadlines.keys().copied().collect();
+    let counted = &mut fenced.counted;
     let r = sink.set(deadlines);
     // The keeper counts since the dataplane opened: add what is new.
     m.fence_refreshes
@@ -344,9 +357,17 @@ fn fence(
         .inc_by(r.errors.saturating_sub(counted.errors));
     m.fence_lapsed.inc_by(r.lapsed.len() as u64);
     if !r.lapsed.is_empty() {
-        tracing::warn!(vips = ?r.lapsed, "held VIPs gone before their Lease's renew deadline: adding them back");
+        tracing::warn!(vips = ?r.lapsed, "held VIPs whose lifetime ran out before their Lease's renew deadline: adding them back");
     }
-    let lapsed = !r.lapsed.is_empty();
+    if !r.removed.is_empty() {
+        tracing::warn!(vips = ?r.removed, "held VIPs removed by someone else: adding them back");
+        m.drift_repairs
+            .get_or_create(&KindLabel {
+                kind: DriftKind::Address.as_str().into(),
+            })
+            .inc_by(r.removed.len() as u64);
+    }
+    let lapsed = !r.lapsed.is_empty() || !r.removed.is_empty();
     *counted = r;
     lapsed
 }
@@ -376,6 +397,7 @@ async fn check_drift<D: Dataplane>(
     dp: &mut D,
     applied: Option<&DesiredState>,
     foreign: &[std::net::IpAddr],
+    ran_out: &(dyn Fn(std::net::IpAddr) -> bool + Sync),
     m: &Metrics,
 ) {
     let Some(applied) = applied else { return };
@@ -392,6 +414,28 @@ async fn check_drift<D: Dataplane>(
     m.readback_seconds.observe(started.elapsed().as_secs_f64());
     match observed {
         Ok(o) if o.state == *applied && o.stray.is_empty() => {}
+        // Only VIPs held under a Lease are missing: their lifetime ran out while held (the
+        // keeper was starved), which is not someone else's doing. Added back all the same.
+        Ok(o)
+            if o.stray.is_empty()
+                && o.state.egress() == applied.egress()
+                && o.state.vips().iter().all(|v| applied.vips().contains(v))
+                && applied
+                    .vips()
+                    .iter()
+                    .filter(|v| !o.state.vips().contains(v))
+                    .all(|v| ran_out(v.address)) =>
+        {
+            let lapsed: Vec<_> = applied
+                .vips()
+                .iter()
+                .filter(|v| !o.state.vips().contains(v))
+                .map(|v| v.address)
+                .collect();
+            m.fence_lapsed.inc_by(lapsed.len() as u64);
+            tracing::warn!(vips = ?lapsed, "held VIPs gone before their Lease's renew deadline: adding them back");
+            dp.invalidate();
+        }
         Ok(o) => {
             let mut kinds = applied.drift(&o.state);
             if !o.stray.is_empty() {
@@ -536,13 +580,24 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
             m.egress_pods.set(desired.source_count() as i64);
             m.not_ready(NotReady::NotSynced, None);
             m.generation_realised.set(generation as i64);
-            if !r.vips_repaired.is_empty() {
-                tracing::warn!(vips = ?r.vips_repaired, "VIPs removed by someone else were added back");
+            // A fenced VIP found missing lapsed (its lifetime ran out while held); any other
+            // was removed by someone else.
+            let (lapsed, removed): (Vec<std::net::IpAddr>, Vec<std::net::IpAddr>) = r
+                .vips_repaired
+                .iter()
+                .copied()
+                .partition(|a| mem.fenced.vips.contains(a) && ch.fences.ran_out(*a));
+            if !lapsed.is_empty() {
+                tracing::warn!(vips = ?lapsed, "held VIPs gone before their Lease's renew deadline were added back");
+                m.fence_lapsed.inc_by(lapsed.len() as u64);
+            }
+            if !removed.is_empty() {
+                tracing::warn!(vips = ?removed, "VIPs removed by someone else were added back");
                 m.drift_repairs
                     .get_or_create(&KindLabel {
                         kind: DriftKind::Address.as_str().into(),
                     })
-                    .inc_by(r.vips_repaired.len() as u64);
+                    .inc_by(removed.len() as u64);
             }
             mem.applied = Some(desired.clone());
             mem.plan = Some(p.clone());
