@@ -109,19 +109,23 @@ pub(crate) fn start(
     let local =
         kube::Client::try_from(creds.primary.clone()).context("creating the local API client")?;
     let (client_tx, client_rx) = watch::channel(local.clone());
+    // The health check asks the local API server alone, whatever the election talks to. Its
+    // verdict reaches the loop only after the route has followed it: a node that drops the
+    // VIP then releases the Lease through an API server that answers.
+    let (checked_tx, checked) = watch::channel(false);
     let (healthy_tx, healthy) = watch::channel(false);
-    // The health check asks the local API server alone, whatever the election talks to.
     tasks.spawn(health(
         local,
         cp.clone(),
-        healthy_tx,
+        checked_tx,
         m.clone(),
         root.child_token(),
     ));
     tasks.spawn(route(
         creds,
         cp.clone(),
-        healthy.clone(),
+        checked,
+        healthy_tx,
         client_tx,
         m.clone(),
         root.child_token(),
@@ -224,10 +228,12 @@ async fn ready_peer(config: &kube::Config, peers: &[String], timeout: Duration) 
 /// - the API server: the local one while it is ready; while it is not, another control-plane
 ///   node's (learnt from the `kubernetes` Service while the local one was ready), so that
 ///   the Lease is released at once instead of expiring.
+#[allow(clippy::too_many_arguments)]
 async fn route(
     creds: Credentials,
     cp: ControlPlaneConfig,
-    mut healthy: watch::Receiver<bool>,
+    mut checked: watch::Receiver<bool>,
+    healthy: watch::Sender<bool>,
     client: watch::Sender<kube::Client>,
     m: Arc<Metrics>,
     stop: CancellationToken,
@@ -244,7 +250,7 @@ async fn route(
     let mut current: Option<(bool, Option<String>)> = Some((false, None));
     let mut next_check = tokio::time::Instant::now();
     loop {
-        let is_healthy = *healthy.borrow_and_update();
+        let is_healthy = *checked.borrow_and_update();
         let base = if is_healthy {
             None
         } else {
@@ -308,9 +314,11 @@ async fn route(
         }
         m.control_plane_super_admin
             .set(i64::from(using_super_admin));
+        // Only now, with the Lease's route set, does the loop hear of the health.
+        healthy.send_if_modified(|v| std::mem::replace(v, is_healthy) != is_healthy);
         tokio::select! {
             _ = tokio::time::sleep_until(next_check) => {}
-            _ = healthy.changed() => {}
+            _ = checked.changed() => {}
             _ = stop.cancelled() => return,
         }
     }
