@@ -720,6 +720,47 @@ mod tests {
     }
 
     #[test]
+    fn a_service_asking_for_the_control_plane_vip_is_refused_it_and_nothing_else() {
+        let mk = |name: &str, vip: &str| {
+            svc(
+                "default",
+                name,
+                &[(ann::LOADBALANCER_IPS, vip), (ann::EGRESS, "true")],
+            )
+        };
+        let sn = snap(
+            vec![mk("api", "192.0.2.100"), mk("web", "198.51.100.10")],
+            vec![
+                ("default/api", vec![ep("10.244.1.5", "n1")]),
+                ("default/web", vec![ep("10.244.1.6", "n1")]),
+            ],
+        );
+        let c = NodeConfig {
+            reserved: vec!["192.0.2.100".parse().unwrap()],
+            ..cfg()
+        };
+        let p = plan(&sn, &Leadership::Global(true), &c);
+        let vips: Vec<String> = p
+            .desired
+            .as_ref()
+            .unwrap()
+            .vips()
+            .iter()
+            .map(|v| v.address.to_string())
+            .collect();
+        assert_eq!(vips, ["198.51.100.10"], "never shared");
+        let api = &p.services[&ServiceKey {
+            namespace: "default".into(),
+            name: "api".into(),
+        }];
+        assert!(api.vips.is_empty() && !api.held && !api.candidate);
+        assert_eq!(
+            api.warnings,
+            [ServiceWarning::VipRefused("192.0.2.100".parse().unwrap())]
+        );
+    }
+
+    #[test]
     fn holder_gets_vip_and_every_local_ready_endpoint() {
         let s = svc(
             "default",
