@@ -312,3 +312,87 @@ fn control_plane_vip_bootstraps_follows_health_and_fails_over() {
     );
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// `cp_enable` and `svc_enable` in one process: the control-plane VIP and a Service's VIP on
+/// separate Leases; a Service asking for the control-plane VIP is refused it with a Warning
+/// Event and shares nothing; SIGTERM removes both.
+#[test]
+fn control_plane_and_services_in_one_process_on_separate_leases() {
+    require_kernel!();
+    let server = ApiServer::start().expect("api server");
+    let (ns, _peer) = common::node_pair("cps");
+    let endpoint = server.endpoint_in(&ns).expect("endpoint");
+    let dir = std::env::temp_dir().join(format!("kvip-cps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    write(&dir.join("admin.conf"), &kubeconfig(ADMIN));
+    let log = dir.join("kvip.log");
+    let child = ns
+        .clean_env_command()
+        .args([
+            "vip_nodename=n1",
+            "cp_enable=true",
+            "svc_enable=true",
+            "vip_interface=eth0",
+            "vip_arp=true",
+            "vip_leaseduration=4",
+            "vip_renewdeadline=2",
+            "vip_retryperiod=1",
+            "egress_podcidr=10.244.0.0/16",
+            "egress_servicecidr=10.96.0.0/12",
+            "POD_NAMESPACE=kube-system",
+        ])
+        .arg(format!("address={VIP}"))
+        .arg(format!("kubernetes_addr={}", endpoint.url))
+        .arg(format!(
+            "k8s_config_file={}",
+            dir.join("admin.conf").display()
+        ))
+        .args([KVIP, "run"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("kvip run");
+    let mut agent = Agent { child, log };
+    let (rt, services, _) = common::api(&server);
+    rt.block_on(async {
+        for (name, vip) in [("web", "192.0.2.10"), ("api", VIP)] {
+            services
+                .create(
+                    &PostParams::default(),
+                    &common::named_service(name, vip, false),
+                )
+                .await
+                .expect("service");
+        }
+    });
+    let addrs = || common::addresses(&ns);
+    common::until("both VIPs held", &agent, Duration::from_secs(20), || {
+        let a = addrs();
+        a.contains("192.0.2.10/32") && a.contains(&format!("{VIP}/32"))
+    });
+    for lease in ["plndr-cp-lock", "plndr-svcs-lock"] {
+        let l = server
+            .object("coordination.k8s.io/v1", "leases", "kube-system", lease)
+            .unwrap_or_else(|| panic!("no Lease {lease}"));
+        assert_eq!(l["spec"]["holderIdentity"], "n1", "{lease}");
+    }
+    common::until(
+        "a VipRefused Event for default/api",
+        &agent,
+        Duration::from_secs(10),
+        || {
+            server
+                .objects("events.k8s.io/v1", "events", "default")
+                .iter()
+                .any(|e| e["reason"] == "VipRefused" && e["regarding"]["name"] == "api")
+        },
+    );
+    let (status, _) = common::sigterm(&mut agent, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    let a = addrs();
+    assert!(
+        !a.contains("192.0.2.10/32") && !a.contains(&format!("{VIP}/32")),
+        "{a}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
