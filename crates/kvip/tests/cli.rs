@@ -855,9 +855,14 @@ fn run_refuses_conflicting_and_unsupported_options_in_one_line() {
         err.contains("--set vip_interface") && err.contains("VIP_INTERFACE"),
         "{err}"
     );
+    let err = run(&[("NODE_NAME", "n1"), ("BGP_ENABLE", "true")], &[]);
+    assert!(
+        err.contains("bgp_enable") && err.contains("does not implement"),
+        "{err}"
+    );
     let err = run(&[("NODE_NAME", "n1"), ("CP_ENABLE", "true")], &[]);
     assert!(
-        err.contains("cp_enable") && err.contains("does not implement"),
+        err.contains("address") && err.contains("cp_enable"),
         "{err}"
     );
     let err = run(&[], &[]);
