@@ -256,7 +256,9 @@ async fn route(
         } else {
             ready_peer(&creds.primary, &peers, cp.health_timeout).await
         };
-        if tokio::time::Instant::now() >= next_check {
+        // Every IDENTITY_CHECK, and at once when the list of the other API servers is still
+        // to be read while the local one is ready.
+        if tokio::time::Instant::now() >= next_check || (is_healthy && peers.is_empty()) {
             next_check = tokio::time::Instant::now() + IDENTITY_CHECK;
             if let Ok(c) = client_for(&creds.primary, base.as_deref()) {
                 match may_update_leases(&c, &cp.lease_namespace).await {
