@@ -19,10 +19,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Agent, logs, wait_until};
+use common::{Agent, logs, signal, wait_until};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::PostParams;
@@ -79,15 +79,6 @@ fn start_agent(n: &Node, i: usize) -> Agent {
             .spawn()
             .expect("kvip run");
     Agent { child, log }
-}
-
-fn signal(agent: &Agent, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &agent.child.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill -{sig}");
 }
 
 fn holders(nodes: &[Node]) -> Vec<usize> {

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,15 +16,6 @@ use kvip_testkit::require_kernel;
 /// (before the signal), plus less than 2 s (the lifetime rounded up to whole seconds, the
 /// kernel's timer up to a second late), plus scheduling slack.
 const GONE_WITHIN: Duration = Duration::from_millis(2000 + 2000 + 300);
-
-fn signal(agent: &Agent, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &agent.child.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill -{sig}");
-}
 
 /// What sampling every 50 ms saw after `old` stopped renewing (two holders in one sample
 /// fail the test, so `gone` is never later than `taken`).

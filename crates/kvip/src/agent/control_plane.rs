@@ -37,7 +37,8 @@ use tokio_util::task::TaskTracker;
 use super::client::{CallError, bounded};
 use crate::metrics::Metrics;
 
-/// How often the kubeconfig's own identity is asked again while `super-admin.conf` is used.
+/// How often the route is looked at again without a change of health: the kubeconfig's
+/// identity asked (SelfSubjectAccessReview) and the other API servers listed.
 const IDENTITY_CHECK: Duration = Duration::from_secs(10);
 
 /// What the reconcile loop needs of the control-plane VIP.
@@ -212,11 +213,16 @@ async fn api_servers(client: &kube::Client, scheme: &str) -> Result<Vec<String>,
 /// The first of `peers` whose `/readyz` answers.
 async fn ready_peer(config: &kube::Config, peers: &[String], timeout: Duration) -> Option<String> {
     for p in peers {
-        let Ok(c) = client_for(config, Some(p)) else {
-            continue;
+        let c = match client_for(config, Some(p)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(api_server = %p, error = format!("{e:#}"), "a client for another API server");
+                continue;
+            }
         };
-        if readyz(&c, timeout).await {
-            return Some(p.clone());
+        match readyz(&c, timeout).await {
+            Ok(()) => return Some(p.clone()),
+            Err(e) => tracing::debug!(api_server = %p, error = %e, "another API server's /readyz"),
         }
     }
     None
@@ -247,7 +253,9 @@ async fn route(
     let mut using_super_admin = false;
     let mut peers: Vec<String> = Vec::new();
     let mut warned = false;
-    let mut current: Option<(bool, Option<String>)> = Some((false, None));
+    let mut peers_failing = false;
+    // The route the election's client follows now: (super-admin.conf, another API server).
+    let mut current: (bool, Option<String>) = (false, None);
     let mut next_check = tokio::time::Instant::now();
     loop {
         let is_healthy = *checked.borrow_and_update();
@@ -260,41 +268,56 @@ async fn route(
         // to be read while the local one is ready.
         if tokio::time::Instant::now() >= next_check || (is_healthy && peers.is_empty()) {
             next_check = tokio::time::Instant::now() + IDENTITY_CHECK;
-            if let Ok(c) = client_for(&creds.primary, base.as_deref()) {
-                match may_update_leases(&c, &cp.lease_namespace).await {
-                    Ok(true) if using_super_admin => {
-                        tracing::info!(
-                            "the kubeconfig's identity is authorised now: the control-plane Lease is written with it again, no longer with super-admin.conf"
-                        );
-                        using_super_admin = false;
+            match client_for(&creds.primary, base.as_deref()) {
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "checking the kubeconfig's identity"
+                ),
+                Ok(c) => {
+                    match may_update_leases(&c, &cp.lease_namespace).await {
+                        Ok(true) if using_super_admin => {
+                            tracing::info!(
+                                "the kubeconfig's identity is authorised now: the control-plane Lease is written with it again, no longer with super-admin.conf"
+                            );
+                            using_super_admin = false;
+                        }
+                        Ok(false) if !using_super_admin && creds.super_admin.is_some() => {
+                            tracing::warn!(
+                                "the API refuses the kubeconfig's identity the control-plane Lease (a first kubeadm init): using super-admin.conf until it is authorised"
+                            );
+                            using_super_admin = true;
+                        }
+                        Ok(false) if !using_super_admin && !warned => {
+                            warned = true;
+                            tracing::error!(
+                                namespace = %cp.lease_namespace,
+                                "the kubeconfig's identity may not update Leases and there is no super-admin.conf beside it: this node cannot hold the control-plane VIP; grant it coordination.k8s.io leases in that namespace"
+                            );
+                        }
+                        Ok(_) => {}
+                        // No answer: nothing to decide now (the health check says so).
+                        Err(e) => tracing::debug!(error = %e, "checking the kubeconfig's identity"),
                     }
-                    Ok(false) if !using_super_admin && creds.super_admin.is_some() => {
-                        tracing::warn!(
-                            "the API refuses the kubeconfig's identity the control-plane Lease (a first kubeadm init): using super-admin.conf until it is authorised"
-                        );
-                        using_super_admin = true;
-                    }
-                    Ok(false) if !using_super_admin && !warned => {
-                        warned = true;
-                        tracing::error!(
-                            namespace = %cp.lease_namespace,
-                            "the kubeconfig's identity may not update Leases and there is no super-admin.conf beside it: this node cannot hold the control-plane VIP; grant it coordination.k8s.io leases in that namespace"
-                        );
-                    }
-                    Ok(_) => {}
-                    // No answer: nothing to decide now (the health check says so).
-                    Err(e) => tracing::debug!(error = %e, "checking the kubeconfig's identity"),
-                }
-                if is_healthy {
-                    match api_servers(&c, &scheme).await {
-                        Ok(p) => peers = p,
-                        Err(e) => tracing::debug!(error = %e, "listing the cluster's API servers"),
+                    if is_healthy {
+                        match api_servers(&c, &scheme).await {
+                            Ok(p) => {
+                                peers = p;
+                                peers_failing = false;
+                            }
+                            // Once per failing streak: without them, a node whose API server dies
+                            // leaves its Lease to expire instead of releasing it.
+                            Err(e) if !peers_failing => {
+                                peers_failing = true;
+                                tracing::warn!(error = %e, "listing the other API servers (the kubernetes Service's endpoints)");
+                            }
+                            Err(e) => tracing::debug!(error = %e, "listing the other API servers"),
+                        }
                     }
                 }
             }
         }
         let want = (using_super_admin, base);
-        if current.as_ref() != Some(&want) {
+        if current != want {
             let config = match (&creds.super_admin, want.0) {
                 (Some(sa), true) => sa,
                 _ => &creds.primary,
@@ -303,13 +326,13 @@ async fn route(
                 Ok(c) => {
                     if let Some(b) = &want.1 {
                         tracing::warn!(api_server = %b, "the local API server is not ready: the control-plane Lease is written through another control-plane node's");
-                    } else if current.as_ref().is_some_and(|c| c.1.is_some()) {
+                    } else if current.1.is_some() {
                         tracing::info!(
                             "the local API server is ready: the control-plane Lease is written through it again"
                         );
                     }
                     client.send_replace(c);
-                    current = Some(want);
+                    current = want;
                 }
                 Err(e) => tracing::error!(error = format!("{e:#}"), "choosing the API server"),
             }
@@ -326,18 +349,24 @@ async fn route(
     }
 }
 
+/// Why `/readyz` did not answer `ok`.
+#[derive(Debug, thiserror::Error)]
+enum NotReady {
+    #[error(transparent)]
+    Request(#[from] http::Error),
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 /// Whether `/readyz` answers within `timeout`.
-async fn readyz(client: &kube::Client, timeout: Duration) -> bool {
-    match http::Request::get("/readyz").body(Vec::new()) {
-        Ok(req) => matches!(
-            tokio::time::timeout(timeout, client.request_text(req)).await,
-            Ok(Ok(_))
-        ),
-        Err(e) => {
-            tracing::error!(error = %e, "building the /readyz request");
-            false
-        }
-    }
+async fn readyz(client: &kube::Client, timeout: Duration) -> Result<(), NotReady> {
+    let req = http::Request::get("/readyz").body(Vec::new())?;
+    tokio::time::timeout(timeout, client.request_text(req))
+        .await
+        .map_err(|_| NotReady::Timeout(timeout))??;
+    Ok(())
 }
 
 /// Asks the local API server's `/readyz` every period; publishes whether it is ready, with
@@ -357,10 +386,12 @@ async fn health(
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let ok = readyz(&client, cp.health_timeout).await;
-        if !ok {
+        let answer = readyz(&client, cp.health_timeout).await;
+        if let Err(e) = &answer {
             m.control_plane_health_failures.inc();
+            tracing::debug!(error = %e, "the local API server's /readyz");
         }
+        let ok = answer.is_ok();
         let now = *healthy.borrow();
         if ok == now {
             streak = 0;

@@ -183,9 +183,7 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                     if r.is_err() {
                         return stopped("elections", root);
                     }
-                    if let Some(p) = &mem.plan
-                        && fence(&ch.fences, p, &mut ch.deadlines, ch.control_plane.as_ref().filter(|_| mem.cp_held), m, &mut mem.fenced)
-                    {
+                    if refence(&mem.plan, mem.cp_held, &mut mem.fenced, &mut ch, m) {
                         // Gone before its deadline: the next sync adds it back.
                         dp.invalidate();
                         leadership_changed = true;
@@ -204,9 +202,7 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                         c.leader.borrow().is_some() && *c.healthy.borrow()
                     });
                     if matches!(change, CpChange::Leader) && held == mem.cp_held {
-                        if let Some(p) = &mem.plan
-                            && fence(&ch.fences, p, &mut ch.deadlines, ch.control_plane.as_ref().filter(|_| mem.cp_held), m, &mut mem.fenced)
-                        {
+                        if refence(&mem.plan, mem.cp_held, &mut mem.fenced, &mut ch, m) {
                             dp.invalidate();
                             leadership_changed = true;
                             break;
@@ -255,9 +251,7 @@ pub(crate) async fn run<D: Dataplane, S: SnapshotSource>(
                                     if r.is_err() {
                                         return stopped("elections", root);
                                     }
-                                    if let Some(p) = &mem.plan {
-                                        lapsed |= fence(&ch.fences, p, &mut ch.deadlines, ch.control_plane.as_ref().filter(|_| mem.cp_held), m, &mut mem.fenced);
-                                    }
+                                    lapsed |= refence(&mem.plan, mem.cp_held, &mut mem.fenced, &mut ch, m);
                                 }
                                 _ = root.cancelled() => return,
                             }
@@ -372,6 +366,19 @@ fn fence(
     lapsed
 }
 
+/// [`fence`] from the last applied plan, on a renewal (nothing before the first sync).
+fn refence(
+    plan: &Option<Arc<Plan>>,
+    cp_held: bool,
+    fenced: &mut Fenced,
+    ch: &mut Channels,
+    m: &Metrics,
+) -> bool {
+    let Some(p) = plan else { return false };
+    let cp = ch.control_plane.as_ref().filter(|_| cp_held);
+    fence(&ch.fences, p, &mut ch.deadlines, cp, m, fenced)
+}
+
 /// After an applied sync: whether the control-plane VIP is held now, and (only now that the
 /// kernel holds exactly that) whether the election competes: a node whose API server is not
 /// ready releases the Lease once its VIP is gone, never before.
@@ -390,6 +397,18 @@ fn control_plane_synced(
     m.control_plane_held.set(i64::from(held));
     c.candidate
         .send_if_modified(|v| std::mem::replace(v, healthy) != healthy);
+}
+
+/// The VIPs of `applied` that `observed` lacks.
+fn missing_vips<'a>(
+    applied: &'a DesiredState,
+    observed: &'a DesiredState,
+) -> impl Iterator<Item = std::net::IpAddr> + 'a {
+    applied
+        .vips()
+        .iter()
+        .filter(|v| !observed.vips().contains(v))
+        .map(|v| v.address)
 }
 
 /// Drift: someone changed kvip's objects by hand. Count it and replace everything next time.
@@ -420,18 +439,9 @@ async fn check_drift<D: Dataplane>(
             if o.stray.is_empty()
                 && o.state.egress() == applied.egress()
                 && o.state.vips().iter().all(|v| applied.vips().contains(v))
-                && applied
-                    .vips()
-                    .iter()
-                    .filter(|v| !o.state.vips().contains(v))
-                    .all(|v| ran_out(v.address)) =>
+                && missing_vips(applied, &o.state).all(ran_out) =>
         {
-            let lapsed: Vec<_> = applied
-                .vips()
-                .iter()
-                .filter(|v| !o.state.vips().contains(v))
-                .map(|v| v.address)
-                .collect();
+            let lapsed: Vec<_> = missing_vips(applied, &o.state).collect();
             m.fence_lapsed.inc_by(lapsed.len() as u64);
             tracing::warn!(vips = ?lapsed, "held VIPs gone before their Lease's renew deadline: adding them back");
             dp.invalidate();

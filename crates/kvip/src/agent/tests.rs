@@ -331,6 +331,20 @@ async fn a_lost_lease_waits_for_no_read_back_even_a_forced_one() {
 }
 
 impl Harness {
+    /// A harness whose node holds one Service's VIP under a Lease whose deadline is 3 s
+    /// ahead: the harness, the VIP and the deadline.
+    async fn held_with_deadline() -> (Harness, std::net::IpAddr, std::time::Instant) {
+        let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
+        until("first sync", || h.applies() >= 1).await;
+        let vip: std::net::IpAddr = "198.51.100.10".parse().unwrap();
+        let t1 = std::time::Instant::now() + Duration::from_secs(3);
+        // As the elections do: the deadline first, then the leadership it belongs to.
+        h.deadlines.send_replace(Deadlines::Global(Some(t1)));
+        h.lead(Leadership::Global(true));
+        until("VIP held", || h.vips() == ["198.51.100.10"]).await;
+        (h, vip, t1)
+    }
+
     /// How many read-backs were started.
     fn observes(&self) -> usize {
         self.fake
@@ -495,14 +509,7 @@ async fn a_vip_someone_else_configured_is_not_drift() {
 
 #[tokio::test(start_paused = true)]
 async fn held_vips_get_their_leases_deadline_and_renewals_move_it_without_a_sync() {
-    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
-    until("first sync", || h.applies() >= 1).await;
-    let vip: std::net::IpAddr = "198.51.100.10".parse().unwrap();
-    let t1 = std::time::Instant::now() + Duration::from_secs(3);
-    // As the elections do: the deadline first, then the leadership it belongs to.
-    h.deadlines.send_replace(Deadlines::Global(Some(t1)));
-    h.lead(Leadership::Global(true));
-    until("VIP held", || h.vips() == ["198.51.100.10"]).await;
+    let (h, vip, t1) = Harness::held_with_deadline().await;
     // The apply that added the VIP had its deadline.
     let fences = h.fake.fences();
     assert_eq!(fences.last().and_then(|f| f.get(&vip)), Some(&t1));
@@ -525,13 +532,7 @@ async fn held_vips_get_their_leases_deadline_and_renewals_move_it_without_a_sync
 
 #[tokio::test(start_paused = true)]
 async fn a_held_vip_that_lapsed_is_added_back_at_the_next_renewal() {
-    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
-    until("first sync", || h.applies() >= 1).await;
-    let vip: std::net::IpAddr = "198.51.100.10".parse().unwrap();
-    let t1 = std::time::Instant::now() + Duration::from_secs(3);
-    h.deadlines.send_replace(Deadlines::Global(Some(t1)));
-    h.lead(Leadership::Global(true));
-    until("VIP held", || h.vips() == ["198.51.100.10"]).await;
+    let (h, vip, t1) = Harness::held_with_deadline().await;
     // Its lifetime ran out while the Lease was held (the keeper was starved): gone.
     h.fake.lapse(vip);
     assert!(h.vips().is_empty());
@@ -546,13 +547,7 @@ async fn a_held_vip_that_lapsed_is_added_back_at_the_next_renewal() {
 
 #[tokio::test(start_paused = true)]
 async fn renewals_reach_the_lifetimes_during_a_long_read_back() {
-    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
-    until("first sync", || h.applies() >= 1).await;
-    let vip: std::net::IpAddr = "198.51.100.10".parse().unwrap();
-    let t1 = std::time::Instant::now() + Duration::from_secs(3);
-    h.deadlines.send_replace(Deadlines::Global(Some(t1)));
-    h.lead(Leadership::Global(true));
-    until("VIP held", || h.vips() == ["198.51.100.10"]).await;
+    let (h, vip, t1) = Harness::held_with_deadline().await;
     // A read-back that takes far longer than the renew deadline.
     h.fake.slow_observe(Some(Duration::from_secs(60)));
     until("read-back started", || h.observes() == 1).await;

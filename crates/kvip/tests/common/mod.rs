@@ -356,6 +356,16 @@ pub fn holders_of(nodes: &[Netns], vip: &str) -> Vec<usize> {
         .collect()
 }
 
+/// Sends `sig` (`STOP`, `CONT`, `KILL`, ...) to the agent; the test fails if `kill` does.
+pub fn signal(agent: &Agent, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &agent.child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
 /// Sends SIGTERM and waits (at most `limit`) for the exit: its status and how long it took.
 pub fn sigterm(agent: &mut Agent, limit: Duration) -> (std::process::ExitStatus, Duration) {
     let start = Instant::now();
