@@ -221,7 +221,7 @@ impl Election {
             // Another node wrote first: the election's ordinary course.
         } else if self.warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
             self.warned = Some(Instant::now());
-            tracing::warn!(lease = self.lock.name(), error = %e, "{what} failed; retrying every retry period");
+            tracing::warn!(lease = self.lock.name(), error = %crate::Causes(e), "{what} failed; retrying every retry period");
         }
         tracing::debug!(lease = self.lock.name(), error = %e, "{what}");
     }

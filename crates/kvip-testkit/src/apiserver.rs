@@ -125,6 +125,8 @@ pub struct ApiServer {
     listen: tokio::sync::mpsc::UnboundedSender<Incoming>,
     /// Per running endpoint, the switch that stops it.
     stops: Mutex<BTreeMap<usize, watch::Sender<bool>>>,
+    /// The TLS configuration of each endpoint served over TLS (kept for a restart).
+    tls: Mutex<BTreeMap<usize, crate::tls::ServingCert>>,
     next_id: std::sync::atomic::AtomicUsize,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -812,6 +814,7 @@ impl ApiServer {
             listener: std_listener,
             id: 0,
             stop: stop_rx,
+            tls: None,
         });
         let state = shared.clone();
         let thread = std::thread::spawn(move || {
@@ -829,7 +832,7 @@ impl ApiServer {
                     while let Some(i) = listen_rx.recv().await {
                         if let Ok(listener) = tokio::net::TcpListener::from_std(i.listener) {
                             let app = app.clone().layer(axum::Extension(ListenerId(i.id)));
-                            tokio::spawn(crate::endpoint::serve(listener, app, i.stop));
+                            tokio::spawn(crate::endpoint::serve(listener, app, i.stop, i.tls));
                         }
                     }
                 };
@@ -845,6 +848,7 @@ impl ApiServer {
             shared,
             listen: listen_tx,
             stops: Mutex::new(BTreeMap::from([(0, loopback_stop)])),
+            tls: Mutex::new(BTreeMap::new()),
             next_id: std::sync::atomic::AtomicUsize::new(1),
             stop: Some(tx),
             thread: Some(thread),
@@ -878,6 +882,29 @@ impl ApiServer {
         })
     }
 
+    /// As [`ApiServer::endpoint_in_at`], served over TLS with `cert` (see
+    /// [`crate::tls::Authority::serving`]); its URL is `https://127.0.0.1:<port>`.
+    pub fn tls_endpoint_in_at(
+        &self,
+        ns: &crate::Netns,
+        addr: SocketAddr,
+        cert: &crate::tls::ServingCert,
+    ) -> std::io::Result<Endpoint> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, cert.clone());
+        let addr = self.serve_in(ns, id, addr)?;
+        Ok(Endpoint {
+            id,
+            url: format!("https://127.0.0.1:{}", addr.port()),
+            addr,
+        })
+    }
+
     /// Binds `addr` inside `ns` and serves it as endpoint `id`.
     fn serve_in(
         &self,
@@ -887,18 +914,38 @@ impl ApiServer {
     ) -> std::io::Result<SocketAddr> {
         let l = ns
             .enter(move || -> std::io::Result<std::net::TcpListener> {
-                let l = std::net::TcpListener::bind(addr)?;
+                // A stopped endpoint's listener is closed by the server thread: a restart
+                // at its address waits (up to 5 s) for the port to be free.
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                let l = loop {
+                    match std::net::TcpListener::bind(addr) {
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::AddrInUse
+                                && std::time::Instant::now() < deadline =>
+                        {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        r => break r?,
+                    }
+                };
                 l.set_nonblocking(true)?;
                 Ok(l)
             })
             .map_err(|e| std::io::Error::other(e.to_string()))??;
         let bound = l.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
+        let tls = self
+            .tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|c| c.config.clone());
         self.listen
             .send(Incoming {
                 listener: l,
                 id,
                 stop: stop_rx,
+                tls,
             })
             .map_err(|_| std::io::Error::other("the test API server has stopped"))?;
         if let Some(old) = self
@@ -928,6 +975,22 @@ impl ApiServer {
 
     /// Starts a stopped `e` again at the same address (inside `ns`, where it was).
     pub fn restart_endpoint(&self, ns: &crate::Netns, e: &Endpoint) -> std::io::Result<()> {
+        self.serve_in(ns, e.id, e.addr).map(|_| ())
+    }
+
+    /// Stops `e` (if it runs) and starts it again at the same address with another serving
+    /// certificate (an API server restarted with new certificates).
+    pub fn restart_endpoint_with(
+        &self,
+        ns: &crate::Netns,
+        e: &Endpoint,
+        cert: &crate::tls::ServingCert,
+    ) -> std::io::Result<()> {
+        self.stop_endpoint(e);
+        self.tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(e.id, cert.clone());
         self.serve_in(ns, e.id, e.addr).map(|_| ())
     }
 
@@ -987,12 +1050,22 @@ impl ApiServer {
 
     /// A kubeconfig for `url` whose user presents `token` (the identity the server sees).
     pub fn kubeconfig_with_token(url: &str, token: Option<&str>) -> String {
+        Self::kubeconfig_for(url, token, None)
+    }
+
+    /// A kubeconfig for `url` whose user presents `token`, trusting the CA in the file `ca`
+    /// (kubeadm's `certificate-authority`) when given.
+    pub fn kubeconfig_for(url: &str, token: Option<&str>, ca: Option<&std::path::Path>) -> String {
         let user = match token {
             Some(t) => format!("{{token: \"{t}\"}}"),
             None => "{}".into(),
         };
+        let ca = match ca {
+            Some(p) => format!(", certificate-authority: \"{}\"", p.display()),
+            None => String::new(),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"}}}}]\nusers: [{{name: t, user: {user}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{url}\"{ca}}}}}]\nusers: [{{name: t, user: {user}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n"
         )
     }
 

@@ -9,6 +9,7 @@ mod endpoint;
 pub mod lab;
 pub mod netns;
 pub mod probe;
+pub mod tls;
 
 pub use netns::{Netns, NetnsError, run, run_ok};
 

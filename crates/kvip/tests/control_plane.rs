@@ -16,7 +16,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,6 +26,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::api::PostParams;
 use kvip_testkit::apiserver::{ApiServer, Endpoint};
+use kvip_testkit::tls::{Authority, KUBEADM_NAMES};
 use kvip_testkit::{Netns, require_kernel};
 
 const KVIP: &str = env!("CARGO_BIN_EXE_kvip");
@@ -39,9 +39,9 @@ const SUPER_ADMIN: &str = "kubernetes-super-admin";
 /// Failed checks in a row that make a node drop the VIP (one a second).
 const HEALTH_FAILURES: u64 = 2;
 
-/// kubeadm's kubeconfig: the VIP as server, a token as identity.
-fn kubeconfig(token: &str) -> String {
-    ApiServer::kubeconfig_with_token(&format!("https://{VIP}:6443"), Some(token))
+/// kubeadm's kubeconfig: the VIP as server, a token as identity, the cluster CA in `ca`.
+fn kubeconfig(token: &str, ca: Option<&Path>) -> String {
+    ApiServer::kubeconfig_for(&format!("https://{VIP}:6443"), Some(token), ca)
 }
 
 struct Node {
@@ -51,33 +51,39 @@ struct Node {
 }
 
 fn start_agent(n: &Node, i: usize) -> Agent {
-    let log = n.dir.join("kvip.log");
-    let child =
-        n.ns.clean_env_command()
-            .arg(format!("vip_nodename=cp{i}"))
-            .args([
-                "cp_enable=true",
-                "vip_interface=eth0",
-                "vip_arp=true",
-                "vip_leaseduration=4",
-                "vip_renewdeadline=2",
-                "vip_retryperiod=1",
-                "control_plane_health_check_period=1",
-            ])
-            .arg(format!("address={VIP}"))
-            .arg(format!(
-                "control_plane_health_check_failures={HEALTH_FAILURES}"
-            ))
-            .arg(format!("kubernetes_addr={}", n.endpoint.url))
-            .arg(format!(
-                "k8s_config_file={}",
-                n.dir.join("admin.conf").display()
-            ))
-            .args([KVIP, "run"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("kvip run");
+    start_agent_in(&n.ns, &n.dir, &n.endpoint.url, &format!("cp{i}"))
+}
+
+/// `kvip run` in `ns` for the control-plane VIP, with `dir/admin.conf`, its local API server
+/// at `url`.
+fn start_agent_in(ns: &Netns, dir: &Path, url: &str, name: &str) -> Agent {
+    let log = dir.join("kvip.log");
+    let child = ns
+        .clean_env_command()
+        .arg(format!("vip_nodename={name}"))
+        .args([
+            "cp_enable=true",
+            "vip_interface=eth0",
+            "vip_arp=true",
+            "vip_leaseduration=4",
+            "vip_renewdeadline=2",
+            "vip_retryperiod=1",
+            "control_plane_health_check_period=1",
+        ])
+        .arg(format!("address={VIP}"))
+        .arg(format!(
+            "control_plane_health_check_failures={HEALTH_FAILURES}"
+        ))
+        .arg(format!("kubernetes_addr={url}"))
+        .arg(format!(
+            "k8s_config_file={}",
+            dir.join("admin.conf").display()
+        ))
+        .args([KVIP, "run"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("kvip run");
     Agent { child, log }
 }
 
@@ -87,23 +93,21 @@ fn holders(nodes: &[Node]) -> Vec<usize> {
         .collect()
 }
 
-/// `GET /readyz` to the VIP's address on `port`, from inside `ns`.
-fn readyz_through_vip(ns: &Netns, port: u16) -> std::io::Result<String> {
+/// `GET /readyz` over HTTPS to the VIP's address on `port`, from inside `ns`, verifying the
+/// certificate for the VIP (as kubectl with kubeadm's kubeconfig does).
+fn readyz_through_vip(ns: &Netns, ca: &Authority, port: u16) -> std::io::Result<String> {
     let addr: SocketAddr = format!("{VIP}:{port}").parse().expect("address");
-    ns.enter(move || -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        write!(s, "GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .expect("netns")
+    ns.enter(|| ca.get(addr, VIP, "/readyz")).expect("netns")
 }
 
 /// A metric's value on node `n` (from its agent's /metrics).
 fn metric(n: &Node, name: &str) -> Option<f64> {
-    common::try_http_get(&n.ns, "/metrics")?
+    metric_in(&n.ns, name)
+}
+
+/// A metric's value from the agent in `ns`.
+fn metric_in(ns: &Netns, name: &str) -> Option<f64> {
+    common::try_http_get(ns, "/metrics")?
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
@@ -160,6 +164,12 @@ fn control_plane_vip_bootstraps_follows_health_and_fails_over() {
     lan.sh("ip link add br0 type bridge && ip link set br0 up")
         .expect("bridge");
     let base = std::env::temp_dir().join(format!("kvip-cp-{}", std::process::id()));
+    std::fs::create_dir_all(&base).expect("dir");
+    // kubeadm's PKI: one cluster CA; each API server's certificate names `kubernetes`, its
+    // node's address and the VIP, but not 127.0.0.1, where kvip reaches it.
+    let ca = Authority::new().expect("CA");
+    let ca_file = base.join("ca.crt");
+    write(&ca_file, &ca.ca_pem());
     let nodes: Vec<Node> = (0..3)
         .map(|i| {
             let ns = Netns::new(&format!("cp{i}")).expect("netns");
@@ -169,16 +179,20 @@ fn control_plane_vip_bootstraps_follows_health_and_fails_over() {
             ns.addr("eth0", &format!("192.0.2.{}/24", 10 + i))
                 .expect("address");
             // Every address of the node: the API answers on the VIP too.
+            let node_ip = format!("192.0.2.{}", 10 + i);
+            let mut names = KUBEADM_NAMES.to_vec();
+            names.extend([node_ip.as_str(), VIP]);
+            let cert = ca.serving(&names).expect("serving certificate");
             let endpoint = server
-                .endpoint_in_at(&ns, SocketAddr::from(([0, 0, 0, 0], API_PORT)))
+                .tls_endpoint_in_at(&ns, SocketAddr::from(([0, 0, 0, 0], API_PORT)), &cert)
                 .expect("endpoint");
             let dir = base.join(format!("cp{i}"));
             std::fs::create_dir_all(&dir).expect("dir");
-            write(&dir.join("admin.conf"), &kubeconfig(ADMIN));
+            write(&dir.join("admin.conf"), &kubeconfig(ADMIN, Some(&ca_file)));
             // The first node has kubeadm's super-admin.conf; the others an empty file (the
             // static pod's FileOrCreate volume), which counts as absent.
             let sa = if i == 0 {
-                kubeconfig(SUPER_ADMIN)
+                kubeconfig(SUPER_ADMIN, Some(&ca_file))
             } else {
                 String::new()
             };
@@ -217,7 +231,7 @@ fn control_plane_vip_bootstraps_follows_health_and_fails_over() {
         || logs(&agents),
         || holders(&nodes) == [0],
     );
-    let answer = readyz_through_vip(&nodes[0].ns, API_PORT).expect("the API through the VIP");
+    let answer = readyz_through_vip(&nodes[0].ns, &ca, API_PORT).expect("the API through the VIP");
     assert!(answer.ends_with("ok"), "{answer}");
     assert_eq!(
         metric(&nodes[0], "kvip_control_plane_super_admin"),
@@ -315,7 +329,7 @@ fn control_plane_and_services_in_one_process_on_separate_leases() {
     let endpoint = server.endpoint_in(&ns).expect("endpoint");
     let dir = std::env::temp_dir().join(format!("kvip-cps-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    write(&dir.join("admin.conf"), &kubeconfig(ADMIN));
+    write(&dir.join("admin.conf"), &kubeconfig(ADMIN, None));
     let log = dir.join("kvip.log");
     let child = ns
         .clean_env_command()
@@ -385,5 +399,86 @@ fn control_plane_and_services_in_one_process_on_separate_leases() {
         !a.contains("192.0.2.10/32") && !a.contains(&format!("{VIP}/32")),
         "{a}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// kvip reaches its local API server at 127.0.0.1 and verifies its certificate for the name
+/// `kubernetes` against the kubeconfig's CA: a certificate from another CA, or one valid for
+/// 127.0.0.1 but not for `kubernetes`, is refused (the reason logged, no VIP); kubeadm's
+/// certificate, which has no 127.0.0.1 in it, is taken.
+#[test]
+fn control_plane_verifies_the_local_api_server_as_kubernetes() {
+    require_kernel!();
+    let server = ApiServer::start().expect("api server");
+    let (ns, _peer) = common::node_pair("cpt");
+    let dir = std::env::temp_dir().join(format!("kvip-cpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca = Authority::new().expect("CA");
+    let ca_file = dir.join("ca.crt");
+    write(&ca_file, &ca.ca_pem());
+    write(&dir.join("admin.conf"), &kubeconfig(ADMIN, Some(&ca_file)));
+    let other_ca = Authority::new().expect("CA");
+    let refused = [
+        (
+            other_ca.serving(&KUBEADM_NAMES).expect("certificate"),
+            // Every kubeadm CA is named `kubernetes`: the other CA's certificate is found as
+            // the issuer, and its signature does not verify.
+            "invalid peer certificate: BadSignature",
+        ),
+        (
+            ca.serving(&["127.0.0.1", "localhost", "cp0"])
+                .expect("certificate"),
+            "certificate not valid for name \"kubernetes\"",
+        ),
+    ];
+    let endpoint = server
+        .tls_endpoint_in_at(&ns, SocketAddr::from(([127, 0, 0, 1], 0)), &refused[0].0)
+        .expect("endpoint");
+    let mut agent = start_agent_in(&ns, &dir, &endpoint.url, "cp0");
+    let agents = std::slice::from_ref(&agent);
+    for (i, (cert, reason)) in refused.iter().enumerate() {
+        if i > 0 {
+            server
+                .restart_endpoint_with(&ns, &endpoint, cert)
+                .expect("endpoint");
+        }
+        let failures = metric_in(&ns, "kvip_control_plane_health_failures_total").unwrap_or(0.0);
+        wait_until(
+            &format!("the certificate refused ({reason})"),
+            Duration::from_secs(20),
+            || logs(agents),
+            || {
+                metric_in(&ns, "kvip_control_plane_health_failures_total")
+                    .is_some_and(|f| f >= failures + 2.0)
+                    && std::fs::read_to_string(&agent.log).is_ok_and(|l| {
+                        l.lines()
+                            .any(|l| l.contains("/readyz failed") && l.contains(reason))
+                    })
+            },
+        );
+        assert!(
+            !common::addresses(&ns).contains(&format!("{VIP}/32")),
+            "the VIP came up against a refused certificate\n{}",
+            logs(agents)
+        );
+        assert_eq!(
+            metric_in(&ns, "kvip_control_plane_api_ready"),
+            Some(0.0),
+            "{}",
+            logs(agents)
+        );
+    }
+    // kubeadm's certificate: `kubernetes`, the node's address and the VIP, no 127.0.0.1.
+    let mut names = KUBEADM_NAMES.to_vec();
+    names.extend(["192.0.2.10", VIP]);
+    let good = ca.serving(&names).expect("certificate");
+    server
+        .restart_endpoint_with(&ns, &endpoint, &good)
+        .expect("endpoint");
+    common::until("the VIP held", &agent, Duration::from_secs(20), || {
+        common::addresses(&ns).contains(&format!("{VIP}/32"))
+    });
+    let (status, _) = common::sigterm(&mut agent, Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
     let _ = std::fs::remove_dir_all(&dir);
 }

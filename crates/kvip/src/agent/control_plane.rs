@@ -379,6 +379,9 @@ async fn health(
     stop: CancellationToken,
 ) {
     let mut streak = 0u32;
+    // The last failure logged: each new reason is said once, at warn (a certificate that
+    // does not name `kubernetes` fails every check the same way, and must not go unseen).
+    let mut said: Option<String> = None;
     let mut tick = tokio::time::interval(cp.health_period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -387,9 +390,16 @@ async fn health(
             _ = stop.cancelled() => return,
         }
         let answer = readyz(&client, cp.health_timeout).await;
-        if let Err(e) = &answer {
-            m.control_plane_health_failures.inc();
-            tracing::debug!(error = %e, "the local API server's /readyz");
+        match &answer {
+            Err(e) => {
+                m.control_plane_health_failures.inc();
+                let why = kvip_kube::Causes(e).to_string();
+                if said.as_ref() != Some(&why) {
+                    tracing::warn!(error = %why, "the local API server's /readyz failed");
+                    said = Some(why);
+                }
+            }
+            Ok(()) => said = None,
         }
         let ok = answer.is_ok();
         let now = *healthy.borrow();
