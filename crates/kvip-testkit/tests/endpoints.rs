@@ -148,3 +148,39 @@ fn stopping_an_endpoint_cuts_its_open_watches() {
     });
     assert!(ended, "the watch went on after its endpoint stopped");
 }
+
+/// A TLS endpoint presents its serving certificate: verified for a name it carries, refused
+/// for one it does not, and for a CA that did not sign it; restarted with another
+/// certificate, it presents that one.
+#[test]
+fn tls_endpoint_presents_its_certificate() {
+    use kvip_testkit::tls::Authority;
+    require_kernel!();
+    let server = ApiServer::start().expect("api server");
+    let ns = Netns::new("ept").expect("netns");
+    let ca = Authority::new().expect("CA");
+    let cert = ca.serving(&["kubernetes"]).expect("certificate");
+    let at = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let e = server.tls_endpoint_in_at(&ns, at, &cert).expect("endpoint");
+    assert!(e.url.starts_with("https://127.0.0.1:"), "{}", e.url);
+    let addr: std::net::SocketAddr = e.url["https://".len()..].parse().expect("address");
+    let get = |ca: &Authority, name: &'static str| {
+        ns.enter(|| ca.get(addr, name, "/readyz"))
+            .expect("netns")
+            .map_err(|e| e.to_string())
+    };
+    let answer = get(&ca, "kubernetes").expect("verified for kubernetes");
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+    let wrong = get(&ca, "localhost").expect_err("not valid for localhost");
+    assert!(wrong.contains("not valid for name"), "{wrong}");
+    let other = Authority::new().expect("CA");
+    assert!(get(&other, "kubernetes").is_err(), "another CA's client");
+    // Restarted with a certificate for another name.
+    let cert = ca.serving(&["localhost"]).expect("certificate");
+    server
+        .restart_endpoint_with(&ns, &e, &cert)
+        .expect("restart");
+    assert!(get(&ca, "localhost").is_ok_and(|a| a.ends_with("ok")));
+    assert!(get(&ca, "kubernetes").is_err());
+}
