@@ -265,7 +265,7 @@ pub struct AgentConfig {
     pub control_plane: Option<ControlPlaneConfig>,
 }
 
-pub(crate) struct Env<'a>(&'a BTreeMap<String, String>);
+pub(crate) struct Env<'a>(pub(crate) &'a BTreeMap<String, String>);
 
 impl Env<'_> {
     /// The value of `name` in either spelling; an error when both are set and differ.

@@ -5,6 +5,7 @@
 //! family per egress policy, canonical CIDR lists, no pod egressing through two VIPs.
 
 pub mod annotations;
+pub mod bgp;
 pub mod cidr;
 pub mod config;
 pub mod control_plane;
