@@ -127,6 +127,23 @@ fn parse_mp_next_hop(
     }
 }
 
+/// `entry` with its password field (the third) replaced by `***`, for error messages.
+fn redact(entry: &str) -> String {
+    let (head, rest) = match entry.find(']') {
+        Some(end) if entry.starts_with('[') => entry.split_at(end + 1),
+        _ => match entry.split_once(':') {
+            Some((a, _)) => entry.split_at(a.len()),
+            None => return entry.to_string(),
+        },
+    };
+    // rest: ":AS:password:..."
+    let mut f: Vec<&str> = rest.splitn(4, ':').collect();
+    if f.len() >= 3 && !f[2].is_empty() {
+        f[2] = "***";
+    }
+    format!("{head}{}", f.join(":"))
+}
+
 /// One entry of `bgp_peers`:
 /// `address:AS[:password[:multihop[:port[:mpbgp options[:bfd options]]]]]`, the address of an
 /// IPv6 peer in brackets; mpbgp options are `key=value` pairs separated by `;`
@@ -134,7 +151,8 @@ fn parse_mp_next_hop(
 /// `enable;receive ms;transmit ms;multiplier` (empty fields: the defaults).
 pub fn parse_peer(entry: &str) -> Result<BgpPeer, ConfigError> {
     const VAR: &str = "bgp_peers";
-    let bad = |reason: &str| invalid(VAR, entry, reason);
+    let shown = redact(entry);
+    let bad = |reason: &str| invalid(VAR, &shown, reason);
     let (address, rest) = if let Some(r) = entry.strip_prefix('[') {
         let end = r
             .find(']')
@@ -495,6 +513,18 @@ mod tests {
         }
         let long = format!("192.0.2.1:65001:{}", "p".repeat(81));
         assert!(parse_peer(&long).is_err());
+        // The password never reaches the message.
+        let e = parse_peer("[2001:db8::1]:65001:hunter2:maybe")
+            .expect_err("multihop")
+            .to_string();
+        assert!(e.contains("[2001:db8::1]:65001:***:maybe"), "{e}");
+        let e = parse_peer("192.0.2.1:65001:hunter2:true:0")
+            .expect_err("port")
+            .to_string();
+        assert!(
+            e.contains("192.0.2.1:65001:***:true:0") && !e.contains("hunter2"),
+            "{e}"
+        );
     }
 
     #[test]

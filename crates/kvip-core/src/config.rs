@@ -196,7 +196,6 @@ pub const OPTIONS: &[OptionDoc] = &[
 
 /// kube-vip features kvip does not implement: switched on, they stop the agent.
 pub const UNSUPPORTED: &[&str] = &[
-    "bgp_enable",
     "vip_wireguard",
     "vip_routingtable",
     "dhcp_mode",
@@ -384,6 +383,14 @@ impl AgentConfig {
                 });
             }
         }
+        // BGP mode's settings are checked (a malformed one is named), but the speaker is not
+        // part of the agent yet.
+        if crate::bgp::BgpConfig::from_env(&env)?.is_some() {
+            return Err(ConfigError::Unsupported {
+                var: "bgp_enable".into(),
+                value: env.get("bgp_enable")?.unwrap_or_default(),
+            });
+        }
         let control_plane = ControlPlaneConfig::from_env(&env)?;
         // As kube-vip: a control-plane pod serves Services only when asked to.
         let services = env.bool("svc_enable", control_plane.is_none())?;
@@ -542,6 +549,14 @@ mod tests {
         );
         let e =
             AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("bgp_enable", "true")])).unwrap_err();
+        assert!(e.to_string().contains("bgp_routerid"), "{e}");
+        let e = AgentConfig::from_env(&env(&[
+            ("NODE_NAME", "n"),
+            ("bgp_enable", "true"),
+            ("bgp_routerid", "192.0.2.1"),
+            ("bgp_peers", "192.0.2.2:65001"),
+        ]))
+        .unwrap_err();
         assert_eq!(
             e,
             ConfigError::Unsupported {

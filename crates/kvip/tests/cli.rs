@@ -855,9 +855,34 @@ fn run_refuses_conflicting_and_unsupported_options_in_one_line() {
         err.contains("--set vip_interface") && err.contains("VIP_INTERFACE"),
         "{err}"
     );
-    let err = run(&[("NODE_NAME", "n1"), ("BGP_ENABLE", "true")], &[]);
+    let err = run(
+        &[
+            ("NODE_NAME", "n1"),
+            ("BGP_ENABLE", "true"),
+            ("BGP_ROUTERID", "192.0.2.1"),
+            ("BGP_PEERS", "192.0.2.2:65001"),
+        ],
+        &[],
+    );
     assert!(
         err.contains("bgp_enable") && err.contains("does not implement"),
+        "{err}"
+    );
+    // A malformed BGP setting: one line naming it.
+    let err = run(
+        &[
+            ("NODE_NAME", "n1"),
+            ("BGP_ENABLE", "true"),
+            ("BGP_ROUTERID", "192.0.2.1"),
+            ("BGP_PEERS", "192.0.2.2:65001:hunter2:perhaps"),
+        ],
+        &[],
+    );
+    assert!(
+        err.contains("bgp_peers=\"192.0.2.2:65001:***:perhaps\"")
+            && err.contains("multihop")
+            && !err.contains("hunter2")
+            && err.trim().lines().count() == 1,
         "{err}"
     );
     let err = run(&[("NODE_NAME", "n1"), ("CP_ENABLE", "true")], &[]);
