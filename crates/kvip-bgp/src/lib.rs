@@ -1,0 +1,5 @@
+//! kvip-bgp: an announce-only BGP speaker. kvip opens the sessions, announces its host routes
+//! and withdraws them; it accepts no routes. One task per peer runs the session state machine
+//! (RFC 4271) over TCP, with TCP MD5 signatures (RFC 2385) where a password is set.
+
+pub mod wire;
