@@ -2,4 +2,10 @@
 //! and withdraws them; it accepts no routes. One task per peer runs the session state machine
 //! (RFC 4271) over TCP, with TCP MD5 signatures (RFC 2385) where a password is set.
 
+pub mod session;
+pub mod socket;
+pub mod speaker;
+
+pub use session::{Local, Peer, State, Status};
+pub use speaker::Speaker;
 pub mod wire;

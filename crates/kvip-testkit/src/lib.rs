@@ -4,6 +4,7 @@
 //! parallel without seeing each other, and is deleted when its handle is dropped.
 
 pub mod apiserver;
+pub mod bird;
 pub mod capture;
 mod endpoint;
 pub mod lab;
