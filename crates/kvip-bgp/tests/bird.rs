@@ -4,175 +4,15 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+mod common;
+
+use common::*;
+use kvip_bgp::State;
 use kvip_bgp::session::SessionError;
-use kvip_bgp::{Local, Peer, Speaker, State, Status};
 use kvip_testkit::bird::Bird;
 use kvip_testkit::{Netns, require_kernel};
-
-const ROUTER: &str = "192.0.2.1";
-const ROUTER_AS: u32 = 65001;
-const NODE_AS: u32 = 64512;
-
-enum Cmd {
-    Announce(BTreeSet<IpAddr>),
-    Status(mpsc::Sender<Vec<Status>>),
-    Shutdown(mpsc::Sender<bool>),
-}
-
-/// A speaker running inside a node's namespace on its own thread.
-struct NodeSpeaker {
-    tx: mpsc::Sender<Cmd>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl NodeSpeaker {
-    fn start(ns: Arc<Netns>, local: Local, peers: Vec<Peer>) -> NodeSpeaker {
-        let (tx, rx) = mpsc::channel::<Cmd>();
-        let thread = std::thread::spawn(move || {
-            ns.block_on(move || async move {
-                let speaker = Speaker::start(local, peers);
-                let (atx, mut arx) = tokio::sync::mpsc::unbounded_channel();
-                // Commands arrive on a blocking channel: hand them over from a thread.
-                std::thread::spawn(move || {
-                    while let Ok(c) = rx.recv() {
-                        if atx.send(c).is_err() {
-                            return;
-                        }
-                    }
-                });
-                while let Some(c) = arx.recv().await {
-                    match c {
-                        Cmd::Announce(r) => speaker.announce(r),
-                        Cmd::Status(reply) => {
-                            let _ =
-                                reply.send(speaker.peers().into_iter().map(|(_, s)| s).collect());
-                        }
-                        Cmd::Shutdown(reply) => {
-                            let _ = reply.send(speaker.shutdown(Duration::from_secs(5)).await);
-                            return;
-                        }
-                    }
-                }
-            })
-            .expect("netns");
-        });
-        NodeSpeaker {
-            tx,
-            thread: Some(thread),
-        }
-    }
-
-    fn announce(&self, routes: &[&str]) {
-        let r = routes.iter().map(|a| a.parse().expect("address")).collect();
-        self.tx.send(Cmd::Announce(r)).expect("speaker thread");
-    }
-
-    fn status(&self) -> Vec<Status> {
-        let (tx, rx) = mpsc::channel();
-        self.tx.send(Cmd::Status(tx)).expect("speaker thread");
-        rx.recv().expect("status")
-    }
-
-    fn shutdown(mut self) -> bool {
-        let (tx, rx) = mpsc::channel();
-        self.tx.send(Cmd::Shutdown(tx)).expect("speaker thread");
-        let done = rx.recv().expect("shutdown");
-        if let Some(t) = self.thread.take() {
-            t.join().expect("speaker thread");
-        }
-        done
-    }
-}
-
-fn local(id: &str) -> Local {
-    Local {
-        asn: NODE_AS,
-        router_id: id.parse().expect("id"),
-        hold_time: 9,
-        keepalive: 3,
-        next_hop_v4: None,
-        next_hop_v6: None,
-    }
-}
-
-fn peer(password: Option<&str>, remote_as: u32) -> Peer {
-    Peer {
-        address: ROUTER.parse().expect("router"),
-        port: 179,
-        remote_as,
-        password: password.map(str::to_string),
-        multihop: false,
-        source: None,
-        interface: None,
-    }
-}
-
-fn wait(
-    what: &str,
-    limit: Duration,
-    diag: impl Fn() -> String,
-    mut cond: impl FnMut() -> bool,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{what}: not within {limit:?}\n{}",
-            diag()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A router namespace and `n` node namespaces on one LAN (a bridge): the router at
-/// 192.0.2.1 and 2001:db8::1, node i at 192.0.2.(10+i) and 2001:db8::(10+i).
-fn lan(tag: &str, n: usize) -> (Netns, Netns, Vec<Arc<Netns>>) {
-    let lan = Netns::new(&format!("{tag}l")).expect("netns");
-    lan.sh("ip link add br0 type bridge && ip link set br0 up")
-        .expect("bridge");
-    let router = Netns::new(&format!("{tag}r")).expect("netns");
-    router.veth("eth0", &lan, "r").expect("veth");
-    lan.exec_ok("ip", &["link", "set", "r", "master", "br0"])
-        .expect("port");
-    router.addr("eth0", "192.0.2.1/24").expect("addr");
-    router
-        .exec_ok(
-            "ip",
-            &["addr", "add", "2001:db8::1/64", "dev", "eth0", "nodad"],
-        )
-        .expect("addr6");
-    let nodes = (0..n)
-        .map(|i| {
-            let ns = Netns::new(&format!("{tag}n{i}")).expect("netns");
-            ns.veth("eth0", &lan, &format!("n{i}")).expect("veth");
-            lan.exec_ok("ip", &["link", "set", &format!("n{i}"), "master", "br0"])
-                .expect("port");
-            ns.addr("eth0", &format!("192.0.2.{}/24", 10 + i))
-                .expect("addr");
-            ns.exec_ok(
-                "ip",
-                &[
-                    "addr",
-                    "add",
-                    &format!("2001:db8::{}/64", 10 + i),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
-            )
-            .expect("addr6");
-            Arc::new(ns)
-        })
-        .collect();
-    (lan, router, nodes)
-}
 
 /// BIRD on the router, passive, one BGP protocol `n<i>` per node.
 fn bird(router: &Netns, nodes: usize, password: Option<&str>) -> Bird {
@@ -187,12 +27,6 @@ fn bird(router: &Netns, nodes: usize, password: Option<&str>) -> Bird {
         ));
     }
     Bird::start(router, &conf).expect("bird")
-}
-
-fn v6_local(i: usize) -> Local {
-    let mut l = local(&format!("192.0.2.{}", 10 + i));
-    l.next_hop_v6 = Some(format!("2001:db8::{}", 10 + i).parse().expect("v6"));
-    l
 }
 
 #[test]
@@ -260,11 +94,17 @@ fn bird_sees_routes_from_each_node_ecmp_withdrawals_and_the_cease() {
     let mut speakers = speakers;
     let s0 = speakers.remove(0);
     assert!(s0.shutdown(), "the speaker stopped within its limit");
-    let r = bird.routes().expect("birdc");
-    assert_eq!(
-        r.get("2001:db8:1::10/128").map(|h| h.len()),
-        Some(1),
-        "{r:?}"
+    wait(
+        "node 0's routes withdrawn at its stop",
+        Duration::from_secs(1),
+        || bird.log(),
+        || {
+            bird.routes()
+                .expect("birdc")
+                .get("2001:db8:1::10/128")
+                .map(|h| h.len())
+                == Some(1)
+        },
     );
     wait(
         "BIRD heard the Cease",
@@ -277,10 +117,14 @@ fn bird_sees_routes_from_each_node_ecmp_withdrawals_and_the_cease() {
     );
     let s1 = speakers.remove(0);
     assert!(s1.shutdown());
-    let r = bird.routes().expect("birdc");
-    assert!(
-        !r.contains_key("203.0.113.10/32") && !r.contains_key("2001:db8:1::10/128"),
-        "{r:?}"
+    wait(
+        "every route withdrawn",
+        Duration::from_secs(1),
+        || bird.log(),
+        || {
+            let r = bird.routes().expect("birdc");
+            !r.contains_key("203.0.113.10/32") && !r.contains_key("2001:db8:1::10/128")
+        },
     );
 }
 

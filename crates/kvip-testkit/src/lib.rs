@@ -7,6 +7,7 @@ pub mod apiserver;
 pub mod bird;
 pub mod capture;
 mod endpoint;
+pub mod frr;
 pub mod lab;
 pub mod netns;
 pub mod probe;
