@@ -46,6 +46,10 @@ pub struct Peer {
     pub multihop: bool,
     pub source: Option<IpAddr>,
     pub interface: Option<String>,
+    /// This peer's next hops of the other family than the session's (instead of
+    /// [`Local`]'s).
+    pub next_hop_v4: Option<Ipv4Addr>,
+    pub next_hop_v6: Option<Ipv6Addr>,
 }
 
 impl Peer {
@@ -393,12 +397,12 @@ async fn open(
         four_octet,
         next_hop_v4: match c.local_addr.ip() {
             IpAddr::V4(a) => Some(a),
-            IpAddr::V6(_) => local.next_hop_v4,
+            IpAddr::V6(_) => peer.next_hop_v4.or(local.next_hop_v4),
         }
         .filter(|_| theirs.offers(AFI_IPV4, SAFI_UNICAST)),
         next_hop_v6: match c.local_addr.ip() {
             IpAddr::V6(a) if !is_link_local(a) => Some(a),
-            _ => local.next_hop_v6,
+            _ => peer.next_hop_v6.or(local.next_hop_v6),
         }
         .filter(|_| theirs.offers(AFI_IPV6, SAFI_UNICAST)),
     };

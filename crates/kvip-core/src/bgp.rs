@@ -50,7 +50,7 @@ pub enum MpNextHop {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct BgpPeer {
     pub address: IpAddr,
     pub remote_as: u32,
@@ -63,6 +63,21 @@ pub struct BgpPeer {
     pub mp_next_hop: Option<MpNextHop>,
     /// BFD for this peer's session.
     pub bfd: Option<Bfd>,
+}
+
+/// The password is never printed.
+impl std::fmt::Debug for BgpPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BgpPeer")
+            .field("address", &self.address)
+            .field("remote_as", &self.remote_as)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("multihop", &self.multihop)
+            .field("port", &self.port)
+            .field("mp_next_hop", &self.mp_next_hop)
+            .field("bfd", &self.bfd)
+            .finish()
+    }
 }
 
 /// BFD timers (RFC 5880): the peer is declared down after `multiplier` intervals without a

@@ -262,6 +262,8 @@ pub struct AgentConfig {
     pub services: bool,
     /// `cp_enable`: the control-plane VIP.
     pub control_plane: Option<ControlPlaneConfig>,
+    /// `bgp_enable`: the VIPs this node holds are announced to BGP peers.
+    pub bgp: Option<crate::bgp::BgpConfig>,
 }
 
 pub(crate) struct Env<'a>(pub(crate) &'a BTreeMap<String, String>);
@@ -383,14 +385,7 @@ impl AgentConfig {
                 });
             }
         }
-        // BGP mode's settings are checked (a malformed one is named), but the speaker is not
-        // part of the agent yet.
-        if crate::bgp::BgpConfig::from_env(&env)?.is_some() {
-            return Err(ConfigError::Unsupported {
-                var: "bgp_enable".into(),
-                value: env.get("bgp_enable")?.unwrap_or_default(),
-            });
-        }
+        let bgp = crate::bgp::BgpConfig::from_env(&env)?;
         let control_plane = ControlPlaneConfig::from_env(&env)?;
         // As kube-vip: a control-plane pod serves Services only when asked to.
         let services = env.bool("svc_enable", control_plane.is_none())?;
@@ -498,6 +493,7 @@ impl AgentConfig {
                 .or_else(|| control_plane.as_ref().map(|_| ADMIN_CONF.to_string())),
             services,
             control_plane,
+            bgp,
         })
     }
 }
@@ -550,20 +546,16 @@ mod tests {
         let e =
             AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("bgp_enable", "true")])).unwrap_err();
         assert!(e.to_string().contains("bgp_routerid"), "{e}");
-        let e = AgentConfig::from_env(&env(&[
+        let c = AgentConfig::from_env(&env(&[
             ("NODE_NAME", "n"),
             ("bgp_enable", "true"),
             ("bgp_routerid", "192.0.2.1"),
-            ("bgp_peers", "192.0.2.2:65001"),
+            ("bgp_peers", "192.0.2.2:65001:secret"),
         ]))
-        .unwrap_err();
-        assert_eq!(
-            e,
-            ConfigError::Unsupported {
-                var: "bgp_enable".into(),
-                value: "true".into()
-            }
-        );
+        .expect("BGP mode");
+        let bgp = c.bgp.expect("bgp settings");
+        assert_eq!(bgp.peers.len(), 1);
+        assert!(!format!("{bgp:?}").contains("secret"));
         assert!(
             AgentConfig::from_env(&env(&[("NODE_NAME", "n"), ("BGP_ENABLE", "false")])).is_ok()
         );

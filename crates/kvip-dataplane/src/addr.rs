@@ -123,6 +123,47 @@ impl AddrManager {
             .map_err(|e| DataplaneError::netlink("listing addresses", e))
     }
 
+    /// The addresses of interface `name` that are not kvip's (none carries an address
+    /// protocol in `kvip_protocols`): the node's own, e.g. for a BGP next hop. `None` when no
+    /// interface has that name.
+    pub async fn own_addresses(
+        &self,
+        name: &str,
+        kvip_protocols: &BTreeSet<u8>,
+    ) -> Result<Option<Vec<IpAddr>>, DataplaneError> {
+        let Some(link) = self.links().await?.into_iter().find(|l| l.name == name) else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for m in self.addresses().await? {
+            if m.header.index != link.index {
+                continue;
+            }
+            let kvip = m.attributes.iter().any(
+                |a| matches!(a, AddressAttribute::Protocol(p) if kvip_protocols.contains(&u8::from(*p))),
+            );
+            let addr = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Local(a) => Some(*a),
+                    _ => None,
+                })
+                .or_else(|| {
+                    m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(a) => Some(*a),
+                        _ => None,
+                    })
+                });
+            if let Some(a) = addr
+                && !kvip
+            {
+                out.push(a);
+            }
+        }
+        Ok(Some(out))
+    }
+
     /// Every address protocol carried by an address of this namespace.
     pub async fn protocols_in_use(&self) -> Result<BTreeSet<u8>, DataplaneError> {
         let msgs = self.addresses().await?;

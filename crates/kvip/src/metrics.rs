@@ -35,6 +35,11 @@ pub struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PermissionLabel {
     pub verb: String,
     pub resource: String,
@@ -79,6 +84,12 @@ pub struct Metrics {
     pub permission_missing: Family<PermissionLabel, Gauge>,
     pub permission_check_errors: Counter,
     pub plan_errors: Counter,
+    pub bgp_session_up: Family<PeerLabel, Gauge>,
+    pub bgp_sessions_established: Family<PeerLabel, Counter>,
+    pub bgp_routes_announced: Family<PeerLabel, Gauge>,
+    pub bgp_routes_unannounced: Family<PeerLabel, Gauge>,
+    pub bgp_updates_sent: Family<PeerLabel, Counter>,
+    pub bgp_adj_rib_out_drift: Counter,
     /// Why the agent is not ready (empty: ready), with a line each for `/readyz`.
     not_ready: Mutex<BTreeMap<NotReady, String>>,
 }
@@ -112,6 +123,12 @@ impl Metrics {
             permission_missing: Family::default(),
             permission_check_errors: Counter::default(),
             plan_errors: Counter::default(),
+            bgp_session_up: Family::default(),
+            bgp_sessions_established: Family::default(),
+            bgp_routes_announced: Family::default(),
+            bgp_routes_unannounced: Family::default(),
+            bgp_updates_sent: Family::default(),
+            bgp_adj_rib_out_drift: Counter::default(),
             not_ready: Mutex::new(BTreeMap::from([(
                 NotReady::NotSynced,
                 "no sync has completed yet".to_string(),
@@ -233,6 +250,36 @@ impl Metrics {
             "plan_errors",
             "Syncs whose desired state was invalid (the kernel kept the last good state)",
             m.plan_errors.clone(),
+        );
+        r.register(
+            "bgp_session_up",
+            "1 while the BGP session with the peer is Established (bgp_enable)",
+            m.bgp_session_up.clone(),
+        );
+        r.register(
+            "bgp_sessions_established",
+            "Times the BGP session with the peer reached Established",
+            m.bgp_sessions_established.clone(),
+        );
+        r.register(
+            "bgp_routes_announced",
+            "Host routes the peer has been told of and not told to withdraw (kvip's Adj-RIB-Out)",
+            m.bgp_routes_announced.clone(),
+        );
+        r.register(
+            "bgp_routes_unannounced",
+            "Routes to announce that the session cannot carry (no next hop of their family, or the family not negotiated)",
+            m.bgp_routes_unannounced.clone(),
+        );
+        r.register(
+            "bgp_updates_sent",
+            "UPDATE messages sent to the peer",
+            m.bgp_updates_sent.clone(),
+        );
+        r.register(
+            "bgp_adj_rib_out_drift",
+            "Times an Established session's Adj-RIB-Out was found to differ from the routes to announce after it settled",
+            m.bgp_adj_rib_out_drift.clone(),
         );
         Arc::new(m)
     }

@@ -106,6 +106,8 @@ pub fn peer(password: Option<&str>, remote_as: u32) -> Peer {
         multihop: false,
         source: None,
         interface: None,
+        next_hop_v4: None,
+        next_hop_v6: None,
     }
 }
 

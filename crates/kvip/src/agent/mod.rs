@@ -9,6 +9,7 @@
 //! On SIGTERM or SIGINT everything stops, kvip's kernel state is removed, then the Leases
 //! are released, then every task has ended.
 
+mod bgp;
 mod client;
 mod control_plane;
 mod events;
@@ -81,6 +82,8 @@ struct Running {
     releases: Option<tokio::task::JoinHandle<Vec<Release>>>,
     /// The control-plane election's release, once it has stopped.
     control_plane_release: Option<tokio::task::JoinHandle<Release>>,
+    /// The BGP speaker (`bgp_enable`): its routes are withdrawn first at shutdown.
+    bgp: Option<Arc<kvip_bgp::Speaker>>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT (exit 0) or a failure (an error). Whichever way it
@@ -196,6 +199,21 @@ async fn shutdown(
     root.cancel();
     let started = signalled.unwrap_or_else(tokio::time::Instant::now);
     let deadline = started + cfg.shutdown_timeout;
+    if let Some(speaker) = &running.bgp {
+        // Routers stop sending traffic here before the VIPs leave the kernel: explicit
+        // withdrawals, then a Cease, on every session.
+        let limit = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .min(Duration::from_secs(3));
+        if speaker.shutdown(limit).await {
+            tracing::info!("BGP routes withdrawn and sessions closed");
+        } else {
+            tracing::warn!(
+                ?limit,
+                "BGP sessions did not close in time: their routes go when the peers' hold time runs out"
+            );
+        }
+    }
     tracing::info!("removing kvip's kernel state, then releasing the leases");
     let releases = async {
         let mut all = match running.releases {
@@ -408,6 +426,14 @@ impl Start<'_> {
             renew_deadline: cfg.renew_deadline,
             retry_period: cfg.retry_period,
         };
+        let routes = match &cfg.bgp {
+            Some(b) => {
+                let (speaker, routes) = bgp::start(b, &self.m, tasks, root).await?;
+                running.bgp = Some(speaker);
+                Some(routes)
+            }
+            None => None,
+        };
         let control_plane = match (&cfg.control_plane, self.cp_creds.take()) {
             (Some(cp), Some(creds)) => {
                 let interface = cfg
@@ -433,7 +459,7 @@ impl Start<'_> {
             _ => None,
         };
         if !cfg.services {
-            return self.run_control_plane_only(dp, control_plane).await;
+            return self.run_control_plane_only(dp, control_plane, routes).await;
         }
         if cfg.egress_clean {
             let r = kvip_dataplane::legacy::clean_legacy().await;
@@ -564,6 +590,7 @@ impl Start<'_> {
             reports: reports_tx,
             namespaces: namespaces_tx,
             control_plane,
+            routes,
         };
         reconcile::run(dp, &cache, &mut settings, channels, &self.m, root).await;
         Ok(())
@@ -575,6 +602,7 @@ impl Start<'_> {
         self,
         dp: &mut KernelDataplane,
         control_plane: Option<control_plane::ControlPlane>,
+        routes: Option<watch::Sender<BTreeSet<std::net::IpAddr>>>,
     ) -> Result<()> {
         let node = node_config(self.cfg, self.interface.clone());
         tracing::info!(node = %node.node_name, backend = dp.backend_name(), "kvip agent started (control plane only)");
@@ -605,6 +633,7 @@ impl Start<'_> {
             reports,
             namespaces,
             control_plane,
+            routes,
         };
         reconcile::run(
             dp,

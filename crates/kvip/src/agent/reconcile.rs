@@ -101,6 +101,8 @@ pub(crate) struct Channels {
     pub namespaces: watch::Sender<BTreeSet<String>>,
     /// The control-plane VIP (`cp_enable`).
     pub control_plane: Option<ControlPlane>,
+    /// The VIPs to announce over BGP (`bgp_enable`): those in the kernel.
+    pub routes: Option<watch::Sender<BTreeSet<std::net::IpAddr>>>,
 }
 
 /// What changed of the control-plane VIP's inputs.
@@ -366,6 +368,23 @@ fn fence(
     lapsed
 }
 
+/// BGP (`bgp_enable`): keeps the announced routes for which `keep` holds, and with `now`
+/// (VIPs now in the kernel) announces those too.
+fn announce(ch: &Channels, keep: impl Fn(std::net::IpAddr) -> bool, now: Option<&DesiredState>) {
+    let Some(routes) = &ch.routes else { return };
+    routes.send_if_modified(|r| {
+        let mut next: BTreeSet<std::net::IpAddr> = r.iter().copied().filter(|a| keep(*a)).collect();
+        if let Some(d) = now {
+            next = d.vips().iter().map(|v| v.address).collect();
+        }
+        if next == *r {
+            return false;
+        }
+        *r = next;
+        true
+    });
+}
+
 /// [`fence`] from the last applied plan, on a renewal (nothing before the first sync).
 fn refence(
     plan: &Option<Arc<Plan>>,
@@ -575,6 +594,9 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
         m,
         &mut mem.fenced,
     );
+    // Routes of VIPs about to go are withdrawn before the addresses leave the kernel; new
+    // ones are announced once the addresses are in (below).
+    announce(ch, |a| desired.vips().iter().any(|v| v.address == a), None);
     let expired;
     match dp.apply(desired).await {
         Ok(r) => {
@@ -612,6 +634,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
             mem.applied = Some(desired.clone());
             mem.plan = Some(p.clone());
             mem.foreign = r.vips_foreign.clone();
+            announce(ch, |_| true, Some(desired));
             control_plane_synced(ch, mem, cp_held, cp_healthy, m);
             // Only now, with the VIPs of what this node may no longer hold removed, do the
             // elections learn it (and release).
@@ -654,6 +677,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
                             tracing::warn!(vips_removed = ?r.vips_removed, "applied the removals alone");
                             m.vips_held.set(fallback.vips().len() as i64);
                             m.egress_pods.set(fallback.source_count() as i64);
+                            announce(ch, |_| true, Some(&fallback));
                             mem.applied = Some(fallback);
                             mem.plan = Some(p.clone());
                             control_plane_synced(ch, mem, cp_held, cp_healthy, m);

@@ -92,6 +92,8 @@ struct Harness {
     deadlines: watch::Sender<Deadlines>,
     synced: watch::Receiver<Option<Synced>>,
     reports: watch::Receiver<Option<Report>>,
+    /// The VIPs to announce over BGP.
+    routes: watch::Receiver<BTreeSet<std::net::IpAddr>>,
     metrics: Arc<Metrics>,
     root: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -110,6 +112,7 @@ impl Harness {
         let (synced_tx, synced) = watch::channel(None);
         let (reports_tx, reports) = watch::channel(None);
         let (namespaces, _) = watch::channel(BTreeSet::new());
+        let (routes_tx, routes) = watch::channel(BTreeSet::new());
         let metrics = Metrics::new();
         let root = CancellationToken::new();
         let mut settings = Settings {
@@ -137,6 +140,7 @@ impl Harness {
             reports: reports_tx,
             namespaces,
             control_plane: None,
+            routes: Some(routes_tx),
         };
         let task = tokio::spawn({
             let (mut dp, source, m, root) =
@@ -151,6 +155,7 @@ impl Harness {
             deadlines,
             synced,
             reports,
+            routes,
             metrics,
             root,
             task,
@@ -560,4 +565,50 @@ async fn renewals_reach_the_lifetimes_during_a_long_read_back() {
     assert_eq!(h.observes(), 1, "the read-back went on");
     h.root.cancel();
     h.task.await.unwrap();
+}
+
+/// BGP: the routes announced are always among the VIPs in the kernel — withdrawn before an
+/// address goes, announced after it came.
+#[tokio::test(start_paused = true)]
+async fn bgp_routes_are_withdrawn_before_the_vip_goes_and_announced_after_it_came() {
+    let h = Harness::start(snapshot(&[("a", "198.51.100.10", "10.244.1.5")]), false);
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let checker = tokio::spawn({
+        let (mut routes, fake) = (h.routes.clone(), h.fake.clone());
+        let (violations, seen) = (violations.clone(), seen.clone());
+        async move {
+            while routes.changed().await.is_ok() {
+                // Both read in one step: the loop cannot run in between.
+                let r = routes.borrow_and_update().clone();
+                let kernel: BTreeSet<std::net::IpAddr> =
+                    fake.state().vips().iter().map(|v| v.address).collect();
+                if !r.is_subset(&kernel) {
+                    violations.lock().unwrap().push((r.clone(), kernel));
+                }
+                seen.lock().unwrap().push(r);
+            }
+        }
+    });
+    until("first sync", || h.applies() >= 1).await;
+    h.lead(Leadership::Global(true));
+    until("the VIP announced", || h.routes.borrow().len() == 1).await;
+    assert_eq!(h.vips(), ["198.51.100.10"]);
+    h.lead(Leadership::Global(false));
+    until("the VIP withdrawn and gone", || {
+        h.routes.borrow().is_empty() && h.vips().is_empty()
+    })
+    .await;
+    h.root.cancel();
+    checker.abort();
+    assert!(
+        violations.lock().unwrap().is_empty(),
+        "{:?}",
+        violations.lock().unwrap()
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "announced once, withdrawn once"
+    );
 }
