@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::bfd::BfdState;
 use crate::socket::{Dial, DialError, dial};
 use crate::wire::{
     self, AFI_IPV4, AFI_IPV6, Capability, Message, Notification, Open, Routing, SAFI_UNICAST,
@@ -50,6 +51,8 @@ pub struct Peer {
     /// [`Local`]'s).
     pub next_hop_v4: Option<Ipv4Addr>,
     pub next_hop_v6: Option<Ipv6Addr>,
+    /// BFD for this session: (transmit interval, receive interval, multiplier).
+    pub bfd: Option<(Duration, Duration, u8)>,
 }
 
 impl Peer {
@@ -104,6 +107,8 @@ pub enum SessionError {
     WriteTimeout(Duration),
     #[error("the peer sent {0} in state {1:?}")]
     Unexpected(&'static str, State),
+    #[error("the BFD session went down")]
+    BfdDown,
 }
 
 /// What a session shows of itself.
@@ -152,6 +157,7 @@ pub async fn run(
     local: Arc<Local>,
     peer: Peer,
     mut routes: watch::Receiver<Routes>,
+    mut bfd: Option<watch::Receiver<BfdState>>,
     status: watch::Sender<Status>,
     stop: CancellationToken,
 ) {
@@ -159,7 +165,7 @@ pub async fn run(
     loop {
         status.send_modify(|s| s.state = State::Connect);
         // The session watches `stop` itself: once Established, stopping withdraws first.
-        let ended = session(&local, &peer, &mut routes, &status, &stop).await;
+        let ended = session(&local, &peer, &mut routes, bfd.as_mut(), &status, &stop).await;
         let was_established = status.borrow().state == State::Established;
         status.send_modify(|s| {
             s.state = State::Idle;
@@ -290,6 +296,7 @@ async fn session(
     local: &Local,
     peer: &Peer,
     routes: &mut watch::Receiver<Routes>,
+    bfd: Option<&mut watch::Receiver<BfdState>>,
     status: &watch::Sender<Status>,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
@@ -297,7 +304,7 @@ async fn session(
         r = open(local, peer, status) => r?,
         _ = stop.cancelled() => return Ok(()),
     };
-    established(opened, peer, routes, status, stop).await
+    established(opened, peer, routes, bfd, status, stop).await
 }
 
 /// Dials `peer` and exchanges OPEN and KEEPALIVE.
@@ -426,9 +433,13 @@ async fn established(
     opened: Opened,
     peer: &Peer,
     routes: &mut watch::Receiver<Routes>,
+    mut bfd: Option<&mut watch::Receiver<BfdState>>,
     status: &watch::Sender<Status>,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
+    // BFD ends the session only once it has been Up during it (a peer whose BFD is not
+    // configured leaves it Down: the hold time still counts).
+    let mut bfd_was_up = bfd.as_ref().is_some_and(|b| *b.borrow() == BfdState::Up);
     let Opened {
         mut c,
         routing,
@@ -478,6 +489,20 @@ async fn established(
                     }
                     Some(Err(e)) => return Err(fail(&mut c, e).await),
                     None => return Err(SessionError::Closed),
+                }
+            }
+            changed = bfd_changed(bfd.as_deref_mut()) => {
+                if changed {
+                    let now = bfd.as_ref().map(|b| *b.borrow());
+                    if now == Some(BfdState::Up) {
+                        bfd_was_up = true;
+                    } else if bfd_was_up {
+                        // RFC 9384: Cease, BFD Down.
+                        c.notify(code::CEASE, 10).await;
+                        return Err(SessionError::BfdDown);
+                    }
+                } else {
+                    bfd = None;
                 }
             }
             _ = tokio::time::sleep_until(hold_deadline) => {
@@ -530,7 +555,15 @@ fn is_link_local(a: Ipv6Addr) -> bool {
     (a.segments()[0] & 0xffc0) == 0xfe80
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
+/// Until the BFD state changes (`true`), or its sender is gone (`false`); never without BFD.
+async fn bfd_changed(b: Option<&mut watch::Receiver<BfdState>>) -> bool {
+    match b {
+        Some(b) => b.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,

@@ -9,11 +9,27 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bfd::{self, BfdSettings, BfdState, Receivers};
 use crate::session::{self, Local, Peer, Routes, Status};
+
+struct PeerTask {
+    peer: Peer,
+    status: watch::Receiver<Status>,
+    bfd: Option<watch::Receiver<BfdState>>,
+}
+
+/// A peer's session as the speaker shows it.
+#[derive(Debug, Clone)]
+pub struct PeerView {
+    pub peer: Peer,
+    pub status: Status,
+    /// The BFD session's state, for a peer with BFD.
+    pub bfd: Option<BfdState>,
+}
 
 pub struct Speaker {
     routes: watch::Sender<Routes>,
-    peers: Vec<(Peer, watch::Receiver<Status>)>,
+    peers: Vec<PeerTask>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -26,18 +42,42 @@ impl Speaker {
         let (routes, _) = watch::channel(Routes::default());
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let receivers = Receivers::default();
         let peers = peers
             .into_iter()
             .map(|p| {
                 let (tx, rx) = watch::channel(Status::default());
+                let bfd = p.bfd.map(|(transmit, receive, multiplier)| {
+                    let (btx, brx) = watch::channel(BfdState::Down);
+                    let settings = BfdSettings {
+                        peer: p.address,
+                        source: p.source,
+                        interface: p.interface.clone(),
+                        transmit,
+                        receive,
+                        multiplier,
+                    };
+                    let (receivers, stop) = (receivers.clone(), stop.child_token());
+                    tasks.spawn(async move {
+                        if let Err(e) = bfd::run(settings.clone(), receivers, btx, stop).await {
+                            tracing::error!(peer = %settings.peer, error = %e, "BFD cannot run: the session relies on its hold time");
+                        }
+                    });
+                    brx
+                });
                 tasks.spawn(session::run(
                     local.clone(),
                     p.clone(),
                     routes.subscribe(),
+                    bfd.clone(),
                     tx,
                     stop.child_token(),
                 ));
-                (p, rx)
+                PeerTask {
+                    peer: p,
+                    status: rx,
+                    bfd,
+                }
             })
             .collect();
         tasks.close();
@@ -60,17 +100,16 @@ impl Speaker {
         });
     }
 
-    /// Each peer and its session's status.
-    pub fn peers(&self) -> Vec<(Peer, Status)> {
+    /// Each peer, its session's status and its BFD state.
+    pub fn peers(&self) -> Vec<PeerView> {
         self.peers
             .iter()
-            .map(|(p, s)| (p.clone(), s.borrow().clone()))
+            .map(|t| PeerView {
+                peer: t.peer.clone(),
+                status: t.status.borrow().clone(),
+                bfd: t.bfd.as_ref().map(|b| *b.borrow()),
+            })
             .collect()
-    }
-
-    /// Each peer's status channel, to wait on.
-    pub fn watch(&self) -> Vec<watch::Receiver<Status>> {
-        self.peers.iter().map(|(_, s)| s.clone()).collect()
     }
 
     /// Withdraws every route and closes every session, within `within`; false when some

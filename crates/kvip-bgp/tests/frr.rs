@@ -16,6 +16,12 @@ use kvip_testkit::{Netns, require_kernel};
 
 /// bgpd on the router, passive, with each node as a neighbour for IPv4 and IPv6 unicast.
 fn frr(router: &Netns, nodes: usize, password: Option<&str>) -> Frr {
+    frr_with(router, nodes, password, false)
+}
+
+/// As [`frr`]; with `bfd`, each neighbour also has a BFD session (bfdd's defaults: 300 ms ×
+/// 3).
+fn frr_with(router: &Netns, nodes: usize, password: Option<&str>, bfd: bool) -> Frr {
     let mut conf = format!(
         "frr defaults traditional\nhostname r\nrouter bgp {ROUTER_AS}\n bgp router-id {ROUTER}\n no bgp ebgp-requires-policy\n no bgp network import-check\n"
     );
@@ -28,12 +34,15 @@ fn frr(router: &Netns, nodes: usize, password: Option<&str>) -> Frr {
         if let Some(p) = password {
             conf.push_str(&format!(" neighbor {n} password {p}\n"));
         }
+        if bfd {
+            conf.push_str(&format!(" neighbor {n} bfd\n"));
+        }
         families.push_str(&format!("  neighbor {n} activate\n"));
     }
     conf.push_str(&format!(
         " address-family ipv4 unicast\n{families} exit-address-family\n address-family ipv6 unicast\n{families} exit-address-family\n"
     ));
-    Frr::start(router, &conf, false).expect("frr")
+    Frr::start(router, &conf, bfd).expect("frr")
 }
 
 fn ips(a: &[&str]) -> BTreeSet<IpAddr> {
@@ -177,4 +186,62 @@ fn frr_md5_needs_the_right_password_and_a_wrong_as_is_refused() {
     );
     assert!(!frr.established("192.0.2.10").expect("vtysh"));
     assert!(bad_as.shutdown());
+}
+
+/// BFD: with the node silenced (its packets to the router dropped), bfdd declares it down
+/// within the detection time (300 ms × 3) and bgpd drops its routes at once, far before the
+/// hold time (9 s); kvip hears bfdd's Down and ends its side of the BGP session.
+#[test]
+fn frr_bfd_drops_a_silent_nodes_routes_within_the_detection_time() {
+    require_kernel!();
+    let (_lan, router, nodes) = lan("bgd", 1);
+    let frr = frr_with(&router, 1, None, true);
+    let mut p = peer(None, ROUTER_AS);
+    p.bfd = Some((Duration::from_millis(300), Duration::from_millis(300), 3));
+    let speaker = NodeSpeaker::start(nodes[0].clone(), local("192.0.2.10"), vec![p]);
+    let diag = || format!("{:?}\n{}", speaker.views(), frr.log());
+    wait(
+        "BGP established and BFD up on both sides",
+        Duration::from_secs(20),
+        diag,
+        || {
+            frr.established("192.0.2.10").expect("vtysh")
+                && frr.bfd_state("192.0.2.10").expect("vtysh").as_deref() == Some("up")
+                && speaker.views()[0].bfd == Some(kvip_bgp::bfd::BfdState::Up)
+        },
+    );
+    speaker.announce(&["203.0.113.10"]);
+    wait(
+        "the route on the router",
+        Duration::from_secs(5),
+        diag,
+        || {
+            frr.routes("ipv4")
+                .expect("vtysh")
+                .contains_key("203.0.113.10/32")
+        },
+    );
+    // The node falls silent: everything it sends to the router is dropped.
+    nodes[0]
+        .sh("nft add table ip silence && nft add chain ip silence out '{ type filter hook output priority 0; }' && nft add rule ip silence out ip daddr 192.0.2.1 drop")
+        .expect("nft");
+    let took = wait(
+        "the route gone by BFD",
+        Duration::from_secs(3),
+        diag,
+        || {
+            !frr.routes("ipv4")
+                .expect("vtysh")
+                .contains_key("203.0.113.10/32")
+        },
+    );
+    eprintln!("the route went {took:?} after the node fell silent");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    wait(
+        "kvip ended its BGP session on BFD down",
+        Duration::from_secs(5),
+        diag,
+        || matches!(speaker.status()[0].last_error, Some(SessionError::BfdDown)),
+    );
+    assert!(speaker.shutdown());
 }

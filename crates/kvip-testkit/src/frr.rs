@@ -1,6 +1,6 @@
-//! A real FRR `bgpd` (and, when asked, `bfdd`) inside a network namespace, for the BGP tests:
-//! started in the foreground without zebra (nothing goes to the kernel), asked through its
-//! own vty socket directory with `vtysh`.
+//! A real FRR `bgpd` inside a network namespace, for the BGP tests: started in the foreground
+//! without zebra (nothing goes to the kernel), or with zebra and `bfdd` for BFD; asked through
+//! its own vty socket directory with `vtysh`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -44,11 +44,27 @@ impl Frr {
             daemons: Vec::new(),
             dir: dir.clone(),
         };
-        let mut names = vec!["bgpd"];
+        // BFD for bgpd goes through zebra (bgpd registers its peers with bfdd there).
+        let names: &[&str] = if bfd {
+            &["zebra", "bfdd", "bgpd"]
+        } else {
+            &["bgpd"]
+        };
+        let zserv = dir.join("zserv.api");
         if bfd {
-            names.insert(0, "bfdd");
+            let ok = Command::new("chown")
+                .args(["frr:frr"])
+                .arg(&dir)
+                .status()
+                .map_err(io("chown frr:frr"))?;
+            if !ok.success() {
+                return Err(FrrError::Io {
+                    what: format!("chown frr:frr {}", dir.display()),
+                    source: std::io::Error::other("chown failed"),
+                });
+            }
         }
-        for d in names {
+        for &d in names {
             let conf = dir.join(format!("{d}.conf"));
             let text = if d == "bgpd" { config } else { "" };
             std::fs::write(&conf, text).map_err(io("writing the configuration"))?;
@@ -61,12 +77,18 @@ impl Frr {
                 .arg(dir.join(format!("{d}.pid")))
                 .arg("--vty_socket")
                 .arg(&dir)
-                .arg("-S")
                 .arg(format!(
                     "--log=file:{}",
                     dir.join(format!("{d}.log")).display()
                 ));
+            // bgpd stays root (-S); zebra and bfdd have no such switch and run as the
+            // package's user, in a directory of its own.
             if d == "bgpd" {
+                cmd.arg("-S");
+            }
+            if bfd {
+                cmd.arg("-z").arg(&zserv);
+            } else {
                 cmd.arg("-Z");
             }
             let child = cmd
@@ -115,6 +137,14 @@ impl Frr {
                 output: format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
             }),
         }
+    }
+
+    /// The state of bfdd's session with `peer` (`up`, `down`, ...), if it has one.
+    pub fn bfd_state(&self, peer: &str) -> Result<Option<String>, FrrError> {
+        let v = self.json("show bfd peers json")?;
+        Ok(v.as_array().into_iter().flatten().find_map(|p| {
+            (p["peer"] == peer).then(|| p["status"].as_str().unwrap_or("").to_string())
+        }))
     }
 
     /// Whether the session with `peer` is Established.

@@ -90,6 +90,7 @@ pub struct Metrics {
     pub bgp_routes_unannounced: Family<PeerLabel, Gauge>,
     pub bgp_updates_sent: Family<PeerLabel, Counter>,
     pub bgp_adj_rib_out_drift: Counter,
+    pub bfd_session_up: Family<PeerLabel, Gauge>,
     /// Why the agent is not ready (empty: ready), with a line each for `/readyz`.
     not_ready: Mutex<BTreeMap<NotReady, String>>,
 }
@@ -129,6 +130,7 @@ impl Metrics {
             bgp_routes_unannounced: Family::default(),
             bgp_updates_sent: Family::default(),
             bgp_adj_rib_out_drift: Counter::default(),
+            bfd_session_up: Family::default(),
             not_ready: Mutex::new(BTreeMap::from([(
                 NotReady::NotSynced,
                 "no sync has completed yet".to_string(),
@@ -280,6 +282,11 @@ impl Metrics {
             "bgp_adj_rib_out_drift",
             "Times an Established session's Adj-RIB-Out was found to differ from the routes to announce after it settled",
             m.bgp_adj_rib_out_drift.clone(),
+        );
+        r.register(
+            "bfd_session_up",
+            "1 while the BFD session with the BGP peer is Up (peers with the bfd field of bgp_peers)",
+            m.bfd_session_up.clone(),
         );
         Arc::new(m)
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kvip_bgp::{Local, Peer, Speaker, Status};
+use kvip_bgp::{Local, Peer, PeerView, Speaker, Status};
 use kvip_testkit::Netns;
 
 pub const ROUTER: &str = "192.0.2.1";
@@ -17,7 +17,7 @@ pub const NODE_AS: u32 = 64512;
 
 pub enum Cmd {
     Announce(BTreeSet<IpAddr>),
-    Status(mpsc::Sender<Vec<Status>>),
+    Status(mpsc::Sender<Vec<PeerView>>),
     Shutdown(mpsc::Sender<bool>),
 }
 
@@ -46,8 +46,7 @@ impl NodeSpeaker {
                     match c {
                         Cmd::Announce(r) => speaker.announce(r),
                         Cmd::Status(reply) => {
-                            let _ =
-                                reply.send(speaker.peers().into_iter().map(|(_, s)| s).collect());
+                            let _ = reply.send(speaker.peers().into_iter().collect());
                         }
                         Cmd::Shutdown(reply) => {
                             let _ = reply.send(speaker.shutdown(Duration::from_secs(5)).await);
@@ -70,6 +69,11 @@ impl NodeSpeaker {
     }
 
     pub fn status(&self) -> Vec<Status> {
+        self.views().into_iter().map(|v| v.status).collect()
+    }
+
+    /// Each peer's session and BFD state.
+    pub fn views(&self) -> Vec<PeerView> {
         let (tx, rx) = mpsc::channel();
         self.tx.send(Cmd::Status(tx)).expect("speaker thread");
         rx.recv().expect("status")
@@ -108,6 +112,7 @@ pub fn peer(password: Option<&str>, remote_as: u32) -> Peer {
         interface: None,
         next_hop_v4: None,
         next_hop_v6: None,
+        bfd: None,
     }
 }
 

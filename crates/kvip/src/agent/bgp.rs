@@ -111,9 +111,6 @@ pub(crate) async fn start(
             Some(mp) => next_hops(&am, cfg, mp).await?,
             None => (None, None),
         };
-        if p.bfd.is_some() {
-            tracing::warn!(peer = %p.address, "BFD is not implemented yet: the session relies on its hold time");
-        }
         peers.push(Peer {
             address: p.address,
             port: p.port,
@@ -124,6 +121,9 @@ pub(crate) async fn start(
             interface: cfg.source_if.clone(),
             next_hop_v4: pv4,
             next_hop_v6: pv6,
+            bfd: p
+                .bfd
+                .map(|b| (b.transmit_interval, b.receive_interval, b.multiplier)),
         });
     }
     tracing::info!(
@@ -177,11 +177,15 @@ async fn follow(
             }
             _ = tick.tick() => {
                 let want = routes.borrow().clone();
-                for (peer, st) in speaker.peers() {
+                for v in speaker.peers() {
+                    let (peer, st) = (v.peer, v.status);
                     let label = PeerLabel { peer: peer.address.to_string() };
                     let s = seen.entry(peer.address).or_default();
                     let up = st.state == State::Established;
                     m.bgp_session_up.get_or_create(&label).set(i64::from(up));
+                    if let Some(b) = v.bfd {
+                        m.bfd_session_up.get_or_create(&label).set(i64::from(b == kvip_bgp::bfd::BfdState::Up));
+                    }
                     m.bgp_routes_announced.get_or_create(&label).set(st.adj_rib_out.len() as i64);
                     m.bgp_routes_unannounced.get_or_create(&label).set(st.unannounced.len() as i64);
                     m.bgp_updates_sent.get_or_create(&label).inc_by(st.updates_sent.saturating_sub(s.updates));
