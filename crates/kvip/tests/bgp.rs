@@ -25,6 +25,11 @@ const PORT: u16 = 18080;
 const HOLD: u64 = 3;
 
 fn start(ns: &Netns, url: &str, tag: &str) -> Agent {
+    start_with(ns, url, tag, "192.0.2.1:65001")
+}
+
+/// `kvip run` in BGP mode with `peers` as `bgp_peers`.
+fn start_with(ns: &Netns, url: &str, tag: &str, peers: &str) -> Agent {
     let kubeconfig = common::write_kubeconfig(tag, url);
     let log = std::env::temp_dir().join(format!("kvip-agent-{tag}-{}.log", std::process::id()));
     let child = ns
@@ -40,10 +45,10 @@ fn start(ns: &Netns, url: &str, tag: &str) -> Agent {
             "egress_servicecidr=10.96.0.0/12",
             "bgp_enable=true",
             "bgp_as=64512",
-            "bgp_peers=192.0.2.1:65001",
             "bgp_keepalive_interval=1",
         ])
         .arg(format!("bgp_routerid={NODE}"))
+        .arg(format!("bgp_peers={peers}"))
         .arg(format!("bgp_hold_time={HOLD}"))
         .arg(format!("k8s_config_file={}", kubeconfig.display()))
         .args([KVIP, "run"])
@@ -216,6 +221,62 @@ fn bgp_announces_withdraws_and_routes_real_packets() {
         took >= Duration::from_secs(HOLD - 1),
         "gone after {took:?}: before the hold time ran out?"
     );
+    common::signal(&agent, "CONT");
+    wait_until(
+        "announced again after SIGCONT",
+        Duration::from_secs(15),
+        || diag(&agent),
+        || routed(&bird),
+    );
+}
+
+/// BFD (the `bfd` field of `bgp_peers`, 300 ms × 3) with BIRD's BFD: a frozen kvip stops
+/// sending BFD packets and the router drops its routes within the detection time rather
+/// than the hold time; thawed, kvip dials again and announces again.
+#[test]
+fn bgp_with_bfd_a_frozen_nodes_routes_go_within_the_detection_time() {
+    require_kernel!();
+    let (node, router) = common::node_pair("bgf");
+    node.addr("eth0", &format!("{NODE}/24")).expect("addr");
+    router.addr("eth0", "192.0.2.1/24").expect("addr");
+    let bird = Bird::start(
+        &router,
+        &format!(
+            "log stderr all;\nrouter id 192.0.2.1;\nprotocol device {{}}\nprotocol bfd {{ interface \"eth0\" {{ min rx interval 300 ms; min tx interval 300 ms; multiplier 3; }}; }}\nprotocol bgp n1 {{\n  local 192.0.2.1 as 65001;\n  neighbor {NODE} as 64512;\n  passive on;\n  bfd on;\n  error wait time 1, 2;\n  ipv4 {{ import all; export none; }};\n}}\n"
+        ),
+    )
+    .expect("bird");
+    let server = ApiServer::start().expect("api server");
+    let url = server.listen_in(&node).expect("listen");
+    let (rt, services, _) = common::api(&server);
+    rt.block_on(services.create(&PostParams::default(), &named_service("web", VIP, false)))
+        .expect("create the Service");
+    let agent = start_with(&node, &url, "bgf", "192.0.2.1:65001:::::true;300;300;3");
+    let diag = |a: &Agent| format!("{}\n{}", a.log(), bird.log());
+    wait_until(
+        "announced, with BFD up",
+        Duration::from_secs(20),
+        || diag(&agent),
+        || {
+            routed(&bird)
+                && bird
+                    .cmd("show bfd sessions")
+                    .is_ok_and(|o| o.lines().any(|l| l.contains(NODE) && l.contains(" Up ")))
+                && common::try_http_get(&node, "/metrics")
+                    .is_some_and(|m| m.contains("kvip_bfd_session_up{peer=\"192.0.2.1\"} 1"))
+        },
+    );
+    common::signal(&agent, "STOP");
+    let t = Instant::now();
+    wait_until(
+        "withdrawn by the router after BFD's detection time",
+        Duration::from_secs(HOLD),
+        || diag(&agent),
+        || !routed(&bird),
+    );
+    let took = t.elapsed();
+    eprintln!("the frozen node's route went after {took:?} (hold time {HOLD} s)");
+    assert!(took < Duration::from_millis(HOLD * 1000 / 2), "{took:?}");
     common::signal(&agent, "CONT");
     wait_until(
         "announced again after SIGCONT",
