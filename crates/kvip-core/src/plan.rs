@@ -60,6 +60,10 @@ pub struct EndpointInfo {
     pub address: IpAddr,
     pub node: Option<String>,
     pub ready: bool,
+    /// The `serving` condition: ready, or terminating and still answering. A node whose
+    /// local endpoints are terminating but serving keeps an `externalTrafficPolicy: Local`
+    /// Service (kube-proxy sends it traffic then too).
+    pub serving: bool,
 }
 
 /// The cluster's networks, with where each came from (for logs and metrics).
@@ -357,19 +361,24 @@ fn draft(
         }
         !reserved
     });
+    let on_node = |e: &&EndpointInfo| e.node.as_deref() == Some(cfg.node_name.as_str());
     let local: Vec<IpAddr> = {
         let mut v: Vec<IpAddr> = endpoints
             .iter()
-            .filter(|e| e.ready && e.node.as_deref() == Some(cfg.node_name.as_str()))
+            .filter(|e| e.ready && on_node(e))
             .map(|e| e.address)
             .collect();
         v.sort();
         v.dedup();
         v
     };
+    // Egress translates ready pods only; traffic (externalTrafficPolicy: Local) may still go
+    // to a terminating pod that serves.
+    let serving = endpoints.iter().any(|e| (e.ready || e.serving) && on_node(&e));
+    let has_local = if a.egress { !local.is_empty() } else { serving };
     let needs_local = s.traffic_policy_local || a.egress;
     sp.candidate =
-        !snap.node_excluded && !sp.vips.is_empty() && (!needs_local || !local.is_empty());
+        !snap.node_excluded && !sp.vips.is_empty() && (!needs_local || has_local);
     sp.held = sp.candidate && holds;
     let mut claims = Vec::new();
     let mut egress = Vec::new();
@@ -611,6 +620,7 @@ mod tests {
             address: addr.parse().unwrap(),
             node: Some(node.into()),
             ready: true,
+            serving: true,
         }
     }
 
@@ -682,6 +692,33 @@ mod tests {
             "{:?}",
             sp.warnings
         );
+    }
+
+    /// `externalTrafficPolicy: Local`: a node whose only local endpoint is terminating but
+    /// still serving keeps the Service (and, with BGP, its route); one that no longer serves
+    /// does not. Egress needs a ready pod to translate.
+    #[test]
+    fn terminating_but_serving_endpoints_keep_a_local_service() {
+        let mut s = svc("default", "web", &[(ann::LOADBALANCER_IPS, "198.51.100.10")]);
+        s.traffic_policy_local = true;
+        let terminating = |serving: bool| EndpointInfo {
+            ready: false,
+            serving,
+            ..ep("10.244.1.5", "n1")
+        };
+        for (serving, held) in [(true, true), (false, false)] {
+            let sn = snap(vec![s.clone()], vec![("default/web", vec![terminating(serving)])]);
+            let p = plan(&sn, &Leadership::Global(true), &cfg());
+            let sp = p.services.values().next().expect("planned");
+            assert_eq!((sp.candidate, sp.held), (held, held), "serving: {serving}");
+            let d = p.desired.as_ref().expect("valid");
+            assert_eq!(d.vips().len(), usize::from(held));
+        }
+        let mut e = s.clone();
+        e.annotations.insert(ann::EGRESS.into(), "true".into());
+        let sn = snap(vec![e], vec![("default/web", vec![terminating(true)])]);
+        let p = plan(&sn, &Leadership::Global(true), &cfg());
+        assert!(!p.services.values().next().expect("planned").candidate);
     }
 
     #[test]

@@ -207,6 +207,7 @@ mod planning {
                         },
                         node: Some(format!("n{node}")),
                         ready,
+                        serving: ready,
                     })
                     .collect();
                 (s, eps)

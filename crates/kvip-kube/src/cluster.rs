@@ -358,15 +358,61 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Option<(ServiceKey, Vec<Endpoin
     let mut out = Vec::new();
     for ep in &slice.endpoints {
         let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        // `serving` unset: as `ready` (the API's definition).
+        let serving = ep
+            .conditions
+            .as_ref()
+            .and_then(|c| c.serving)
+            .unwrap_or(ready);
         for a in &ep.addresses {
             if let Ok(address) = a.parse::<IpAddr>() {
                 out.push(EndpointInfo {
                     address,
                     node: ep.node_name.clone(),
                     ready,
+                    serving,
                 });
             }
         }
     }
     Some((key, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slice_endpoints_read_ready_and_serving_as_the_api_defines_them() {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.244.1.1"], "nodeName": "n1"},
+                {"addresses": ["10.244.1.2"], "nodeName": "n1",
+                 "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.244.1.3"], "nodeName": "n1",
+                 "conditions": {"ready": false, "serving": false, "terminating": true}},
+                {"addresses": ["10.244.1.4"], "conditions": {"ready": false}},
+                {"addresses": ["not-an-ip"]}
+            ]
+        }))
+        .expect("slice");
+        let (key, eps) = slice_endpoints(&slice).expect("a Service's slice");
+        assert_eq!(key.to_string(), "default/web");
+        let got: Vec<(String, bool, bool)> = eps
+            .iter()
+            .map(|e| (e.address.to_string(), e.ready, e.serving))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.244.1.1".to_string(), true, true),
+                ("10.244.1.2".to_string(), false, true),
+                ("10.244.1.3".to_string(), false, false),
+                ("10.244.1.4".to_string(), false, false),
+            ]
+        );
+    }
 }

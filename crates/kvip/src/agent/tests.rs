@@ -60,6 +60,7 @@ fn snapshot(services: &[(&str, &str, &str)]) -> Snapshot {
                         address: pod.parse().unwrap(),
                         node: Some("n1".into()),
                         ready: true,
+                        serving: true,
                     }]
                     .into(),
                 )
