@@ -374,11 +374,12 @@ fn draft(
     };
     // Egress translates ready pods only; traffic (externalTrafficPolicy: Local) may still go
     // to a terminating pod that serves.
-    let serving = endpoints.iter().any(|e| (e.ready || e.serving) && on_node(&e));
+    let serving = endpoints
+        .iter()
+        .any(|e| (e.ready || e.serving) && on_node(&e));
     let has_local = if a.egress { !local.is_empty() } else { serving };
     let needs_local = s.traffic_policy_local || a.egress;
-    sp.candidate =
-        !snap.node_excluded && !sp.vips.is_empty() && (!needs_local || has_local);
+    sp.candidate = !snap.node_excluded && !sp.vips.is_empty() && (!needs_local || has_local);
     sp.held = sp.candidate && holds;
     let mut claims = Vec::new();
     let mut egress = Vec::new();
@@ -699,7 +700,11 @@ mod tests {
     /// does not. Egress needs a ready pod to translate.
     #[test]
     fn terminating_but_serving_endpoints_keep_a_local_service() {
-        let mut s = svc("default", "web", &[(ann::LOADBALANCER_IPS, "198.51.100.10")]);
+        let mut s = svc(
+            "default",
+            "web",
+            &[(ann::LOADBALANCER_IPS, "198.51.100.10")],
+        );
         s.traffic_policy_local = true;
         let terminating = |serving: bool| EndpointInfo {
             ready: false,
@@ -707,7 +712,10 @@ mod tests {
             ..ep("10.244.1.5", "n1")
         };
         for (serving, held) in [(true, true), (false, false)] {
-            let sn = snap(vec![s.clone()], vec![("default/web", vec![terminating(serving)])]);
+            let sn = snap(
+                vec![s.clone()],
+                vec![("default/web", vec![terminating(serving)])],
+            );
             let p = plan(&sn, &Leadership::Global(true), &cfg());
             let sp = p.services.values().next().expect("planned");
             assert_eq!((sp.candidate, sp.held), (held, held), "serving: {serving}");

@@ -38,7 +38,7 @@ pub enum Severity {
 pub struct Finding {
     /// A stable name for scripts: `vip-interface`, `ip-forward`, `rp-filter`,
     /// `kube-vip-leftovers`, `iptables-split`, `masquerade-first`, `kvip-stray`, `cidrs`,
-    /// `rbac`, `state-differs`.
+    /// `rbac`, `state-differs`, `bgp-agent`, `bgp-peer`, `bfd`, `bgp-next-hop`.
     pub check: &'static str,
     pub severity: Severity,
     pub problem: String,
@@ -173,6 +173,9 @@ pub async fn run(cfg: &AgentConfig) -> Result<Report> {
             None
         }
     };
+    if cfg.bgp.is_some() {
+        check_bgp(&mut r, &cfg.prometheus_server).await;
+    }
     let client = match crate::agent::client(cfg).await {
         Ok(c) => c,
         Err(e) => {
@@ -185,6 +188,91 @@ pub async fn run(cfg: &AgentConfig) -> Result<Report> {
     };
     check_api(&mut r, cfg, client, interface, observed).await;
     Ok(r)
+}
+
+/// The running agent's `/bgp`, on its metrics address.
+async fn agent_bgp(prometheus_server: &str) -> Result<Vec<crate::metrics::BgpPeerReport>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = crate::metrics::listen_address(prometheus_server).map_err(|e| e.to_string())?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /bgp HTTP/1.0\r\nHost: kvip\r\n\r\n")
+            .await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let out = tokio::time::timeout(std::time::Duration::from_secs(2), ask)
+        .await
+        .map_err(|_| format!("{addr} did not answer within 2 s"))?
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{addr}: not an HTTP answer"))?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "{addr}/bgp answered {}",
+            head.lines().next().unwrap_or("")
+        ));
+    }
+    serde_json::from_str(body).map_err(|e| format!("{addr}/bgp: {e}"))
+}
+
+/// BGP mode: each peer's session, as the running agent reports it.
+async fn check_bgp(r: &mut Report, prometheus_server: &str) {
+    let peers = match agent_bgp(prometheus_server).await {
+        Ok(p) => p,
+        Err(e) => {
+            r.finding(
+                "bgp-agent",
+                Severity::Warning,
+                format!("the BGP sessions could not be read from the running agent: {e}"),
+                "run kvip doctor on a node where kvip runs, with the same prometheus_server".into(),
+            );
+            return;
+        }
+    };
+    let up = peers.iter().filter(|p| p.state == "established").count();
+    r.fact("BGP", format!("{} peer(s), {up} established", peers.len()));
+    for p in &peers {
+        if p.state != "established" {
+            r.finding(
+                "bgp-peer",
+                Severity::Error,
+                format!(
+                    "the BGP session with {} (AS {}) is {}: {}",
+                    p.peer,
+                    p.remote_as,
+                    p.state,
+                    p.last_error.as_deref().unwrap_or("no attempt has finished yet")
+                ),
+                "check the router's neighbour for this node (address, AS, password), that TCP port 179 reaches it, and the agent's log".into(),
+            );
+        } else if let Some(b) = p.bfd.as_deref().filter(|b| *b != "up") {
+            r.finding(
+                "bfd",
+                Severity::Warning,
+                format!("the BFD session with {} is {b} while BGP is established", p.peer),
+                "enable BFD for this node on the router (kvip sends to UDP port 3784), or remove the bfd field from bgp_peers".into(),
+            );
+        }
+        if !p.routes_unannounced.is_empty() {
+            r.finding(
+                "bgp-next-hop",
+                Severity::Warning,
+                format!(
+                    "{} cannot be announced to {}: no next hop of their family on this session",
+                    p.routes_unannounced.join(", "),
+                    p.peer
+                ),
+                "set bgp_sourceif (its global addresses are the next hops), or mpbgp_nexthop=fixed with mpbgp_ipv4/mpbgp_ipv6".into(),
+            );
+        }
+    }
 }
 
 async fn check_interface(r: &mut Report, interface: Option<&str>) {

@@ -47,6 +47,21 @@ pub struct PermissionLabel {
     pub namespace: String,
 }
 
+/// One BGP peer's session as `/bgp` shows it (read by `kvip doctor`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BgpPeerReport {
+    pub peer: String,
+    pub remote_as: u32,
+    /// `idle`, `connect`, `open_sent`, `open_confirm` or `established`.
+    pub state: String,
+    /// Why the last session ended or the last attempt failed.
+    pub last_error: Option<String>,
+    pub routes_announced: usize,
+    pub routes_unannounced: Vec<String>,
+    /// The BFD session's state, for a peer with BFD.
+    pub bfd: Option<String>,
+}
+
 /// Why `/readyz` answers not ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum NotReady {
@@ -93,6 +108,8 @@ pub struct Metrics {
     pub bfd_session_up: Family<PeerLabel, Gauge>,
     /// Why the agent is not ready (empty: ready), with a line each for `/readyz`.
     not_ready: Mutex<BTreeMap<NotReady, String>>,
+    /// The BGP sessions (`bgp_enable`), for `/bgp`; `None` without BGP.
+    bgp_peers: Mutex<Option<Vec<BgpPeerReport>>>,
 }
 
 impl Metrics {
@@ -131,6 +148,7 @@ impl Metrics {
             bgp_updates_sent: Family::default(),
             bgp_adj_rib_out_drift: Counter::default(),
             bfd_session_up: Family::default(),
+            bgp_peers: Mutex::new(None),
             not_ready: Mutex::new(BTreeMap::from([(
                 NotReady::NotSynced,
                 "no sync has completed yet".to_string(),
@@ -300,6 +318,19 @@ impl Metrics {
         };
     }
 
+    /// Sets what `/bgp` shows.
+    pub fn set_bgp_peers(&self, peers: Vec<BgpPeerReport>) {
+        *self.bgp_peers.lock().unwrap_or_else(|p| p.into_inner()) = Some(peers);
+    }
+
+    /// What `/bgp` shows: `None` without BGP.
+    pub fn bgp_peers(&self) -> Option<Vec<BgpPeerReport>> {
+        self.bgp_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The reasons the agent is not ready, one per line; empty when ready.
     pub fn readiness(&self) -> Vec<String> {
         let g = self.not_ready.lock().unwrap_or_else(|p| p.into_inner());
@@ -325,6 +356,14 @@ async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// The BGP sessions, as JSON; 404 when BGP mode is off.
+async fn bgp(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.bgp_peers() {
+        Some(p) => axum::Json(p).into_response(),
+        None => (StatusCode::NOT_FOUND, "BGP mode is off (bgp_enable)\n").into_response(),
     }
 }
 
@@ -364,6 +403,7 @@ pub fn serve(
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/bgp", get(bgp))
         .with_state(m);
     tasks.spawn(async move {
         if let Err(e) = axum::serve(listener, app)

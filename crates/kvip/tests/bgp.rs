@@ -28,35 +28,70 @@ fn start(ns: &Netns, url: &str, tag: &str) -> Agent {
     start_with(ns, url, tag, "192.0.2.1:65001")
 }
 
+/// The settings of a node in BGP mode with `peers` as `bgp_peers`.
+fn settings(peers: &str, kubeconfig: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "NODE_NAME=n1",
+        "POD_NAMESPACE=kube-system",
+        // With BGP the VIP goes on the loopback, without ARP, as kube-vip's BGP mode.
+        "vip_interface=lo",
+        "vip_arp=false",
+        "vip_leaderelection=false",
+        "egress_podcidr=10.244.0.0/16",
+        "egress_servicecidr=10.96.0.0/12",
+        "bgp_enable=true",
+        "bgp_as=64512",
+        "bgp_keepalive_interval=1",
+    ]
+    .map(String::from)
+    .to_vec();
+    v.push(format!("bgp_routerid={NODE}"));
+    v.push(format!("bgp_peers={peers}"));
+    v.push(format!("bgp_hold_time={HOLD}"));
+    v.push(format!("k8s_config_file={}", kubeconfig.display()));
+    v
+}
+
 /// `kvip run` in BGP mode with `peers` as `bgp_peers`.
 fn start_with(ns: &Netns, url: &str, tag: &str, peers: &str) -> Agent {
     let kubeconfig = common::write_kubeconfig(tag, url);
     let log = std::env::temp_dir().join(format!("kvip-agent-{tag}-{}.log", std::process::id()));
     let child = ns
         .clean_env_command()
-        .args([
-            "NODE_NAME=n1",
-            "POD_NAMESPACE=kube-system",
-            // With BGP the VIP goes on the loopback, without ARP, as kube-vip's BGP mode.
-            "vip_interface=lo",
-            "vip_arp=false",
-            "vip_leaderelection=false",
-            "egress_podcidr=10.244.0.0/16",
-            "egress_servicecidr=10.96.0.0/12",
-            "bgp_enable=true",
-            "bgp_as=64512",
-            "bgp_keepalive_interval=1",
-        ])
-        .arg(format!("bgp_routerid={NODE}"))
-        .arg(format!("bgp_peers={peers}"))
-        .arg(format!("bgp_hold_time={HOLD}"))
-        .arg(format!("k8s_config_file={}", kubeconfig.display()))
+        .args(settings(peers, &kubeconfig))
         .args([KVIP, "run"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
         .expect("kvip run");
     Agent { child, log }
+}
+
+/// `kvip doctor --output json` on the node, with the agent's settings.
+fn doctor(ns: &Netns, kubeconfig: &std::path::Path) -> serde_json::Value {
+    let out = ns
+        .clean_env_command()
+        .args(settings("192.0.2.1:65001", kubeconfig))
+        .args([KVIP, "doctor", "--output", "json"])
+        .output()
+        .expect("kvip doctor");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The findings of `check` in a doctor report.
+fn findings<'a>(report: &'a serde_json::Value, check: &str) -> Vec<&'a serde_json::Value> {
+    report["findings"]
+        .as_array()
+        .expect("a doctor report has findings")
+        .iter()
+        .filter(|f| f["check"] == check)
+        .collect()
 }
 
 /// Whether BIRD has the VIP's route via the node.
@@ -141,6 +176,41 @@ fn bgp_announces_withdraws_and_routes_real_packets() {
             })
         },
     );
+
+    // kvip doctor reads the sessions from the running agent.
+    let kubeconfig = common::write_kubeconfig("bgd", &url);
+    let report = doctor(&node, &kubeconfig);
+    assert!(
+        report["facts"].as_array().is_some_and(|f| f
+            .iter()
+            .any(|f| f["name"] == "BGP" && f["value"] == "1 peer(s), 1 established")),
+        "{report:#}"
+    );
+    assert!(findings(&report, "bgp-peer").is_empty(), "{report:#}");
+    // The router shuts the session down: doctor names the peer and why.
+    bird.cmd("disable n1").expect("birdc");
+    wait_until(
+        "doctor reports the peer down",
+        Duration::from_secs(5),
+        || diag(&agent),
+        || {
+            findings(&doctor(&node, &kubeconfig), "bgp-peer")
+                .iter()
+                .any(|f| {
+                    f["problem"]
+                        .as_str()
+                        .is_some_and(|p| p.contains("192.0.2.1 (AS 65001)") && p.contains(": "))
+                })
+        },
+    );
+    bird.cmd("enable n1").expect("birdc");
+    wait_until(
+        "established again",
+        Duration::from_secs(15),
+        || diag(&agent),
+        || routed(&bird),
+    );
+    let _ = std::fs::remove_file(&kubeconfig);
 
     // The Service deleted: withdrawn within 1 s; the router no longer reaches the VIP.
     let t = Instant::now();

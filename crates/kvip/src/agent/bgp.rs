@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::metrics::{Metrics, PeerLabel};
+use crate::metrics::{BgpPeerReport, Metrics, PeerLabel};
 
 /// How often the sessions' state is read into the metrics and checked.
 const LOOK: Duration = Duration::from_millis(500);
@@ -177,7 +177,17 @@ async fn follow(
             }
             _ = tick.tick() => {
                 let want = routes.borrow().clone();
-                for v in speaker.peers() {
+                let views = speaker.peers();
+                m.set_bgp_peers(views.iter().map(|v| BgpPeerReport {
+                    peer: v.peer.address.to_string(),
+                    remote_as: v.peer.remote_as,
+                    state: v.status.state.as_str().into(),
+                    last_error: v.status.last_error.as_ref().map(|e| kvip_kube::Causes(e).to_string()),
+                    routes_announced: v.status.adj_rib_out.len(),
+                    routes_unannounced: v.status.unannounced.iter().map(ToString::to_string).collect(),
+                    bfd: v.bfd.map(|b| b.as_str().into()),
+                }).collect());
+                for v in views {
                     let (peer, st) = (v.peer, v.status);
                     let label = PeerLabel { peer: peer.address.to_string() };
                     let s = seen.entry(peer.address).or_default();
