@@ -24,6 +24,7 @@ const SLOW: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum BfdState {
+    /// Published for the peer's administrative down (and at kvip's own stop): no failure.
     AdminDown = 0,
     Down = 1,
     Init = 2,
@@ -146,13 +147,20 @@ pub enum BfdError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the BFD receiver on port 3784 could not start: {0}")]
+    Receiver(Arc<std::io::Error>),
 }
+
+/// Whether a family's receiver started.
+type ReceiverStart = Result<(), Arc<std::io::Error>>;
 
 /// The per-family receivers on port 3784, handing packets to sessions by source address.
 #[derive(Clone, Default)]
 pub struct Receivers {
     routes: Arc<Mutex<HashMap<IpAddr, mpsc::Sender<Packet>>>>,
-    started: Arc<Mutex<[bool; 2]>>,
+    /// Per family: whether its receiver runs (`Some(Ok)`), or why it could not start (every
+    /// session of that family gets the error).
+    started: Arc<Mutex<[Option<ReceiverStart>; 2]>>,
 }
 
 fn socket_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BfdError {
@@ -168,27 +176,16 @@ impl Receivers {
         stop: &CancellationToken,
     ) -> Result<(), BfdError> {
         let fam = usize::from(peer.is_ipv6());
-        let start = {
-            let mut s = self.started.lock().unwrap_or_else(|p| p.into_inner());
-            !std::mem::replace(&mut s[fam], true)
-        };
-        if start {
-            let bind: SocketAddr = if peer.is_ipv6() {
-                (Ipv6Addr::UNSPECIFIED, CONTROL_PORT).into()
-            } else {
-                (Ipv4Addr::UNSPECIFIED, CONTROL_PORT).into()
-            };
-            let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))
-                .map_err(socket_err("receiver"))?;
-            if peer.is_ipv6() {
-                s.set_only_v6(true).map_err(socket_err("receiver"))?;
+        {
+            let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+            let r = started[fam].get_or_insert_with(|| {
+                let sock = receiver(peer.is_ipv6()).map_err(Arc::new)?;
+                tokio::spawn(receive(sock, self.routes.clone(), stop.clone()));
+                Ok(())
+            });
+            if let Err(e) = r {
+                return Err(BfdError::Receiver(e.clone()));
             }
-            s.set_reuse_address(true).map_err(socket_err("receiver"))?;
-            s.set_nonblocking(true).map_err(socket_err("receiver"))?;
-            s.bind(&bind.into())
-                .map_err(socket_err("binding port 3784"))?;
-            let sock = UdpSocket::from_std(s.into()).map_err(socket_err("receiver"))?;
-            tokio::spawn(receive(sock, self.routes.clone(), stop.clone()));
         }
         self.routes
             .lock()
@@ -196,6 +193,22 @@ impl Receivers {
             .insert(peer, tx);
         Ok(())
     }
+}
+
+/// The receiving socket of one family on port 3784 (not shared with another daemon).
+fn receiver(v6: bool) -> std::io::Result<UdpSocket> {
+    let bind: SocketAddr = if v6 {
+        (Ipv6Addr::UNSPECIFIED, CONTROL_PORT).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, CONTROL_PORT).into()
+    };
+    let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    if v6 {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&bind.into())?;
+    UdpSocket::from_std(s.into())
 }
 
 async fn receive(
@@ -259,8 +272,9 @@ fn sender(s: &BfdSettings, disc: u32) -> Result<UdpSocket, BfdError> {
     for i in 0..16384u32 {
         let port = 49152 + ((disc.wrapping_add(i)) % 16384) as u16;
         bound = sock.bind(&SocketAddr::new(ip, port).into());
-        if bound.is_ok() {
-            break;
+        match &bound {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            _ => break,
         }
     }
     bound.map_err(socket_err("binding a source port"))?;
@@ -286,13 +300,15 @@ fn discriminator(peer: IpAddr) -> u32 {
     if d == 0 { 1 } else { d }
 }
 
-/// `d` shortened by a random 0–25 % (RFC 5880 6.8.7's jitter).
-fn jittered(d: Duration, seed: &mut u32) -> Duration {
+/// `d` shortened by a random 0–25 % (RFC 5880 6.8.7's jitter; 10–25 % with a detection
+/// multiplier of 1).
+fn jittered(d: Duration, multiplier: u8, seed: &mut u32) -> Duration {
     // xorshift: enough to spread the transmissions.
     *seed ^= *seed << 13;
     *seed ^= *seed >> 17;
     *seed ^= *seed << 5;
-    let pct = 75 + (*seed % 26);
+    let span = if multiplier == 1 { 16 } else { 26 };
+    let pct = 75 + (*seed % span);
     d * pct / 100
 }
 
@@ -338,6 +354,8 @@ pub async fn run(
     loop {
         let detect = crate::session::sleep_until_opt(detect_at);
         tokio::select! {
+            // A packet already received counts before the detection time is judged.
+            biased;
             _ = stop.cancelled() => {
                 let p = packet(BfdState::AdminDown, diag::ADMIN_DOWN, desired_tx, remote_disc, false, false);
                 let _ = sock.send(&p.encode()).await;
@@ -345,12 +363,16 @@ pub async fn run(
                 return Ok(());
             }
             _ = tokio::time::sleep_until(next_tx) => {
-                let p = packet(local, local_diag, desired_tx, remote_disc, polling, false);
-                if let Err(e) = sock.send(&p.encode()).await {
-                    tracing::debug!(peer = %s.peer, error = %e, "BFD send");
+                // RFC 5880 6.8.7: a peer that asks for no packets (Required Min RX 0) gets
+                // none but answers.
+                if !remote_min_rx.is_zero() {
+                    let p = packet(local, local_diag, desired_tx, remote_disc, polling, false);
+                    if let Err(e) = sock.send(&p.encode()).await {
+                        tracing::debug!(peer = %s.peer, error = %e, "BFD send");
+                    }
                 }
                 let interval = desired_tx.max(remote_min_rx);
-                next_tx = Instant::now() + jittered(interval, &mut seed);
+                next_tx = Instant::now() + jittered(interval, s.multiplier, &mut seed);
             }
             _ = detect => {
                 // RFC 5880 6.8.4: no packet within the detection time.
@@ -369,6 +391,12 @@ pub async fn run(
                 if p.your_disc != 0 && p.your_disc != my_disc {
                     continue;
                 }
+                // An Up session takes only packets that name it: one without our
+                // discriminator (a spoofed Down, a peer that restarted) is left to the
+                // detection time.
+                if p.your_disc == 0 && local == BfdState::Up {
+                    continue;
+                }
                 remote_disc = p.my_disc;
                 remote_min_rx = p.required_min_rx;
                 let (remote_desired_tx, remote_mult) = (p.desired_min_tx, p.detect_mult);
@@ -376,10 +404,12 @@ pub async fn run(
                     polling = false;
                 }
                 let before = local;
+                let mut admin_down = false;
                 if p.state == BfdState::AdminDown {
                     if local != BfdState::Down {
                         local = BfdState::Down;
                         local_diag = diag::NEIGHBOR_SIGNALED_DOWN;
+                        admin_down = true;
                     }
                 } else {
                     match (local, p.state) {
@@ -402,9 +432,11 @@ pub async fn run(
                     } else if local == BfdState::Down {
                         desired_tx = SLOW;
                         polling = false;
-                        tracing::warn!(peer = %s.peer, "BFD session down (the peer said so)");
+                        tracing::warn!(peer = %s.peer, admin_down, "BFD session down (the peer said so)");
                     }
-                    state.send_replace(local);
+                    // RFC 5882 3.2: the peer's administrative down is no path failure; it is
+                    // published as AdminDown, which BGP does not act on.
+                    state.send_replace(if admin_down { BfdState::AdminDown } else { local });
                 }
                 // The detection time (RFC 5880 6.8.4), restarted by every packet.
                 detect_at = (p.state != BfdState::AdminDown).then(|| {
@@ -458,8 +490,10 @@ mod tests {
     fn jitter_stays_within_75_to_100_percent() {
         let mut seed = 12345;
         for _ in 0..1000 {
-            let j = jittered(Duration::from_millis(300), &mut seed);
+            let j = jittered(Duration::from_millis(300), 3, &mut seed);
             assert!(j >= Duration::from_millis(225) && j <= Duration::from_millis(300));
+            let j = jittered(Duration::from_millis(300), 1, &mut seed);
+            assert!(j >= Duration::from_millis(225) && j <= Duration::from_millis(270));
         }
     }
 }

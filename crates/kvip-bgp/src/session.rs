@@ -37,8 +37,8 @@ pub struct Local {
     pub next_hop_v6: Option<Ipv6Addr>,
 }
 
-/// One peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One peer. Its `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Peer {
     pub address: IpAddr,
     pub port: u16,
@@ -53,6 +53,23 @@ pub struct Peer {
     pub next_hop_v6: Option<Ipv6Addr>,
     /// BFD for this session: (transmit interval, receive interval, multiplier).
     pub bfd: Option<(Duration, Duration, u8)>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("address", &self.address)
+            .field("port", &self.port)
+            .field("remote_as", &self.remote_as)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("multihop", &self.multihop)
+            .field("source", &self.source)
+            .field("interface", &self.interface)
+            .field("next_hop_v4", &self.next_hop_v4)
+            .field("next_hop_v6", &self.next_hop_v6)
+            .field("bfd", &self.bfd)
+            .finish()
+    }
 }
 
 impl Peer {
@@ -199,7 +216,7 @@ async fn reader(mut r: OwnedReadHalf, tx: mpsc::Sender<Result<Message, SessionEr
     let mut chunk = vec![0u8; 8192];
     loop {
         loop {
-            match wire::decode(&buf) {
+            match wire::decode_received(&buf) {
                 Ok(Some((m, used))) => {
                     buf.drain(..used);
                     if tx.send(Ok(m)).await.is_err() {
@@ -469,11 +486,19 @@ async fn established(
                 let (msgs, _) = wire::encode_updates(&routing, &[], &all);
                 for m in &msgs {
                     if c.send(m).await.is_err() {
-                        break;
+                        // Part of a message may be on the wire: a NOTIFICATION after it
+                        // would be read as its rest. Closing is all that is left.
+                        return Ok(());
                     }
                 }
                 c.notify(code::CEASE, code::CEASE_ADMIN_SHUTDOWN).await;
                 return Ok(());
+            }
+            // Our keepalives before the peer's messages: a peer streaming UPDATEs must not
+            // hold them off until its hold timer runs out.
+            _ = sleep_until_opt(next_keepalive) => {
+                c.send(&wire::encode_keepalive()).await?;
+                next_keepalive = keepalive.map(|k| Instant::now() + k);
             }
             m = c.rx.recv() => {
                 match m {
@@ -496,7 +521,7 @@ async fn established(
                     let now = bfd.as_ref().map(|b| *b.borrow());
                     if now == Some(BfdState::Up) {
                         bfd_was_up = true;
-                    } else if bfd_was_up {
+                    } else if bfd_was_up && now != Some(BfdState::AdminDown) {
                         // RFC 9384: Cease, BFD Down.
                         c.notify(code::CEASE, 10).await;
                         return Err(SessionError::BfdDown);
@@ -509,10 +534,7 @@ async fn established(
                 c.notify(code::HOLD_TIMER_EXPIRED, 0).await;
                 return Err(SessionError::HoldTimerExpired(hold));
             }
-            _ = sleep_until_opt(next_keepalive) => {
-                c.send(&wire::encode_keepalive()).await?;
-                next_keepalive = keepalive.map(|k| Instant::now() + k);
-            }
+
             changed = routes.changed() => {
                 if changed.is_err() {
                     // The speaker is gone without a stop: nothing more to follow.

@@ -9,8 +9,8 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpStream;
 
-/// Where and how to dial a peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where and how to dial a peer. Its `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Dial {
     pub peer: SocketAddr,
     pub source: Option<IpAddr>,
@@ -18,6 +18,18 @@ pub struct Dial {
     pub password: Option<String>,
     /// IP TTL (IPv6 hop limit) of the session's packets; `None`: the system's.
     pub ttl: Option<u32>,
+}
+
+impl std::fmt::Debug for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dial")
+            .field("peer", &self.peer)
+            .field("source", &self.source)
+            .field("interface", &self.interface)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ttl", &self.ttl)
+            .finish()
+    }
 }
 
 /// Which step of opening the connection failed.
@@ -141,6 +153,15 @@ pub async fn dial(d: &Dial, timeout: Duration) -> Result<TcpStream, DialError> {
     .map_err(at(Step::Socket))?;
     s.set_nonblocking(true).map_err(at(Step::Socket))?;
     s.set_tcp_nodelay(true).map_err(at(Step::Socket))?;
+    // A peer that vanished without a word is found even with a hold time of 0 (no BGP
+    // keepalives): TCP's own, after about 20 s of silence.
+    s.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(3))
+            .with_retries(3),
+    )
+    .map_err(at(Step::Socket))?;
     if let Some(k) = &d.password {
         set_md5(&s, d.peer, k.as_bytes()).map_err(at(Step::Md5))?;
     }

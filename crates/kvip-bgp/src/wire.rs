@@ -326,9 +326,20 @@ pub fn encode_open(o: &Open) -> Vec<u8> {
     frame(OPEN, &body)
 }
 
+/// As [`decode`], for what a peer sends an announce-only speaker: the body of an UPDATE is
+/// not read (kvip takes no routes), so a route it could not parse never ends the session
+/// (and withdraws every VIP); the message is returned empty.
+pub fn decode_received(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
+    decode_with(buf, false)
+}
+
 /// Decodes one message from the front of `buf`: `None` while it is incomplete, else the
 /// message and how many bytes it took.
 pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
+    decode_with(buf, true)
+}
+
+fn decode_with(buf: &[u8], updates: bool) -> Result<Option<(Message, usize)>, WireError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
@@ -354,7 +365,8 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
     let body = &buf[HEADER_LEN..len];
     let m = match kind {
         OPEN => Message::Open(decode_open(body)?),
-        UPDATE => Message::Update(decode_update(body)?),
+        UPDATE if updates => Message::Update(decode_update(body)?),
+        UPDATE => Message::Update(Update::default()),
         NOTIFICATION => Message::Notification(Notification {
             code: body[0],
             subcode: body[1],

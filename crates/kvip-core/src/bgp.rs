@@ -147,8 +147,17 @@ fn redact(entry: &str) -> String {
     let (head, rest) = match entry.find(']') {
         Some(end) if entry.starts_with('[') => entry.split_at(end + 1),
         _ => match entry.split_once(':') {
-            Some((a, _)) => entry.split_at(a.len()),
-            None => return entry.to_string(),
+            Some((a, _)) if a.parse::<IpAddr>().is_ok() => entry.split_at(a.len()),
+            // The fields cannot be told apart (an IPv6 address without brackets, an
+            // unnumbered peer): nothing after the first two is shown.
+            _ => {
+                let mut f = entry.splitn(3, ':');
+                let shown: Vec<&str> = f.by_ref().take(2).collect();
+                return match f.next() {
+                    Some(_) => format!("{}:***", shown.join(":")),
+                    None => entry.to_string(),
+                };
+            }
         },
     };
     // rest: ":AS:password:..."
@@ -295,6 +304,9 @@ pub fn parse_peer(entry: &str) -> Result<BgpPeer, ConfigError> {
             on.then_some(bfd)
         }
     };
+    if bfd.is_some() && multihop {
+        return Err(bad("BFD is single-hop only (RFC 5881): not with multihop"));
+    }
     Ok(BgpPeer {
         address,
         remote_as,
@@ -463,13 +475,18 @@ mod tests {
         // only addresses without colons fit there. This entry is therefore refused.
         assert!(p.is_err());
         let p = parse_peer(
-            "192.0.2.1:65001:s3cret:true:1179:mpbgp_nexthop=auto_sourceip:true;100;200;5",
+            "192.0.2.1:65001:s3cret:false:1179:mpbgp_nexthop=auto_sourceip:true;100;200;5",
         )
         .expect("peer");
         assert_eq!(p.address, "192.0.2.1".parse::<IpAddr>().expect("ip"));
         assert_eq!(p.remote_as, 65001);
         assert_eq!(p.password.as_deref(), Some("s3cret"));
-        assert!(p.multihop);
+        assert!(!p.multihop);
+        assert!(
+            parse_peer("192.0.2.1:65001::true")
+                .expect("multihop")
+                .multihop
+        );
         assert_eq!(p.port, 1179);
         assert_eq!(p.mp_next_hop, Some(MpNextHop::SourceIp));
         assert_eq!(
@@ -533,6 +550,14 @@ mod tests {
             .expect_err("multihop")
             .to_string();
         assert!(e.contains("[2001:db8::1]:65001:***:maybe"), "{e}");
+        for bad in ["2001:db8::1:65001:hunter2", "unnumbered:eth0:65001:hunter2"] {
+            let e = parse_peer(bad).expect_err(bad).to_string();
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        assert!(
+            parse_peer("192.0.2.1:65001::true:::true;;;").is_err(),
+            "BFD with multihop"
+        );
         let e = parse_peer("192.0.2.1:65001:hunter2:true:0")
             .expect_err("port")
             .to_string();

@@ -280,12 +280,17 @@ impl Env<'_> {
             .map(|v| v.trim().to_string());
         let up = self.0.get(&upper).map(|v| v.trim().to_string());
         match (lo, up) {
-            (Some(l), Some(u)) if l != u => Err(ConfigError::Conflict {
-                lower: name.to_string(),
-                upper,
-                lower_value: l,
-                upper_value: u,
-            }),
+            (Some(l), Some(u)) if l != u => {
+                // Values that may carry a password are not shown.
+                let secret = matches!(name, "bgp_peerpass" | "bgp_peers");
+                let show = |v: String| if secret { "***".to_string() } else { v };
+                Err(ConfigError::Conflict {
+                    lower: name.to_string(),
+                    upper,
+                    lower_value: show(l),
+                    upper_value: show(u),
+                })
+            }
             (Some(v), _) | (None, Some(v)) => Ok(Some(v).filter(|v| !v.is_empty())),
             (None, None) => Ok(None),
         }

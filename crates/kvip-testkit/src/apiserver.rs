@@ -963,13 +963,19 @@ impl ApiServer {
     /// refused) and every connection made through it is cut, open watches included. The
     /// store and the other endpoints go on.
     pub fn stop_endpoint(&self, e: &Endpoint) {
-        if let Some(s) = self
+        let stop = self
             .stops
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&e.id)
-        {
+            .remove(&e.id);
+        if let Some(s) = stop {
             s.send_replace(true);
+            // Returns once it is done: the listener and every connection hold a receiver of
+            // this switch, and drop it when they are closed.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while s.receiver_count() > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     }
 

@@ -97,6 +97,22 @@ impl Frr {
                 .spawn()
                 .map_err(io("starting an FRR daemon"))?;
             frr.daemons.push(child);
+            // Each daemon is up before the next starts: bgpd registers its BFD sessions
+            // through zebra with bfdd, and a registration made before they listen is lost.
+            let ready = match d {
+                "zebra" => zserv.clone(),
+                _ => dir.join(format!("{d}.vty")),
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !ready.exists() {
+                if std::time::Instant::now() >= deadline {
+                    return Err(FrrError::Io {
+                        what: format!("{d} did not open {}", ready.display()),
+                        source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {

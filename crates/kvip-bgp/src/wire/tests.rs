@@ -228,3 +228,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn received_updates_are_not_parsed() {
+    // An UPDATE whose withdrawn-routes length runs past its body: malformed for `decode`,
+    // an empty UPDATE for `decode_received` (kvip takes no routes).
+    let mut body = vec![0u8, 200];
+    body.extend_from_slice(&[0, 0]);
+    let len = (HEADER_LEN + body.len()) as u16;
+    let mut m = vec![0xff; 16];
+    m.extend_from_slice(&len.to_be_bytes());
+    m.push(2);
+    m.extend_from_slice(&body);
+    assert_eq!(decode(&m).map(|_| ()), Err(WireError::Update));
+    assert_eq!(
+        decode_received(&m),
+        Ok(Some((Message::Update(Update::default()), m.len())))
+    );
+    // The header is still checked.
+    let mut bad = m.clone();
+    bad[0] = 0;
+    assert_eq!(decode_received(&bad).map(|_| ()), Err(WireError::Marker));
+}

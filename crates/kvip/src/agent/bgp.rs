@@ -117,7 +117,10 @@ pub(crate) async fn start(
             remote_as: p.remote_as,
             password: p.password.clone(),
             multihop: p.multihop,
-            source: cfg.source_ip,
+            // bgp_sourceip is of one family: peers of the other dial from their own.
+            source: cfg
+                .source_ip
+                .filter(|ip| ip.is_ipv4() == p.address.is_ipv4()),
             interface: cfg.source_if.clone(),
             next_hop_v4: pv4,
             next_hop_v6: pv6,

@@ -428,6 +428,25 @@ impl Start<'_> {
         };
         let routes = match &cfg.bgp {
             Some(b) => {
+                // A frozen holder's routes stay on the routers until its hold time runs out
+                // (or BFD's detection time), while another node may take the Lease once it
+                // expires: for that long both are announced.
+                let slow: Vec<String> = b
+                    .peers
+                    .iter()
+                    .filter(|p| p.bfd.is_none())
+                    .map(|p| p.address.to_string())
+                    .collect();
+                if cfg.leader_election
+                    && !slow.is_empty()
+                    && (b.hold_time == 0
+                        || Duration::from_secs(u64::from(b.hold_time)) > cfg.lease_duration)
+                {
+                    tracing::warn!(
+                        peers = ?slow, hold_time = b.hold_time, lease_duration = ?cfg.lease_duration,
+                        "with leader election, a frozen or cut-off holder stays announced for the BGP hold time, longer than the Lease: another node may announce the VIP meanwhile; enable BFD (the bfd field of bgp_peers) or lower bgp_hold_time"
+                    );
+                }
                 let (speaker, routes) = bgp::start(b, &self.m, tasks, root).await?;
                 running.bgp = Some(speaker);
                 Some(routes)

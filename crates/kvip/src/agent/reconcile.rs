@@ -368,16 +368,30 @@ fn fence(
     lapsed
 }
 
-/// BGP (`bgp_enable`): keeps the announced routes for which `keep` holds, and with `now`
-/// (VIPs now in the kernel) announces those too.
-fn announce(ch: &Channels, keep: impl Fn(std::net::IpAddr) -> bool, now: Option<&DesiredState>) {
+/// BGP (`bgp_enable`): publishes the routes to announce (`keep` those announced for which
+/// it holds). The withdrawal of a VIP about to go is handed to the sessions before the apply
+/// removes the address; it is written by them meanwhile, not awaited.
+fn announce(ch: &Channels, keep: impl Fn(std::net::IpAddr) -> bool) {
     let Some(routes) = &ch.routes else { return };
     routes.send_if_modified(|r| {
-        let mut next: BTreeSet<std::net::IpAddr> = r.iter().copied().filter(|a| keep(*a)).collect();
-        if let Some(d) = now {
-            next = d.vips().iter().map(|v| v.address).collect();
-        }
-        if next == *r {
+        let before = r.len();
+        r.retain(|a| keep(*a));
+        r.len() != before
+    });
+}
+
+/// After an apply: the routes to announce are the VIPs of `applied` now in the kernel (not
+/// those whose deadline passed during the apply).
+fn announce_held(ch: &Channels, applied: &DesiredState, expired: &[std::net::IpAddr]) {
+    let Some(routes) = &ch.routes else { return };
+    let next: BTreeSet<std::net::IpAddr> = applied
+        .vips()
+        .iter()
+        .map(|v| v.address)
+        .filter(|a| !expired.contains(a))
+        .collect();
+    routes.send_if_modified(|r| {
+        if *r == next {
             return false;
         }
         *r = next;
@@ -596,7 +610,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
     );
     // Routes of VIPs about to go are withdrawn before the addresses leave the kernel; new
     // ones are announced once the addresses are in (below).
-    announce(ch, |a| desired.vips().iter().any(|v| v.address == a), None);
+    announce(ch, |a| desired.vips().iter().any(|v| v.address == a));
     let expired;
     match dp.apply(desired).await {
         Ok(r) => {
@@ -634,7 +648,8 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
             mem.applied = Some(desired.clone());
             mem.plan = Some(p.clone());
             mem.foreign = r.vips_foreign.clone();
-            announce(ch, |_| true, Some(desired));
+            // Not a VIP whose deadline passed during the apply: it is not in the kernel.
+            announce_held(ch, desired, &r.vips_expired);
             control_plane_synced(ch, mem, cp_held, cp_healthy, m);
             // Only now, with the VIPs of what this node may no longer hold removed, do the
             // elections learn it (and release).
@@ -677,7 +692,7 @@ async fn sync_once<D: Dataplane, S: SnapshotSource>(
                             tracing::warn!(vips_removed = ?r.vips_removed, "applied the removals alone");
                             m.vips_held.set(fallback.vips().len() as i64);
                             m.egress_pods.set(fallback.source_count() as i64);
-                            announce(ch, |_| true, Some(&fallback));
+                            announce_held(ch, &fallback, &r.vips_expired);
                             mem.applied = Some(fallback);
                             mem.plan = Some(p.clone());
                             control_plane_synced(ch, mem, cp_held, cp_healthy, m);
