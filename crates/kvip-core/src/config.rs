@@ -230,6 +230,9 @@ pub enum ConfigError {
     Missing(String),
 }
 
+/// Where VIPs go in BGP mode without `vip_arp`.
+pub const LOOPBACK: &str = "lo";
+
 /// The agent's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -354,11 +357,30 @@ pub(crate) fn parse_bool(v: &str) -> Option<bool> {
 }
 
 impl AgentConfig {
-    /// The interface Service VIPs go on: `vip_servicesinterface`, else `vip_interface`.
+    /// The interface Service VIPs go on: `vip_servicesinterface`, else `vip_interface`. In
+    /// BGP mode without `vip_arp`, the loopback: the node accepts the VIPs' traffic, and no
+    /// neighbour on a LAN learns them by ARP/NDP (routers learn them by BGP).
     pub fn interface(&self) -> Option<&str> {
+        if self.bgp_only() {
+            return Some(LOOPBACK);
+        }
         self.services_interface
             .as_deref()
             .or(self.vip_interface.as_deref())
+    }
+
+    /// The interface the control-plane VIP goes on: `vip_interface` (the loopback in BGP
+    /// mode without `vip_arp`, as Service VIPs).
+    pub fn control_plane_interface(&self) -> Option<&str> {
+        if self.bgp_only() {
+            return Some(LOOPBACK);
+        }
+        self.vip_interface.as_deref()
+    }
+
+    /// BGP mode without ARP/NDP: VIPs are announced to routers only.
+    fn bgp_only(&self) -> bool {
+        self.bgp.is_some() && !self.arp
     }
 
     /// Reads the configuration from the environment (as a map of variables).
@@ -558,6 +580,8 @@ mod tests {
             ("bgp_peers", "192.0.2.2:65001:secret"),
         ]))
         .expect("BGP mode");
+        assert_eq!(c.interface(), Some("lo"), "BGP without ARP: the loopback");
+        assert_eq!(c.control_plane_interface(), Some("lo"));
         let bgp = c.bgp.expect("bgp settings");
         assert_eq!(bgp.peers.len(), 1);
         assert!(!format!("{bgp:?}").contains("secret"));

@@ -33,8 +33,9 @@ fn settings(peers: &str, kubeconfig: &std::path::Path) -> Vec<String> {
     let mut v: Vec<String> = [
         "NODE_NAME=n1",
         "POD_NAMESPACE=kube-system",
-        // With BGP the VIP goes on the loopback, without ARP, as kube-vip's BGP mode.
-        "vip_interface=lo",
+        // In BGP mode without vip_arp, kvip puts the VIP on the loopback whatever
+        // vip_interface says: no neighbour on the LAN learns it by ARP.
+        "vip_interface=eth0",
         "vip_arp=false",
         "vip_leaderelection=false",
         "egress_podcidr=10.244.0.0/16",
@@ -156,6 +157,12 @@ fn bgp_announces_withdraws_and_routes_real_packets() {
         || diag(&agent),
         || routed(&bird),
     );
+    let on = |dev: &str| {
+        node.exec_ok("ip", &["-br", "addr", "show", "dev", dev])
+            .expect("ip addr")
+            .contains(&format!("{VIP}/32"))
+    };
+    assert!(on("lo") && !on("eth0"), "the VIP on lo only");
     // Real packets: the router's kernel route (from BIRD) leads to the node, which has the VIP.
     wait_until(
         "the VIP reached from the router",

@@ -456,8 +456,8 @@ impl Start<'_> {
         let control_plane = match (&cfg.control_plane, self.cp_creds.take()) {
             (Some(cp), Some(creds)) => {
                 let interface = cfg
-                    .vip_interface
-                    .clone()
+                    .control_plane_interface()
+                    .map(str::to_string)
                     .context("vip_interface is not set: the control-plane VIP needs it")?;
                 let claim = kvip_core::VipClaim::new(cp.address, interface)
                     .context("the control-plane VIP")?;
