@@ -100,6 +100,12 @@ impl Speaker {
         });
     }
 
+    /// Makes every Established session compare what it told its peer with the routes to
+    /// announce again, and send the difference (a repair after drift was found).
+    pub fn resend(&self) {
+        self.routes.send_modify(|_| {});
+    }
+
     /// Each peer, its session's status and its BFD state.
     pub fn peers(&self) -> Vec<PeerView> {
         self.peers

@@ -50,6 +50,10 @@ pub struct Link {
 pub struct AddrManager {
     handle: Handle,
     conn: tokio::task::JoinHandle<()>,
+    /// This kernel was seen to keep an address's protocol: a property of the kernel, checked
+    /// on the first address added, not on each (reading an address back is a dump of every
+    /// address, which made adding N addresses cost N dumps).
+    marks_kept: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for AddrManager {
@@ -97,7 +101,11 @@ impl AddrManager {
         let (conn, handle, _) = rtnetlink::new_connection()
             .map_err(|source| DataplaneError::NetlinkSocket { source })?;
         let conn = tokio::spawn(conn);
-        Ok(AddrManager { handle, conn })
+        Ok(AddrManager {
+            handle,
+            conn,
+            marks_kept: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     pub async fn links(&self) -> Result<Vec<Link>, DataplaneError> {
@@ -264,6 +272,9 @@ impl AddrManager {
         req.execute().await.map_err(|e| {
             DataplaneError::netlink(format!("adding {address} to interface {ifindex}"), e)
         })?;
+        if self.marks_kept.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         // A kernel without address protocols (IFA_PROTO, Linux 6.1) accepts the address but
         // drops the mark: kvip could then never find it again after a restart. Refuse that
         // loudly instead of leaking addresses, and take back the one just added.
@@ -285,6 +296,8 @@ impl AddrManager {
                     .into(),
             ));
         }
+        self.marks_kept
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

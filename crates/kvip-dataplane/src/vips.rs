@@ -11,6 +11,9 @@ use crate::addr::{Link, OwnedAddress};
 use crate::fence::Lifetime;
 use crate::{DataplaneError, KernelDataplane};
 
+/// Address additions sent to the kernel together (see `apply_vips`).
+const ADD_BATCH: usize = 64;
+
 /// What the VIP step changed so far.
 #[derive(Debug, Default)]
 pub(crate) struct VipChanges {
@@ -84,6 +87,8 @@ impl KernelDataplane {
             // No protocol is allocated only when no VIP is wanted.
             return Ok(());
         };
+        // The addresses to add, in order.
+        let mut missing: Vec<(&VipClaim, u32)> = Vec::new();
         for v in desired.vips() {
             let link = links
                 .get(&v.interface)
@@ -94,44 +99,64 @@ impl KernelDataplane {
             {
                 continue;
             }
-            // The lifetime as of right now, not as of the start of the apply.
-            let lifetime = match self.lifetime_of(v.address, Instant::now()) {
-                Lifetime::Forever => None,
-                Lifetime::Secs(s) => Some(s),
-                Lifetime::Expired => {
-                    self.fence.written(v.address, 0);
-                    changes.expired.push(v.address);
-                    continue;
-                }
-            };
-            match self
-                .add_address(v.address, link.index, protocol, lifetime)
-                .await
-            {
-                // Frozen between the check and the add: the deadline may have passed since.
-                Ok(()) if self.lifetime_of(v.address, Instant::now()) == Lifetime::Expired => {
-                    if let Err(e) = self.addrs.remove_at(v.address, link.index, protocol).await {
-                        tracing::error!(address = %v.address, error = %e, "removing a VIP added past its deadline");
+            missing.push((v, link.index));
+        }
+        // Sent ADD_BATCH at a time without waiting for each answer (one netlink round trip per
+        // batch, not per address); each result is then handled in order, as one at a time
+        // would be. A failure still records every address its batch added (for the
+        // rollback) before it is returned.
+        for batch in missing.chunks(ADD_BATCH) {
+            // The lifetimes as of right now, not as of the start of the apply.
+            let mut sends = Vec::with_capacity(batch.len());
+            for &(v, ifindex) in batch {
+                match self.lifetime_of(v.address, Instant::now()) {
+                    Lifetime::Forever => sends.push((v, ifindex, None)),
+                    Lifetime::Secs(s) => sends.push((v, ifindex, Some(s))),
+                    Lifetime::Expired => {
+                        self.fence.written(v.address, 0);
+                        changes.expired.push(v.address);
                     }
-                    self.fence.written(v.address, 0);
-                    changes.expired.push(v.address);
                 }
-                Ok(()) => {
-                    if let Some(secs) = lifetime {
-                        self.fence.written(v.address, secs);
+            }
+            let results =
+                futures_util::future::join_all(sends.iter().map(|&(v, ifindex, lifetime)| {
+                    self.add_address(v.address, ifindex, protocol, lifetime)
+                }))
+                .await;
+            let mut failed = None;
+            for (&(v, ifindex, lifetime), r) in sends.iter().zip(results) {
+                match r {
+                    // Frozen between the check and the add: the deadline may have passed
+                    // since.
+                    Ok(()) if self.lifetime_of(v.address, Instant::now()) == Lifetime::Expired => {
+                        if let Err(e) = self.addrs.remove_at(v.address, ifindex, protocol).await {
+                            tracing::error!(address = %v.address, error = %e, "removing a VIP added past its deadline");
+                        }
+                        self.fence.written(v.address, 0);
+                        changes.expired.push(v.address);
                     }
-                    changes.added.push((v.address, link.index));
+                    Ok(()) => {
+                        if let Some(secs) = lifetime {
+                            self.fence.written(v.address, secs);
+                        }
+                        changes.added.push((v.address, ifindex));
+                    }
+                    Err(e) if e.errno() == Some(libc::EEXIST) => {
+                        // The same address is already configured, not by this instance: it
+                        // is held, and kvip leaves it alone (it will never remove it either).
+                        changes.foreign.push(v.address);
+                        changes.warnings.push(format!(
+                            "{} is already on {} and not this kvip instance's: leaving it as it is",
+                            v.address, v.interface
+                        ));
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
                 }
-                Err(e) if e.errno() == Some(libc::EEXIST) => {
-                    // The same address is already configured, not by this instance: it is
-                    // held, and kvip leaves it alone (it will never remove it either).
-                    changes.foreign.push(v.address);
-                    changes.warnings.push(format!(
-                        "{} is already on {} and not this kvip instance's: leaving it as it is",
-                        v.address, v.interface
-                    ));
-                }
-                Err(e) => return Err(e),
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
         Ok(())

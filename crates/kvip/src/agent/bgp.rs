@@ -212,7 +212,8 @@ async fn follow(
                     let differs = up && told != want;
                     if differs && s.differed {
                         m.bgp_adj_rib_out_drift.inc();
-                        tracing::error!(peer = %peer.address, announced = ?st.adj_rib_out, want = ?want, "the session's Adj-RIB-Out differs from the routes to announce");
+                        tracing::error!(peer = %peer.address, announced = ?st.adj_rib_out, want = ?want, "the session's Adj-RIB-Out differs from the routes to announce: sending the difference");
+                        speaker.resend();
                     }
                     s.differed = differs && !s.differed;
                 }
