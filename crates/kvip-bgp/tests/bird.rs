@@ -10,7 +10,6 @@ mod common;
 
 use common::*;
 use kvip_bgp::State;
-use kvip_bgp::session::SessionError;
 use kvip_testkit::bird::Bird;
 use kvip_testkit::{Netns, require_kernel};
 
@@ -133,52 +132,9 @@ fn md5_session_needs_the_right_password_and_a_wrong_as_is_refused() {
     require_kernel!();
     let (_lan, router, nodes) = lan("bgm", 1);
     let bird = bird(&router, 1, Some("s3cret"));
-    // The wrong password: the router's kernel drops every segment; nothing comes up.
-    let wrong = NodeSpeaker::start(
+    md5_and_wrong_as(
         nodes[0].clone(),
-        local("192.0.2.10"),
-        vec![peer(Some("wrong"), ROUTER_AS)],
+        || bird.established("n0").expect("birdc"),
+        || bird.log(),
     );
-    wait(
-        "the wrong password's attempt given up",
-        Duration::from_secs(10),
-        || format!("{:?}", wrong.status()),
-        || matches!(wrong.status()[0].last_error, Some(SessionError::Dial(_))),
-    );
-    assert!(!bird.established("n0").expect("birdc"));
-    assert!(wrong.shutdown());
-    let right = NodeSpeaker::start(
-        nodes[0].clone(),
-        local("192.0.2.10"),
-        vec![peer(Some("s3cret"), ROUTER_AS)],
-    );
-    wait(
-        "established with the right password",
-        Duration::from_secs(15),
-        || format!("{:?}\n{}", right.status(), bird.log()),
-        || bird.established("n0").expect("birdc") && right.status()[0].state == State::Established,
-    );
-    assert!(right.shutdown());
-    // The wrong AS configured for the router: BIRD refuses the OPEN... or kvip does.
-    let bad_as = NodeSpeaker::start(
-        nodes[0].clone(),
-        local("192.0.2.10"),
-        vec![peer(Some("s3cret"), 65999)],
-    );
-    wait(
-        "the wrong AS refused",
-        Duration::from_secs(10),
-        || format!("{:?}", bad_as.status()),
-        || {
-            matches!(
-                bad_as.status()[0].last_error,
-                Some(SessionError::WrongAs {
-                    got: ROUTER_AS,
-                    want: 65999
-                })
-            )
-        },
-    );
-    assert!(!bird.established("n0").expect("birdc"));
-    assert!(bad_as.shutdown());
 }

@@ -9,7 +9,6 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use common::*;
-use kvip_bgp::State;
 use kvip_bgp::session::SessionError;
 use kvip_testkit::frr::Frr;
 use kvip_testkit::{Netns, require_kernel};
@@ -137,55 +136,11 @@ fn frr_md5_needs_the_right_password_and_a_wrong_as_is_refused() {
     require_kernel!();
     let (_lan, router, nodes) = lan("bgg", 1);
     let frr = frr(&router, 1, Some("s3cret"));
-    let wrong = NodeSpeaker::start(
+    md5_and_wrong_as(
         nodes[0].clone(),
-        local("192.0.2.10"),
-        vec![peer(Some("wrong"), ROUTER_AS)],
+        || frr.established("192.0.2.10").expect("vtysh"),
+        || frr.log(),
     );
-    wait(
-        "the wrong password's attempt given up",
-        Duration::from_secs(10),
-        || format!("{:?}", wrong.status()),
-        || matches!(wrong.status()[0].last_error, Some(SessionError::Dial(_))),
-    );
-    assert!(!frr.established("192.0.2.10").expect("vtysh"));
-    assert!(wrong.shutdown());
-    let right = NodeSpeaker::start(
-        nodes[0].clone(),
-        local("192.0.2.10"),
-        vec![peer(Some("s3cret"), ROUTER_AS)],
-    );
-    wait(
-        "established with the right password",
-        Duration::from_secs(15),
-        || format!("{:?}\n{}", right.status(), frr.log()),
-        || {
-            frr.established("192.0.2.10").expect("vtysh")
-                && right.status()[0].state == State::Established
-        },
-    );
-    assert!(right.shutdown());
-    let bad_as = NodeSpeaker::start(
-        nodes[0].clone(),
-        local("192.0.2.10"),
-        vec![peer(Some("s3cret"), 65999)],
-    );
-    wait(
-        "the wrong AS refused",
-        Duration::from_secs(10),
-        || format!("{:?}", bad_as.status()),
-        || {
-            matches!(
-                bad_as.status()[0].last_error,
-                Some(SessionError::WrongAs {
-                    got: ROUTER_AS,
-                    want: 65999
-                })
-            )
-        },
-    );
-    assert!(!frr.established("192.0.2.10").expect("vtysh"));
-    assert!(bad_as.shutdown());
 }
 
 /// BFD: with the node silenced (its packets to the router dropped), bfdd declares it down

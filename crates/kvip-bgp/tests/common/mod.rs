@@ -184,3 +184,58 @@ pub fn v6_local(i: usize) -> Local {
     l.next_hop_v6 = Some(format!("2001:db8::{}", 10 + i).parse().expect("v6"));
     l
 }
+
+/// Against a router whose session with the node needs the password `s3cret`: a wrong
+/// password never comes up (the router's kernel drops the segments: kvip's dial times out),
+/// the right one does, and a wrong AS for the router is refused by kvip. `established` says
+/// whether the router sees the session up; `log` is the router's log.
+pub fn md5_and_wrong_as(
+    node: Arc<Netns>,
+    established: impl Fn() -> bool,
+    log: impl Fn() -> String,
+) {
+    use kvip_bgp::State;
+    use kvip_bgp::session::SessionError;
+    let wrong = NodeSpeaker::start(
+        node.clone(),
+        local("192.0.2.10"),
+        vec![peer(Some("wrong"), ROUTER_AS)],
+    );
+    wait(
+        "the wrong password's attempt given up",
+        Duration::from_secs(10),
+        || format!("{:?}", wrong.status()),
+        || matches!(wrong.status()[0].last_error, Some(SessionError::Dial(_))),
+    );
+    assert!(!established());
+    assert!(wrong.shutdown());
+    let right = NodeSpeaker::start(
+        node.clone(),
+        local("192.0.2.10"),
+        vec![peer(Some("s3cret"), ROUTER_AS)],
+    );
+    wait(
+        "established with the right password",
+        Duration::from_secs(15),
+        || format!("{:?}\n{}", right.status(), log()),
+        || established() && right.status()[0].state == State::Established,
+    );
+    assert!(right.shutdown());
+    let bad_as = NodeSpeaker::start(node, local("192.0.2.10"), vec![peer(Some("s3cret"), 65999)]);
+    wait(
+        "the wrong AS refused",
+        Duration::from_secs(10),
+        || format!("{:?}", bad_as.status()),
+        || {
+            matches!(
+                bad_as.status()[0].last_error,
+                Some(SessionError::WrongAs {
+                    got: ROUTER_AS,
+                    want: 65999
+                })
+            )
+        },
+    );
+    assert!(!established());
+    assert!(bad_as.shutdown());
+}
