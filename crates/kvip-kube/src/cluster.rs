@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use kvip_core::Snapshot;
 use kvip_core::annotations::PREFIX as ANNOTATION_PREFIX;
@@ -100,12 +100,13 @@ where
         items: RwLock::new(HashMap::new()),
         ready,
     });
-    let stream = watcher(api, config)
-        // Errors (500s, dropped or expired watches) restart the watch with backoff; the
-        // store keeps serving its last state meanwhile.
-        .backoff(crate::backoff::WatchBackoff::up_to(
-            std::time::Duration::from_secs(30),
-        ));
+    // Errors (500s, dropped watches) restart the watch after a growing delay; the store keeps
+    // serving its last state meanwhile. An expired watch (410 Gone: the API's history moved
+    // on) is re-listed at once, as kube-apiserver expects: backing off there left the store
+    // stale for up to 30 s after a burst of expiries.
+    let stream = watcher(api, config);
+    let mut backoff = crate::backoff::WatchBackoff::up_to(std::time::Duration::from_secs(30));
+    let mut last_expiry: Option<tokio::time::Instant> = None;
     let writer = Arc::clone(&store);
     tasks.spawn(async move {
         futures_util::pin_mut!(stream);
@@ -117,9 +118,30 @@ where
                 _ = stop.cancelled() => break,
             };
             let changed = match ev {
-                Some(Ok(ev)) => apply(&writer.items, &mut relist, ev, convert, &ready_tx),
+                Some(Ok(ev)) => {
+                    kube::runtime::utils::Backoff::reset(&mut backoff);
+                    apply(&writer.items, &mut relist, ev, convert, &ready_tx)
+                }
                 Some(Err(e)) => {
                     tracing::warn!(%kind, error = %e, "watch failed; retrying");
+                    let now = tokio::time::Instant::now();
+                    let expired = matches!(&e, watcher::Error::WatchError(s) if s.code == 410);
+                    // At once for an expiry, unless the last one was less than a second ago
+                    // (a server that expires every watch must not make this spin).
+                    let at_once = expired
+                        && last_expiry.is_none_or(|t| {
+                            now.duration_since(t) >= std::time::Duration::from_secs(1)
+                        });
+                    if expired {
+                        last_expiry = Some(now);
+                    }
+                    if !at_once {
+                        let d = backoff.next().unwrap_or(std::time::Duration::from_secs(30));
+                        tokio::select! {
+                            _ = tokio::time::sleep(d) => {}
+                            _ = stop.cancelled() => break,
+                        }
+                    }
                     false
                 }
                 None => break,
