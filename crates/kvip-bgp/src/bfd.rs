@@ -312,6 +312,13 @@ fn jittered(d: Duration, multiplier: u8, seed: &mut u32) -> Duration {
     d * pct / 100
 }
 
+/// Sends `p`; a failure is logged (the next packet is the retry: BFD is lossy by design).
+async fn send(sock: &UdpSocket, p: &Packet, peer: IpAddr) {
+    if let Err(e) = sock.send(&p.encode()).await {
+        tracing::debug!(%peer, error = %e, "BFD send");
+    }
+}
+
 /// Runs one BFD session until `stop`, publishing its state; at stop, tells the peer
 /// AdminDown.
 pub async fn run(
@@ -358,7 +365,7 @@ pub async fn run(
             biased;
             _ = stop.cancelled() => {
                 let p = packet(BfdState::AdminDown, diag::ADMIN_DOWN, desired_tx, remote_disc, false, false);
-                let _ = sock.send(&p.encode()).await;
+                send(&sock, &p, s.peer).await;
                 state.send_replace(BfdState::AdminDown);
                 return Ok(());
             }
@@ -367,9 +374,7 @@ pub async fn run(
                 // none but answers.
                 if !remote_min_rx.is_zero() {
                     let p = packet(local, local_diag, desired_tx, remote_disc, polling, false);
-                    if let Err(e) = sock.send(&p.encode()).await {
-                        tracing::debug!(peer = %s.peer, error = %e, "BFD send");
-                    }
+                    send(&sock, &p, s.peer).await;
                 }
                 let interval = desired_tx.max(remote_min_rx);
                 next_tx = Instant::now() + jittered(interval, s.multiplier, &mut seed);
@@ -445,7 +450,7 @@ pub async fn run(
                 // A Poll is answered at once with Final; a state change is sent at once.
                 if p.poll || local != before {
                     let r = packet(local, local_diag, desired_tx, remote_disc, polling && !p.poll, p.poll);
-                    let _ = sock.send(&r.encode()).await;
+                    send(&sock, &r, s.peer).await;
                 }
             }
         }

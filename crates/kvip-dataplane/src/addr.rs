@@ -131,22 +131,22 @@ impl AddrManager {
             .map_err(|e| DataplaneError::netlink("listing addresses", e))
     }
 
-    /// The addresses of interface `name` that are not kvip's (none carries an address
-    /// protocol in `kvip_protocols`): the node's own, e.g. for a BGP next hop. `None` when no
-    /// interface has that name.
+    /// Every interface's addresses that are not kvip's (none carries an address protocol in
+    /// `kvip_protocols`): the node's own, e.g. for a BGP next hop. One dump of links, one of
+    /// addresses; interfaces without such an address are listed with none.
     pub async fn own_addresses(
         &self,
-        name: &str,
         kvip_protocols: &BTreeSet<u8>,
-    ) -> Result<Option<Vec<IpAddr>>, DataplaneError> {
-        let Some(link) = self.links().await?.into_iter().find(|l| l.name == name) else {
-            return Ok(None);
-        };
-        let mut out = Vec::new();
+    ) -> Result<BTreeMap<String, Vec<IpAddr>>, DataplaneError> {
+        let names: BTreeMap<u32, String> = self
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.index, l.name))
+            .collect();
+        let mut out: BTreeMap<String, Vec<IpAddr>> =
+            names.values().map(|n| (n.clone(), Vec::new())).collect();
         for m in self.addresses().await? {
-            if m.header.index != link.index {
-                continue;
-            }
             let kvip = m.attributes.iter().any(
                 |a| matches!(a, AddressAttribute::Protocol(p) if kvip_protocols.contains(&u8::from(*p))),
             );
@@ -163,13 +163,11 @@ impl AddrManager {
                         _ => None,
                     })
                 });
-            if let Some(a) = addr
-                && !kvip
-            {
-                out.push(a);
+            if let (Some(a), Some(name), false) = (addr, names.get(&m.header.index), kvip) {
+                out.entry(name.clone()).or_default().push(a);
             }
         }
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// Every address protocol carried by an address of this namespace.

@@ -174,17 +174,23 @@ impl Frr {
     pub fn routes(&self, afi: &str) -> Result<BTreeMap<String, BTreeSet<IpAddr>>, FrrError> {
         let v = self.json(&format!("show bgp {afi} unicast json"))?;
         let mut out: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
-        if let Some(routes) = v["routes"].as_object() {
-            for (prefix, paths) in routes {
-                let hops = out.entry(prefix.clone()).or_default();
-                for p in paths.as_array().into_iter().flatten() {
-                    for h in p["nexthops"].as_array().into_iter().flatten() {
-                        if h["scope"] == "link-local" {
-                            continue;
-                        }
-                        if let Some(a) = h["ip"].as_str().and_then(|a| a.parse().ok()) {
-                            hops.insert(a);
-                        }
+        // bgpd always says "routes" (empty when there are none): without it, this is no
+        // answer to rely on.
+        let Some(routes) = v["routes"].as_object() else {
+            return Err(FrrError::NoAnswer {
+                command: format!("show bgp {afi} unicast json"),
+                output: v.to_string(),
+            });
+        };
+        for (prefix, paths) in routes {
+            let hops = out.entry(prefix.clone()).or_default();
+            for p in paths.as_array().into_iter().flatten() {
+                for h in p["nexthops"].as_array().into_iter().flatten() {
+                    if h["scope"] == "link-local" {
+                        continue;
+                    }
+                    if let Some(a) = h["ip"].as_str().and_then(|a| a.parse().ok()) {
+                        hops.insert(a);
                     }
                 }
             }

@@ -86,12 +86,15 @@ fn count(bird: &Bird, proto: &str) -> usize {
     let out = bird
         .cmd(&format!("show route protocol {proto} count"))
         .expect("birdc");
-    out.lines()
-        .find_map(|l| {
-            let first = l.split_whitespace().next()?;
-            l.contains(" of ").then(|| first.parse().ok()).flatten()
-        })
-        .unwrap_or(0)
+    // "N of M routes for K networks in table T", a line per table: their sum. No such line
+    // at all is no answer.
+    let counts: Vec<usize> = out
+        .lines()
+        .filter(|l| l.contains(" routes for "))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(!counts.is_empty(), "no route count from BIRD: {out}");
+    counts.iter().sum()
 }
 
 /// Whether BIRD's protocol `proto` is Established.

@@ -21,12 +21,14 @@ use crate::metrics::{BgpPeerReport, Metrics, PeerLabel};
 /// How often the sessions' state is read into the metrics and checked.
 const LOOK: Duration = Duration::from_millis(500);
 
-/// The node's own addresses of `interface` (not kvip's VIPs).
-async fn addresses(am: &AddrManager, interface: &str) -> Result<Vec<IpAddr>> {
-    let kvip: BTreeSet<u8> = kvip_dataplane::protocols::NAMED_RANGE.collect();
-    am.own_addresses(interface, &kvip)
-        .await
-        .with_context(|| format!("reading the addresses of {interface}"))?
+/// The node's own addresses (not kvip's VIPs), by interface.
+type Addresses = BTreeMap<String, Vec<IpAddr>>;
+
+/// The addresses of `interface`.
+fn of<'a>(addrs: &'a Addresses, interface: &str) -> Result<&'a [IpAddr]> {
+    addrs
+        .get(interface)
+        .map(Vec::as_slice)
         .with_context(|| format!("no interface named {interface}"))
 }
 
@@ -44,41 +46,25 @@ fn first_v4(a: &[IpAddr]) -> Option<Ipv4Addr> {
     })
 }
 
-/// The interface holding `ip` (one of the node's own addresses).
-async fn interface_of(am: &AddrManager, ip: IpAddr) -> Result<Option<String>> {
-    for l in am.links().await.context("listing the interfaces")? {
-        if addresses(am, &l.name).await?.contains(&ip) {
-            return Ok(Some(l.name));
-        }
-    }
-    Ok(None)
-}
-
 /// The next hops of the other family (IPv4 routes on IPv6 sessions, IPv6 routes on IPv4
 /// sessions) that `mp` asks for.
-async fn next_hops(
-    am: &AddrManager,
+fn next_hops(
+    addrs: &Addresses,
     cfg: &BgpConfig,
     mp: &MpNextHop,
 ) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
-    let of = |name: Option<String>| async move {
-        match name {
-            Some(n) => addresses(am, &n).await.map(Some),
-            None => Ok(None),
-        }
-    };
-    let addrs = match mp {
+    let found: Option<&[IpAddr]> = match mp {
         MpNextHop::Fixed { v4, v6 } => return Ok((*v4, *v6)),
-        MpNextHop::SourceInterface => of(cfg.source_if.clone()).await?,
-        MpNextHop::SourceIp => match cfg.source_ip {
-            Some(ip) => of(interface_of(am, ip).await?).await?,
+        MpNextHop::SourceInterface => match &cfg.source_if {
+            Some(i) => Some(of(addrs, i)?),
             None => None,
         },
+        // The interface holding bgp_sourceip.
+        MpNextHop::SourceIp => cfg
+            .source_ip
+            .and_then(|ip| addrs.values().find(|a| a.contains(&ip)).map(Vec::as_slice)),
     };
-    Ok(match addrs {
-        Some(a) => (first_v4(&a), global_v6(&a)),
-        None => (None, None),
-    })
+    Ok(found.map_or((None, None), |a| (first_v4(a), global_v6(a))))
 }
 
 /// Starts the speaker for `cfg`; its routes follow the returned sender.
@@ -89,14 +75,20 @@ pub(crate) async fn start(
     root: &CancellationToken,
 ) -> Result<(Arc<Speaker>, watch::Sender<BTreeSet<IpAddr>>)> {
     let am = AddrManager::new().context("opening a netlink socket")?;
+    let kvip: BTreeSet<u8> = kvip_dataplane::protocols::NAMED_RANGE.collect();
+    let addrs = am
+        .own_addresses(&kvip)
+        .await
+        .context("reading the node's addresses")?;
+    drop(am);
     let router_id = match (cfg.router_id, &cfg.router_interface) {
         (Some(id), _) => id,
-        (None, Some(i)) => first_v4(&addresses(&am, i).await?).with_context(|| {
+        (None, Some(i)) => first_v4(of(&addrs, i)?).with_context(|| {
             format!("bgp_routerinterface={i}: the interface has no IPv4 address for a router ID")
         })?,
         (None, None) => bail!("bgp_routerid is not set"),
     };
-    let (v4, v6) = next_hops(&am, cfg, &cfg.mp_next_hop).await?;
+    let (v4, v6) = next_hops(&addrs, cfg, &cfg.mp_next_hop)?;
     let local = Local {
         asn: cfg.local_as,
         router_id,
@@ -108,7 +100,7 @@ pub(crate) async fn start(
     let mut peers = Vec::new();
     for p in &cfg.peers {
         let (pv4, pv6) = match &p.mp_next_hop {
-            Some(mp) => next_hops(&am, cfg, mp).await?,
+            Some(mp) => next_hops(&addrs, cfg, mp)?,
             None => (None, None),
         };
         peers.push(Peer {
