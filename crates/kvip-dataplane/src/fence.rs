@@ -11,6 +11,9 @@
 //! a quarter second late whatever the kernel's HZ; a long lifetime would let the timer wheel
 //! add seconds). The agent requires the Lease to outlast the renew deadline by 2 s.
 //!
+//! Whether to write is decided from when the keeper (or an apply) last wrote the lifetime, not
+//! from the kernel's count, which rounds the address's age down (see [`lasts_until`]).
+//!
 //! The keeper never creates an address: it only moves the lifetime of one that is there,
 //! carries kvip's mark and has a deadline; it checks the time again after each write and
 //! removes the address at once if the deadline passed meanwhile (the process was frozen
@@ -61,6 +64,21 @@ pub(crate) fn lifetime(deadline: Option<Instant>, now: Instant) -> Lifetime {
             Lifetime::Secs(u32::try_from(secs).map_or(CAP, |s| s.min(CAP)))
         }
     }
+}
+
+/// Whether an address whose kernel lifetime reads `valid_lft` (whole seconds left, the
+/// kernel's count: its age is rounded down, so up to a second more than what is really left)
+/// and that was last written to run out at `written_until`, already lasts until `deadline`
+/// and no longer than `secs` would. The kernel's count alone cannot say: an address written
+/// less than a second ago still reads as its whole lifetime, so a deadline moved on within
+/// that second would seem covered while the address runs out before it.
+fn lasts_until(
+    valid_lft: Option<u32>,
+    secs: u32,
+    written_until: Option<Instant>,
+    deadline: Instant,
+) -> bool {
+    valid_lft.is_some_and(|v| v <= secs) && written_until.is_some_and(|e| e >= deadline)
 }
 
 /// What the keeper has done, counted since the dataplane opened.
@@ -115,13 +133,19 @@ impl Shared {
         self.state().protocol = protocol;
     }
 
-    /// Records that `address` was given `secs` of lifetime just now (0: removed for its
-    /// deadline, which counts as run out).
-    pub(crate) fn written(&self, address: IpAddr, secs: u32) {
-        self.state().expiry.insert(
-            address,
-            Instant::now() + Duration::from_secs(u64::from(secs)),
-        );
+    /// Records that `address` was given `secs` of lifetime by a write sent at `sent` (0:
+    /// removed for its deadline, which counts as run out). The kernel counts from when it
+    /// took the write, a little after `sent`: the expiry recorded is never later than the
+    /// kernel's.
+    pub(crate) fn written(&self, address: IpAddr, secs: u32, sent: Instant) {
+        self.state()
+            .expiry
+            .insert(address, sent + Duration::from_secs(u64::from(secs)));
+    }
+
+    /// When `address`'s lifetime, as last written, runs out.
+    fn written_until(&self, address: IpAddr) -> Option<Instant> {
+        self.state().expiry.get(&address).copied()
     }
 
     /// Whether a fenced `address` gone now has run out of lifetime (rather than been
@@ -202,20 +226,25 @@ pub(crate) async fn keep(shared: Arc<Shared>, addrs: AddrManager, lock: Instance
             let result = match lifetime(Some(d), Instant::now()) {
                 Lifetime::Forever => Ok(()),
                 Lifetime::Expired => addrs.remove(&o).await.map(|()| {
-                    shared.written(o.address, 0);
+                    shared.written(o.address, 0, Instant::now());
                     shared.expired.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(address = %o.address, "VIP removed: its Lease's renew deadline passed");
                 }),
-                Lifetime::Secs(s) if o.valid_lft == Some(s) => Ok(()),
+                Lifetime::Secs(s)
+                    if lasts_until(o.valid_lft, s, shared.written_until(o.address), d) =>
+                {
+                    Ok(())
+                }
                 Lifetime::Secs(s) => {
+                    let sent = Instant::now();
                     match addrs.set_lifetime(o.address, o.ifindex, protocol, s).await {
                         // Frozen between the read and the write: the deadline may have passed.
                         Ok(()) if Instant::now() >= d => addrs.remove(&o).await.map(|()| {
-                            shared.written(o.address, 0);
+                            shared.written(o.address, 0, Instant::now());
                             shared.expired.fetch_add(1, Ordering::Relaxed);
                         }),
                         Ok(()) => {
-                            shared.written(o.address, s);
+                            shared.written(o.address, s, sent);
                             shared.refreshed.fetch_add(1, Ordering::Relaxed);
                             Ok(())
                         }
@@ -316,5 +345,24 @@ mod tests {
             lifetime(Some(now), now + Duration::from_secs(5)),
             Lifetime::Expired
         );
+    }
+
+    #[test]
+    fn a_deadline_moved_within_a_second_of_the_last_write_is_written() {
+        let t0 = Instant::now();
+        let s = |ms: u64| Duration::from_millis(ms);
+        // Written at t0 with 2 s for a deadline at t0 + 2 s; renewed at t0 + 0.9 s: the
+        // kernel still reads 2 s left and 2 s is what would be written, but the address
+        // runs out at t0 + 2 s, before the new deadline (t0 + 2.9 s).
+        let written = Some(t0 + s(2000));
+        assert!(!lasts_until(Some(2), 2, written, t0 + s(2900)));
+        // The deadline unchanged: nothing to write.
+        assert!(lasts_until(Some(2), 2, written, t0 + s(2000)));
+        assert!(lasts_until(Some(1), 1, written, t0 + s(2000)));
+        // Longer in the kernel than kvip would write (forever, or set by hand): written.
+        assert!(!lasts_until(None, 2, written, t0 + s(2000)));
+        assert!(!lasts_until(Some(3), 2, written, t0 + s(2000)));
+        // Never written by this keeper (added by a sync): written.
+        assert!(!lasts_until(Some(2), 2, None, t0 + s(2000)));
     }
 }

@@ -78,7 +78,7 @@ impl KernelDataplane {
                 self.addrs.remove(o).await?;
                 changes.removed.push(o.clone());
                 if keep {
-                    self.fence.written(o.address, 0);
+                    self.fence.written(o.address, 0, Instant::now());
                     changes.expired.push(o.address);
                 }
             }
@@ -113,11 +113,12 @@ impl KernelDataplane {
                     Lifetime::Forever => sends.push((v, ifindex, None)),
                     Lifetime::Secs(s) => sends.push((v, ifindex, Some(s))),
                     Lifetime::Expired => {
-                        self.fence.written(v.address, 0);
+                        self.fence.written(v.address, 0, Instant::now());
                         changes.expired.push(v.address);
                     }
                 }
             }
+            let sent = Instant::now();
             let results =
                 futures_util::future::join_all(sends.iter().map(|&(v, ifindex, lifetime)| {
                     self.add_address(v.address, ifindex, protocol, lifetime)
@@ -132,12 +133,12 @@ impl KernelDataplane {
                         if let Err(e) = self.addrs.remove_at(v.address, ifindex, protocol).await {
                             tracing::error!(address = %v.address, error = %e, "removing a VIP added past its deadline");
                         }
-                        self.fence.written(v.address, 0);
+                        self.fence.written(v.address, 0, Instant::now());
                         changes.expired.push(v.address);
                     }
                     Ok(()) => {
                         if let Some(secs) = lifetime {
-                            self.fence.written(v.address, secs);
+                            self.fence.written(v.address, secs, sent);
                         }
                         changes.added.push((v.address, ifindex));
                     }

@@ -222,3 +222,47 @@ vips:
         assert_eq!(lifetimes(&ns).get("192.0.2.12"), Some(&None));
     });
 }
+
+/// A renewal less than a second after the address was written (the agent's first renewal
+/// after it takes a Lease comes a retry period after the acquisition, and the address was
+/// added a little after that) moves the deadline while the kernel still reads the whole
+/// lifetime: the address must then last until the new deadline, not lapse at the old one.
+/// Three rounds, each with an address of its own, so that the kernel's removal (at the
+/// second boundary after the lifetime ran out) falls before the new deadline in at least one.
+#[test]
+fn a_renewal_within_a_second_of_the_write_keeps_the_vip_to_its_new_deadline() {
+    require_kernel!();
+    let (ns, _peer) = node("fencer");
+    common::with_dataplane(&ns, no_announcements(), async |dp: &mut KernelDataplane| {
+        let sink = dp.fence_sink().expect("fence sink");
+        let mut deadlines = BTreeMap::new();
+        let mut vips = String::from("vips:\n");
+        for round in 0..3 {
+            let vip = format!("192.0.2.{}", 20 + round);
+            vips.push_str(&format!("  - {{address: {vip}, interface: eth0}}\n"));
+            deadlines.insert(ip(&vip), Instant::now() + Duration::from_secs(2));
+            sink.set(deadlines.clone());
+            dp.apply(&state(&vips)).await.expect("apply");
+            assert_eq!(lifetimes(&ns)[&vip], Some(2), "written with 2 s");
+            tokio::time::sleep(Duration::from_millis(950)).await;
+            // The renewal: 2 s from now.
+            let renewed = Instant::now() + Duration::from_secs(2);
+            deadlines.insert(ip(&vip), renewed);
+            sink.set(deadlines.clone());
+            // Present until shortly before the new deadline (the kernel removes an address
+            // up to 20 ms early).
+            while Instant::now() + Duration::from_millis(100) < renewed {
+                assert!(
+                    lifetimes(&ns).contains_key(&vip),
+                    "{vip} lapsed {:?} before its deadline",
+                    renewed.saturating_duration_since(Instant::now())
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let r = sink.set(deadlines.clone());
+            assert!(r.lapsed.is_empty() && r.removed.is_empty(), "{r:?}");
+            // Done with this one: no deadline, nothing more to keep.
+            deadlines.remove(&ip(&vip));
+        }
+    });
+}

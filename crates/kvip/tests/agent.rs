@@ -861,7 +861,16 @@ fn per_service_leases_fail_over_on_sigkill_and_sigterm() {
         assert!(holders(&nodes).len() <= 1, "two holders\n{}", log(&agents));
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(holder(), Some(first), "stable");
+    assert_eq!(
+        holder(),
+        Some(first),
+        "stable: holders {:?}, tables {:?}\n{}",
+        holders(&nodes),
+        (0..3)
+            .filter(|i| rules(&nodes[*i]).contains("table inet kvip"))
+            .collect::<Vec<_>>(),
+        log(&agents)
+    );
     let lease = server
         .object("coordination.k8s.io/v1", "leases", "default", "kubevip-web")
         .expect("the Service's lease");
