@@ -871,6 +871,13 @@ fn per_service_leases_fail_over_on_sigkill_and_sigterm() {
             .collect::<Vec<_>>(),
         log(&agents)
     );
+    // Held all along: its lifetime never ran out between renewals.
+    let metrics = http_get(&nodes[first], "/metrics");
+    assert!(
+        metrics.contains("kvip_vip_lifetime_lapsed_total 0"),
+        "{metrics}\n{}",
+        log(&agents)
+    );
     let lease = server
         .object("coordination.k8s.io/v1", "leases", "default", "kubevip-web")
         .expect("the Service's lease");
