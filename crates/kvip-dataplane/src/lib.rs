@@ -423,8 +423,9 @@ impl KernelDataplane {
 impl Dataplane for KernelDataplane {
     /// Order: take the instance's lock; check interfaces and that IPv6 VIPs can be held
     /// (nothing changes if not); rules in one transaction (nothing changes if the kernel
-    /// rejects them); VIP addresses; conntrack. If the VIP step fails, the rules and the VIPs
-    /// are put back as they were and the VIP step's error is returned. The first apply of a
+    /// rejects them); VIP addresses; conntrack. If the VIP step fails, the rules are put back
+    /// as they were, the VIPs it added are removed (those it removed stay removed: putting
+    /// one back could hold it on two nodes), and the VIP step's error is returned. The first apply of a
     /// process, and any apply after another process changed this instance's objects, reads
     /// the kernel first, so stale objects are removed and conntrack is flushed for exactly
     /// the pods whose translation changes.

@@ -181,7 +181,7 @@ impl KernelDataplane {
     }
 
     /// Puts back what an apply changed before its VIP step failed: the addresses it added
-    /// are removed, those it removed are added back, and the rules are replaced by `before`'s
+    /// are removed, those it removed stay removed (see below), and the rules are replaced by `before`'s
     /// egress (when it is known exactly). Each failure is logged; whatever happens, the next
     /// apply reads the kernel and replaces everything.
     pub(crate) async fn roll_back(
