@@ -428,3 +428,62 @@ async fn only_what_kvip_reads_is_kept_and_marks_the_state_dirty() {
     tasks.close();
     tasks.wait().await;
 }
+
+/// Once errors have grown the watches' backoff, an expired watch (410 Gone) is still listed
+/// again at once: backing off there too left the store stale for up to the backoff's maximum
+/// (30 s) after a burst of errors and expiries.
+#[tokio::test]
+async fn an_expired_watch_is_listed_again_at_once_whatever_the_backoff() {
+    let Setup {
+        server,
+        services,
+        slices,
+        tasks,
+        stop,
+        cache,
+        ..
+    } = Setup::start().await;
+    services
+        .create(&PostParams::default(), &service())
+        .await
+        .expect("create service");
+    slices
+        .create(
+            &PostParams::default(),
+            &slice(&[("10.244.1.5", "n1", Some(true))]),
+        )
+        .await
+        .expect("create slice");
+    until("endpoints", Duration::from_secs(5), || {
+        addresses(&cache) == vec![ip("10.244.1.5")]
+    })
+    .await;
+
+    // 500s for 1.5 s with the watches ended: the watches fail at once and a second later, so
+    // their backoff now stands at 4 s (and stays there: no quiet spell follows).
+    server.fail_for(Duration::from_millis(1500));
+    server.drop_watches();
+    let end = Instant::now() + Duration::from_secs(5);
+    while slices.get("web-abc").await.is_err() {
+        assert!(Instant::now() < end, "the server answers again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    set_pods(&slices, &[("10.244.1.6", "n1", Some(true))]).await;
+    until("after the 500s", Duration::from_secs(10), || {
+        addresses(&cache) == vec![ip("10.244.1.6")]
+    })
+    .await;
+
+    // The history expires: the next watch gets 410 and must list again now, not 4 s later.
+    server.expire_history();
+    set_pods(&slices, &[("10.244.1.7", "n1", Some(true))]).await;
+    until(
+        "after expired history (410), before the 4 s backoff",
+        Duration::from_secs(2),
+        || addresses(&cache) == vec![ip("10.244.1.7")],
+    )
+    .await;
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+}
