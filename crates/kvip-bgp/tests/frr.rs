@@ -143,13 +143,10 @@ fn frr_md5_needs_the_right_password_and_a_wrong_as_is_refused() {
     );
 }
 
-/// BFD: with the node silenced (its packets to the router dropped), bfdd declares it down
-/// within the detection time (300 ms × 3) and bgpd drops its routes at once, far before the
-/// hold time (9 s); kvip hears bfdd's Down and ends its side of the BGP session.
-#[test]
-fn frr_bfd_drops_a_silent_nodes_routes_within_the_detection_time() {
-    require_kernel!();
-    let (_lan, router, nodes) = lan("bgd", 1);
+/// One node with a BFD session (300 ms × 3) to FRR, BGP established, BFD up on both sides
+/// and `203.0.113.10` announced; then `silence` (an nft rule) is applied on the node.
+fn bfd_lab(tag: &str, silence: &str) -> BfdLab {
+    let (lan, router, nodes) = lan(tag, 1);
     let frr = frr_with(&router, 1, None, true);
     let mut p = peer(None, ROUTER_AS);
     p.bfd = Some((Duration::from_millis(300), Duration::from_millis(300), 3));
@@ -176,10 +173,7 @@ fn frr_bfd_drops_a_silent_nodes_routes_within_the_detection_time() {
                 .contains_key("203.0.113.10/32")
         },
     );
-    // The node falls silent: everything it sends to the router is dropped.
-    nodes[0]
-        .sh("nft add table ip silence && nft add chain ip silence out '{ type filter hook output priority 0; }' && nft add rule ip silence out ip daddr 192.0.2.1 drop")
-        .expect("nft");
+    nodes[0].sh(silence).expect("nft");
     let took = wait(
         "the route gone by BFD",
         Duration::from_secs(3),
@@ -190,13 +184,77 @@ fn frr_bfd_drops_a_silent_nodes_routes_within_the_detection_time() {
                 .contains_key("203.0.113.10/32")
         },
     );
-    eprintln!("the route went {took:?} after the node fell silent");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    BfdLab {
+        took,
+        speaker,
+        frr,
+        _namespaces: (lan, router),
+    }
+}
+
+struct BfdLab {
+    /// How long the route took to leave the router after the silence.
+    took: Duration,
+    speaker: NodeSpeaker,
+    frr: Frr,
+    _namespaces: (Netns, Netns),
+}
+
+/// The node falls silent (everything it sends to the router is dropped): the router's BFD
+/// drops its route in about the detection time, and the node's session ends too — by its own
+/// BFD hearing the router's Down, or by the router's Cease (BFD down), whichever comes first.
+#[test]
+fn frr_bfd_drops_a_silent_nodes_routes_within_the_detection_time() {
+    require_kernel!();
+    // The whole lab lives until the end: its namespaces are deleted when it drops.
+    let lab = bfd_lab(
+        "bgd",
+        "nft add table ip silence && nft add chain ip silence out '{ type filter hook output priority 0; }' && nft add rule ip silence out ip daddr 192.0.2.1 drop",
+    );
+    eprintln!("the route went {:?} after the node fell silent", lab.took);
+    assert!(lab.took < Duration::from_secs(3), "{:?}", lab.took);
+    wait(
+        "the node's session ended for BFD",
+        Duration::from_secs(5),
+        || format!("{:?}\n{}", lab.speaker.views(), lab.frr.log()),
+        || {
+            matches!(
+                &lab.speaker.status()[0].last_error,
+                Some(SessionError::BfdDown)
+            ) || matches!(
+                &lab.speaker.status()[0].last_error,
+                Some(SessionError::PeerNotification(n)) if n.code == 6 && n.subcode == 10
+            )
+        },
+    );
+    assert!(lab.speaker.shutdown());
+}
+
+/// The node stops hearing the router's BFD packets (BGP still flows both ways): kvip's own
+/// BFD detects it, and kvip ends the session itself (Cease, BFD down), so the router drops
+/// the route at once, before its own BFD could have noticed anything.
+#[test]
+fn kvip_ends_its_session_when_its_bfd_hears_nothing() {
+    require_kernel!();
+    // The whole lab lives until the end: its namespaces are deleted when it drops.
+    let lab = bfd_lab(
+        "bgk",
+        "nft add table ip deaf && nft add chain ip deaf in '{ type filter hook input priority 0; }' && nft add rule ip deaf in ip saddr 192.0.2.1 udp dport 3784 drop",
+    );
+    eprintln!(
+        "the route went {:?} after the node stopped hearing BFD",
+        lab.took
+    );
     wait(
         "kvip ended its BGP session on BFD down",
         Duration::from_secs(5),
-        diag,
-        || matches!(speaker.status()[0].last_error, Some(SessionError::BfdDown)),
+        || format!("{:?}\n{}", lab.speaker.views(), lab.frr.log()),
+        || {
+            matches!(
+                lab.speaker.status()[0].last_error,
+                Some(SessionError::BfdDown)
+            )
+        },
     );
-    assert!(speaker.shutdown());
+    assert!(lab.speaker.shutdown());
 }
