@@ -402,6 +402,7 @@ pub async fn run(
                 if p.your_disc == 0 && local == BfdState::Up {
                     continue;
                 }
+                let interval_before = desired_tx.max(remote_min_rx);
                 remote_disc = p.my_disc;
                 remote_min_rx = p.required_min_rx;
                 let (remote_desired_tx, remote_mult) = (p.desired_min_tx, p.detect_mult);
@@ -451,6 +452,16 @@ pub async fn run(
                 if p.poll || local != before {
                     let r = packet(local, local_diag, desired_tx, remote_disc, polling && !p.poll, p.poll);
                     send(&sock, &r, s.peer).await;
+                }
+                // A faster rate (kvip's own once Up, or the peer's lower Required Min RX)
+                // applies from now, not after a packet still scheduled at the old one: the
+                // peer times kvip by the rate kvip just advertised, and a Final it never gets
+                // (lost) must not leave kvip a second between packets (RFC 5880 6.8.3 holds
+                // back only a slower rate until the Poll Sequence ends).
+                let interval = desired_tx.max(remote_min_rx);
+                if interval < interval_before {
+                    let sooner = Instant::now() + jittered(interval, s.multiplier, &mut seed);
+                    next_tx = next_tx.min(sooner);
                 }
             }
         }
