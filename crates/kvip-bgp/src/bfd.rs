@@ -5,13 +5,21 @@
 //!
 //! One receiver per address family listens on port 3784 and hands each packet to the session
 //! of its source address; each session sends from its own port (49152–65535) with TTL 255.
+//! Without authentication, a packet is taken only if it arrived with TTL (hop limit) 255
+//! (RFC 5881 section 5): one sent from off the link cannot have it, whatever it claims.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{
+    ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
+};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -203,13 +211,54 @@ fn receiver(v6: bool) -> std::io::Result<UdpSocket> {
         (Ipv4Addr::UNSPECIFIED, CONTROL_PORT).into()
     };
     let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    // Each packet's TTL (hop limit) comes with it, for the check in `receive`.
     if v6 {
         s.set_only_v6(true)?;
+        setsockopt(&s, sockopt::Ipv6RecvHopLimit, &true).map_err(std::io::Error::from)?;
+    } else {
+        setsockopt(&s, sockopt::Ipv4RecvTtl, &true).map_err(std::io::Error::from)?;
     }
     s.set_nonblocking(true)?;
     s.bind(&bind.into())?;
     UdpSocket::from_std(s.into())
 }
+
+/// One datagram: its length, its source, and the TTL (hop limit) it arrived with.
+fn recv_with_ttl(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Option<SocketAddr>, Option<u8>)> {
+    let mut cmsg = nix::cmsg_space!(libc::c_int);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    let mut ttl = None;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        match c {
+            ControlMessageOwned::Ipv4Ttl(t) | ControlMessageOwned::Ipv6HopLimit(t) => {
+                ttl = u8::try_from(t).ok();
+            }
+            _ => {}
+        }
+    }
+    let from = msg.address.and_then(|a: SockaddrStorage| {
+        a.as_sockaddr_in()
+            .map(|a| SocketAddr::from(std::net::SocketAddrV4::from(*a)))
+            .or_else(|| {
+                a.as_sockaddr_in6()
+                    .map(|a| SocketAddr::from(std::net::SocketAddrV6::from(*a)))
+            })
+    });
+    Ok((msg.bytes, from, ttl))
+}
+
+/// How often a source sending packets without TTL 255 is logged (each is counted).
+const OFF_LINK_LOG_EVERY: Duration = Duration::from_secs(60);
 
 async fn receive(
     sock: UdpSocket,
@@ -217,10 +266,12 @@ async fn receive(
     stop: CancellationToken,
 ) {
     let mut buf = [0u8; 128];
+    let mut off_link: u64 = 0;
+    let mut logged: Option<Instant> = None;
     loop {
-        let (n, from) = tokio::select! {
+        let (n, from, ttl) = tokio::select! {
             _ = stop.cancelled() => return,
-            r = sock.recv_from(&mut buf) => match r {
+            r = sock.async_io(Interest::READABLE, || recv_with_ttl(&sock, &mut buf)) => match r {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "BFD receiver");
@@ -229,6 +280,18 @@ async fn receive(
                 }
             },
         };
+        let Some(from) = from else {
+            continue;
+        };
+        // RFC 5881 section 5: without authentication, only TTL 255 (sent on this link).
+        if ttl != Some(255) {
+            off_link += 1;
+            if logged.is_none_or(|t| t.elapsed() >= OFF_LINK_LOG_EVERY) {
+                logged = Some(Instant::now());
+                tracing::warn!(%from, ?ttl, discarded = off_link, "BFD: packets not sent with TTL 255 (from off the link, or forged) are discarded");
+            }
+            continue;
+        }
         let Some(p) = Packet::decode(&buf[..n]) else {
             continue;
         };
