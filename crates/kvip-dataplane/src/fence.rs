@@ -14,8 +14,10 @@
 //! Whether to write is decided from when the keeper (or an apply) last wrote the lifetime, not
 //! from the kernel's count, which rounds the address's age down (see [`lasts_until`]).
 //!
-//! The keeper never creates an address: it only moves the lifetime of one that is there,
-//! carries kvip's mark and has a deadline; it checks the time again after each write and
+//! The keeper never adds an address of its own accord: it only moves the lifetime of one that
+//! is there, carries kvip's mark and has a deadline (the kernel takes a lifetime write for an
+//! address removed a moment before as an add, so one removed by hand between the keeper's
+//! read and its write comes back, held under its Lease as before); it checks the time again after each write and
 //! removes the address at once if the deadline passed meanwhile (the process was frozen
 //! between its read and its write). A held address that is gone before its deadline is
 //! reported as lapsed, so the agent syncs and adds it back (with its announcement).
@@ -66,19 +68,58 @@ pub(crate) fn lifetime(deadline: Option<Instant>, now: Instant) -> Lifetime {
     }
 }
 
-/// Whether an address whose kernel lifetime reads `valid_lft` (whole seconds left, the
-/// kernel's count: its age is rounded down, so up to a second more than what is really left)
-/// and that was last written to run out at `written_until`, already lasts until `deadline`
-/// and no longer than `secs` would. The kernel's count alone cannot say: an address written
-/// less than a second ago still reads as its whole lifetime, so a deadline moved on within
-/// that second would seem covered while the address runs out before it.
+/// How much before `sent + secs` the kernel may remove an address written at `sent` with
+/// `secs`: its lifetime check counts a fiftieth of a second ahead, and its timestamp is in
+/// jiffies.
+const KERNEL_EARLY: Duration = Duration::from_millis(50);
+
+/// How late a lifetime write may be taken before it is written again: past this, the lifetime
+/// computed before the write reaches more than its rounding past the deadline.
+const WRITE_SLACK: Duration = Duration::from_millis(50);
+
+/// Whether an address needs no write now: its kernel lifetime reads `valid_lft` (whole seconds
+/// left; the kernel rounds the address's age down, so this is never less than what is really
+/// left), `secs` is what would be written, and kvip's last write makes it run out at
+/// `written_until`. It needs none when the kernel reads exactly `secs` (less: someone
+/// shortened it; more: it is longer than kvip would write) and kvip's write lasts until the
+/// deadline, or, for a deadline more than [`CAP`] away, for another [`TICK`]'s round and
+/// more. The kernel's count alone cannot say: an address written less than a second ago still
+/// reads as its whole lifetime, so a deadline moved on within that second would seem covered
+/// while the address runs out before it.
 fn lasts_until(
     valid_lft: Option<u32>,
     secs: u32,
     written_until: Option<Instant>,
     deadline: Instant,
+    now: Instant,
 ) -> bool {
-    valid_lft.is_some_and(|v| v <= secs) && written_until.is_some_and(|e| e >= deadline)
+    let enough = deadline.min(now + Duration::from_secs(u64::from(CAP)) - TICK);
+    valid_lft == Some(secs) && written_until.is_some_and(|e| e >= enough)
+}
+
+/// What a lifetime write of `secs` for `deadline`, finished at `now`, still needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterWrite {
+    /// Nothing: the lifetime ends within its rounding of the deadline.
+    Done,
+    /// The write was taken late (the process stalled between computing `secs` and the
+    /// kernel taking it), so the lifetime reaches too far past the deadline: write this one.
+    Rewrite(u32),
+    /// The deadline passed meanwhile: remove the address.
+    Expired,
+}
+
+pub(crate) fn after_write(secs: u32, deadline: Instant, now: Instant) -> AfterWrite {
+    match lifetime(Some(deadline), now) {
+        Lifetime::Expired => AfterWrite::Expired,
+        Lifetime::Secs(s)
+            if now + Duration::from_secs(u64::from(secs))
+                > deadline + Duration::from_secs(1) + WRITE_SLACK =>
+        {
+            AfterWrite::Rewrite(s)
+        }
+        _ => AfterWrite::Done,
+    }
 }
 
 /// What the keeper has done, counted since the dataplane opened.
@@ -135,12 +176,13 @@ impl Shared {
 
     /// Records that `address` was given `secs` of lifetime by a write sent at `sent` (0:
     /// removed for its deadline, which counts as run out). The kernel counts from when it
-    /// took the write, a little after `sent`: the expiry recorded is never later than the
-    /// kernel's.
+    /// took the write, a little after `sent`, and removes an address up to [`KERNEL_EARLY`]
+    /// before its count ends: the expiry recorded is never later than the kernel's.
     pub(crate) fn written(&self, address: IpAddr, secs: u32, sent: Instant) {
+        let end = sent + Duration::from_secs(u64::from(secs));
         self.state()
             .expiry
-            .insert(address, sent + Duration::from_secs(u64::from(secs)));
+            .insert(address, end.checked_sub(KERNEL_EARLY).unwrap_or(sent));
     }
 
     /// When `address`'s lifetime, as last written, runs out.
@@ -231,30 +273,54 @@ pub(crate) async fn keep(shared: Arc<Shared>, addrs: AddrManager, lock: Instance
                     tracing::warn!(address = %o.address, "VIP removed: its Lease's renew deadline passed");
                 }),
                 Lifetime::Secs(s)
-                    if lasts_until(o.valid_lft, s, shared.written_until(o.address), d) =>
+                    if lasts_until(
+                        o.valid_lft,
+                        s,
+                        shared.written_until(o.address),
+                        d,
+                        Instant::now(),
+                    ) =>
                 {
                     Ok(())
                 }
-                Lifetime::Secs(s) => {
-                    let sent = Instant::now();
-                    match addrs.set_lifetime(o.address, o.ifindex, protocol, s).await {
-                        // Frozen between the read and the write: the deadline may have passed.
-                        Ok(()) if Instant::now() >= d => addrs.remove(&o).await.map(|()| {
-                            shared.written(o.address, 0, Instant::now());
-                            shared.expired.fetch_add(1, Ordering::Relaxed);
-                        }),
-                        Ok(()) => {
-                            shared.written(o.address, s, sent);
-                            shared.refreshed.fetch_add(1, Ordering::Relaxed);
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
+                Lifetime::Secs(s) => write_lifetime(&addrs, &shared, &o, protocol, s, d).await,
             };
             if let Err(e) = result {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(address = %o.address, error = %e, "VIP lifetime");
+            }
+        }
+    }
+}
+
+/// Writes `secs` of lifetime to the fenced address `o` (deadline `d`), and settles it: a
+/// write taken past the deadline removes the address, one taken late is written again with
+/// the lifetime of that moment (frozen between the read and the write).
+async fn write_lifetime(
+    addrs: &AddrManager,
+    shared: &Shared,
+    o: &crate::addr::OwnedAddress,
+    protocol: u8,
+    mut secs: u32,
+    d: Instant,
+) -> Result<(), DataplaneError> {
+    loop {
+        let sent = Instant::now();
+        addrs
+            .set_lifetime(o.address, o.ifindex, protocol, secs)
+            .await?;
+        match after_write(secs, d, Instant::now()) {
+            AfterWrite::Done => {
+                shared.written(o.address, secs, sent);
+                shared.refreshed.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            AfterWrite::Rewrite(s) => secs = s,
+            AfterWrite::Expired => {
+                addrs.remove(o).await?;
+                shared.written(o.address, 0, Instant::now());
+                shared.expired.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
             }
         }
     }
@@ -355,14 +421,41 @@ mod tests {
         // kernel still reads 2 s left and 2 s is what would be written, but the address
         // runs out at t0 + 2 s, before the new deadline (t0 + 2.9 s).
         let written = Some(t0 + s(2000));
-        assert!(!lasts_until(Some(2), 2, written, t0 + s(2900)));
+        let renewal = t0 + s(900);
+        assert!(!lasts_until(Some(2), 2, written, t0 + s(2900), renewal));
         // The deadline unchanged: nothing to write.
-        assert!(lasts_until(Some(2), 2, written, t0 + s(2000)));
-        assert!(lasts_until(Some(1), 1, written, t0 + s(2000)));
+        assert!(lasts_until(Some(2), 2, written, t0 + s(2000), renewal));
+        assert!(lasts_until(Some(1), 1, written, t0 + s(2000), t0 + s(1200)));
         // Longer in the kernel than kvip would write (forever, or set by hand): written.
-        assert!(!lasts_until(None, 2, written, t0 + s(2000)));
-        assert!(!lasts_until(Some(3), 2, written, t0 + s(2000)));
+        assert!(!lasts_until(None, 2, written, t0 + s(2000), renewal));
+        assert!(!lasts_until(Some(3), 2, written, t0 + s(2000), renewal));
+        // Shorter than kvip wrote (shortened by hand): written.
+        assert!(!lasts_until(Some(1), 2, written, t0 + s(2000), renewal));
         // Never written by this keeper (added by a sync): written.
-        assert!(!lasts_until(Some(2), 2, None, t0 + s(2000)));
+        assert!(!lasts_until(Some(2), 2, None, t0 + s(2000), renewal));
+        // A deadline beyond CAP: the 4 s written last round still lasts another round ...
+        let far = t0 + s(60_000);
+        let capped = Some(t0 + s(4000));
+        assert!(lasts_until(Some(4), 4, capped, far, t0 + s(500)));
+        // ... and is written again once less than CAP - TICK is left.
+        assert!(!lasts_until(Some(3), 4, capped, far, t0 + s(1100)));
+    }
+
+    #[test]
+    fn a_write_taken_late_is_written_again_and_one_past_the_deadline_removed() {
+        let t0 = Instant::now();
+        let s = |ms: u64| Duration::from_millis(ms);
+        // 3 s computed 2.1 s before the deadline, taken at once: within its rounding.
+        assert_eq!(after_write(3, t0 + s(2100), t0), AfterWrite::Done);
+        // The same write taken 0.8 s later: it would end 1.7 s past the deadline.
+        assert_eq!(
+            after_write(3, t0 + s(2100), t0 + s(800)),
+            AfterWrite::Rewrite(2)
+        );
+        // Taken after the deadline.
+        assert_eq!(
+            after_write(3, t0 + s(2100), t0 + s(2100)),
+            AfterWrite::Expired
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use kvip_core::{DesiredState, VipClaim};
 
 use crate::addr::{Link, OwnedAddress};
-use crate::fence::Lifetime;
+use crate::fence::{AfterWrite, Lifetime, after_write};
 use crate::{DataplaneError, KernelDataplane};
 
 /// Address additions sent to the kernel together (see `apply_vips`).
@@ -138,7 +138,8 @@ impl KernelDataplane {
                     }
                     Ok(()) => {
                         if let Some(secs) = lifetime {
-                            self.fence.written(v.address, secs, sent);
+                            self.settle_lifetime(v.address, ifindex, protocol, secs, sent)
+                                .await;
                         }
                         changes.added.push((v.address, ifindex));
                     }
@@ -178,6 +179,34 @@ impl KernelDataplane {
             ));
         }
         self.addrs.add(address, ifindex, protocol, lifetime).await
+    }
+
+    /// Records the lifetime `secs` just given to the new VIP `address` (sent at `sent`); one
+    /// taken so late that it reaches too far past its deadline is written again (the process
+    /// stalled between computing it and the kernel taking it). The deadline passing meanwhile
+    /// is handled by the caller's check before this.
+    async fn settle_lifetime(
+        &self,
+        address: IpAddr,
+        ifindex: u32,
+        protocol: u8,
+        secs: u32,
+        sent: Instant,
+    ) {
+        let Some(d) = self.fence.deadline(address) else {
+            return;
+        };
+        let (mut secs, mut sent) = (secs, sent);
+        while let AfterWrite::Rewrite(s) = after_write(secs, d, Instant::now()) {
+            sent = Instant::now();
+            if let Err(e) = self.addrs.set_lifetime(address, ifindex, protocol, s).await {
+                // Written with the longer lifetime: the keeper shortens it at its next round.
+                tracing::error!(%address, error = %e, "shortening a VIP lifetime taken late");
+                return;
+            }
+            secs = s;
+        }
+        self.fence.written(address, secs, sent);
     }
 
     /// Puts back what an apply changed before its VIP step failed: the addresses it added
