@@ -223,12 +223,14 @@ fn receiver(v6: bool) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(s.into())
 }
 
-/// One datagram: its length, its source, and the TTL (hop limit) it arrived with.
+/// One datagram: its length, its source, and the TTL (hop limit) it arrived with (`None`
+/// when the kernel gave none, or cut its control data short).
 fn recv_with_ttl(
     sock: &UdpSocket,
     buf: &mut [u8],
 ) -> std::io::Result<(usize, Option<SocketAddr>, Option<u8>)> {
-    let mut cmsg = nix::cmsg_space!(libc::c_int);
+    // Room for more than the one message asked for.
+    let mut cmsg = nix::cmsg_space!(libc::c_int, libc::c_int, [u8; 64]);
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let msg = recvmsg::<SockaddrStorage>(
         sock.as_raw_fd(),
@@ -238,12 +240,16 @@ fn recv_with_ttl(
     )
     .map_err(std::io::Error::from)?;
     let mut ttl = None;
-    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        match c {
-            ControlMessageOwned::Ipv4Ttl(t) | ControlMessageOwned::Ipv6HopLimit(t) => {
-                ttl = u8::try_from(t).ok();
+    if !msg.flags.contains(MsgFlags::MSG_CTRUNC)
+        && let Ok(cmsgs) = msg.cmsgs()
+    {
+        for c in cmsgs {
+            match c {
+                ControlMessageOwned::Ipv4Ttl(t) | ControlMessageOwned::Ipv6HopLimit(t) => {
+                    ttl = u8::try_from(t).ok();
+                }
+                _ => {}
             }
-            _ => {}
         }
     }
     let from = msg.address.and_then(|a: SockaddrStorage| {
@@ -257,7 +263,7 @@ fn recv_with_ttl(
     Ok((msg.bytes, from, ttl))
 }
 
-/// How often a source sending packets without TTL 255 is logged (each is counted).
+/// How often packets discarded for their TTL are logged (each is counted).
 const OFF_LINK_LOG_EVERY: Duration = Duration::from_secs(60);
 
 async fn receive(
@@ -288,7 +294,15 @@ async fn receive(
             off_link += 1;
             if logged.is_none_or(|t| t.elapsed() >= OFF_LINK_LOG_EVERY) {
                 logged = Some(Instant::now());
-                tracing::warn!(%from, ?ttl, discarded = off_link, "BFD: packets not sent with TTL 255 (from off the link, or forged) are discarded");
+                match ttl {
+                    Some(ttl) => {
+                        tracing::warn!(%from, ttl, discarded = off_link, "BFD: packets not sent with TTL 255 (from off the link, or forged) are discarded; count since the last such line")
+                    }
+                    None => {
+                        tracing::warn!(%from, discarded = off_link, "BFD: packets that came without their TTL are discarded; count since the last such line")
+                    }
+                }
+                off_link = 0;
             }
             continue;
         }

@@ -139,8 +139,11 @@ pub struct Status {
     pub unannounced: BTreeSet<IpAddr>,
     pub updates_sent: u64,
     pub established: u64,
-    /// Why the last session ended or the last attempt failed.
+    /// Why the last session ended or the last attempt failed (cleared once a session is
+    /// established again).
     pub last_error: Option<SessionError>,
+    /// Sessions ended because their BFD session went down.
+    pub bfd_downs: u64,
 }
 
 impl Default for Status {
@@ -152,6 +155,7 @@ impl Default for Status {
             updates_sent: 0,
             established: 0,
             last_error: None,
+            bfd_downs: 0,
         }
     }
 }
@@ -189,6 +193,7 @@ pub async fn run(
             s.adj_rib_out.clear();
             s.unannounced.clear();
             if let Err(e) = &ended {
+                s.bfd_downs += u64::from(matches!(e, SessionError::BfdDown));
                 s.last_error = Some(e.clone());
             }
         });

@@ -16,24 +16,25 @@ use tokio_util::sync::CancellationToken;
 /// The router's discriminator.
 const ROUTER_DISC: u32 = 0x5eed;
 
-/// A socket in `ns` bound to `addr`; with `ttl`, its packets leave with that TTL (hop limit).
-fn socket(ns: &Netns, addr: SocketAddr, ttl: Option<u32>) -> UdpSocket {
+/// A socket in `ns` bound to `addr`.
+fn socket(ns: &Netns, addr: SocketAddr) -> UdpSocket {
     let s = ns
         .enter(|| UdpSocket::bind(addr))
         .expect("netns")
         .expect("bind");
-    if let Some(t) = ttl {
-        if addr.is_ipv6() {
-            socket2::SockRef::from(&s)
-                .set_unicast_hops_v6(t)
-                .expect("hop limit");
-        } else {
-            s.set_ttl(t).expect("ttl");
-        }
-    }
     s.set_read_timeout(Some(Duration::from_millis(100)))
         .expect("timeout");
     s
+}
+
+/// The TTL (hop limit) of what `s` sends next.
+fn set_ttl(s: &UdpSocket, ttl: u32) {
+    let r = socket2::SockRef::from(s);
+    if s.local_addr().expect("local address").is_ipv6() {
+        r.set_unicast_hops_v6(ttl).expect("hop limit");
+    } else {
+        r.set_ttl_v4(ttl).expect("ttl");
+    }
 }
 
 /// The next packet from kvip on `s` for which `want` holds (at most 5 s).
@@ -74,9 +75,9 @@ fn only_ttl_255_counts(
     router_ip: IpAddr,
     node_ip: IpAddr,
 ) {
-    let listen = socket(router, SocketAddr::new(router_ip, bfd::CONTROL_PORT), None);
-    let on_link = socket(router, SocketAddr::new(router_ip, 0), Some(255));
-    let off_link = socket(router, SocketAddr::new(router_ip, 0), Some(254));
+    let listen = socket(router, SocketAddr::new(router_ip, bfd::CONTROL_PORT));
+    // One socket for every packet, so that they reach kvip in the order sent.
+    let out = socket(router, SocketAddr::new(router_ip, 0));
     let to = SocketAddr::new(node_ip, bfd::CONTROL_PORT);
     let (state_tx, state) = watch::channel(BfdState::Down);
     let stop = CancellationToken::new();
@@ -109,22 +110,23 @@ fn only_ttl_255_counts(
         desired_min_tx: Duration::from_secs(2),
         required_min_rx: Duration::from_millis(300),
     };
-    let send = |s: &UdpSocket, p: Packet| {
-        s.send_to(&p.encode(), to).expect("send");
+    let send = |ttl: u32, p: Packet| {
+        set_ttl(&out, ttl);
+        out.send_to(&p.encode(), to).expect("send");
     };
-    send(&on_link, packet(BfdState::Down, false));
+    send(255, packet(BfdState::Down, false));
     next(&listen, |p| p.state == BfdState::Init);
-    send(&on_link, packet(BfdState::Up, false));
+    send(255, packet(BfdState::Up, false));
     wait_state(&state, BfdState::Up);
 
-    // From off the link: discarded. The Poll after it goes the same way (one socket, one
-    // queue), so once its Final is back the Down has been judged.
-    send(&off_link, packet(BfdState::Down, false));
-    send(&on_link, packet(BfdState::Up, true));
+    // As if from off the link: discarded. The Poll after it takes the same way, so once its
+    // Final is back the Down has been judged.
+    send(254, packet(BfdState::Down, false));
+    send(255, packet(BfdState::Up, true));
     next(&listen, |p| p.fin);
     assert_eq!(*state.borrow(), BfdState::Up, "a TTL-254 Down was taken");
 
-    send(&on_link, packet(BfdState::Down, false));
+    send(255, packet(BfdState::Down, false));
     wait_state(&state, BfdState::Down);
     stop.cancel();
     session
