@@ -459,9 +459,10 @@ async fn an_expired_watch_is_listed_again_at_once_whatever_the_backoff() {
     })
     .await;
 
-    // 500s for 1.5 s with the watches ended: the watches fail at once and a second later, so
-    // their backoff now stands at 4 s (and stays there: no quiet spell follows).
-    server.fail_for(Duration::from_millis(1500));
+    // 500s for 2.5 s with the watches ended: the watches fail at once and a second later
+    // (and maybe 2 s after that), so their backoff now stands at 4 s or more (and stays there:
+    // no quiet spell follows).
+    server.fail_for(Duration::from_millis(2500));
     server.drop_watches();
     let end = Instant::now() + Duration::from_secs(5);
     while slices.get("web-abc").await.is_err() {
@@ -474,12 +475,13 @@ async fn an_expired_watch_is_listed_again_at_once_whatever_the_backoff() {
     })
     .await;
 
-    // The history expires: the next watch gets 410 and must list again now, not 4 s later.
+    // The history expires: the next watch gets 410 and must list again now, not 4 s later
+    // (even a backoff that had grown only once would be 2 s).
     server.expire_history();
     set_pods(&slices, &[("10.244.1.7", "n1", Some(true))]).await;
     until(
-        "after expired history (410), before the 4 s backoff",
-        Duration::from_secs(2),
+        "after expired history (410), before the backoff",
+        Duration::from_millis(1500),
         || addresses(&cache) == vec![ip("10.244.1.7")],
     )
     .await;
