@@ -106,6 +106,7 @@ pub struct Metrics {
     pub bgp_updates_sent: Family<PeerLabel, Counter>,
     pub bgp_adj_rib_out_drift: Counter,
     pub bfd_session_up: Family<PeerLabel, Gauge>,
+    pub bfd_session_downs: Family<PeerLabel, Counter>,
     /// Why the agent is not ready (empty: ready), with a line each for `/readyz`.
     not_ready: Mutex<BTreeMap<NotReady, String>>,
     /// The BGP sessions (`bgp_enable`), for `/bgp`; `None` without BGP.
@@ -146,6 +147,7 @@ impl Metrics {
             bgp_routes_announced: Family::default(),
             bgp_routes_unannounced: Family::default(),
             bgp_updates_sent: Family::default(),
+            bfd_session_downs: Family::default(),
             bgp_adj_rib_out_drift: Counter::default(),
             bfd_session_up: Family::default(),
             bgp_peers: Mutex::new(None),
@@ -295,6 +297,11 @@ impl Metrics {
             "bgp_updates_sent",
             "UPDATE messages sent to the peer",
             m.bgp_updates_sent.clone(),
+        );
+        r.register(
+            "bfd_session_downs",
+            "BGP sessions with the peer that kvip ended because their BFD session went down",
+            m.bfd_session_downs.clone(),
         );
         r.register(
             "bgp_adj_rib_out_drift",

@@ -347,8 +347,10 @@ fn bgp_with_bfd_a_frozen_nodes_routes_go_within_the_detection_time() {
                 && bird
                     .cmd("show bfd sessions")
                     .is_ok_and(|o| o.lines().any(|l| l.contains(NODE) && l.contains(" Up ")))
-                && common::try_http_get(&node, "/metrics")
-                    .is_some_and(|m| m.contains("kvip_bfd_session_up{peer=\"192.0.2.1\"} 1"))
+                && common::try_http_get(&node, "/metrics").is_some_and(|m| {
+                    m.contains("kvip_bfd_session_up{peer=\"192.0.2.1\"} 1")
+                        && m.contains("kvip_bfd_session_downs_total{peer=\"192.0.2.1\"} 0")
+                })
         },
     );
     common::signal(&agent, "STOP");

@@ -141,6 +141,7 @@ pub(crate) async fn start(
 struct Seen {
     updates: u64,
     established: u64,
+    bfd_downs: u64,
     /// The routes to announce and the Adj-RIB-Out differed at the last look (while
     /// Established, with the routes unchanged since).
     differed: bool,
@@ -195,8 +196,10 @@ async fn follow(
                     m.bgp_routes_unannounced.get_or_create(&label).set(st.unannounced.len() as i64);
                     m.bgp_updates_sent.get_or_create(&label).inc_by(st.updates_sent.saturating_sub(s.updates));
                     m.bgp_sessions_established.get_or_create(&label).inc_by(st.established.saturating_sub(s.established));
+                    m.bfd_session_downs.get_or_create(&label).inc_by(st.bfd_downs.saturating_sub(s.bfd_downs));
                     s.updates = st.updates_sent;
                     s.established = st.established;
+                    s.bfd_downs = st.bfd_downs;
                     // Everything to announce is either in the Adj-RIB-Out or reported as not
                     // carried; nothing else is in it. A difference may be a write under way:
                     // only one that lasts two looks is drift.
