@@ -133,6 +133,22 @@ impl Setup {
     }
 }
 
+/// Creates the test Service and its slice with `pods`.
+async fn create_web(
+    services: &Api<Service>,
+    slices: &Api<EndpointSlice>,
+    pods: &[(&str, &str, Option<bool>)],
+) {
+    services
+        .create(&PostParams::default(), &service())
+        .await
+        .expect("create service");
+    slices
+        .create(&PostParams::default(), &slice(pods))
+        .await
+        .expect("create slice");
+}
+
 #[tokio::test]
 async fn snapshot_follows_the_api_through_faults() {
     let Setup {
@@ -146,17 +162,12 @@ async fn snapshot_follows_the_api_through_faults() {
         cache,
     } = Setup::start().await;
 
-    services
-        .create(&PostParams::default(), &service())
-        .await
-        .expect("create service");
-    slices
-        .create(
-            &PostParams::default(),
-            &slice(&[("10.244.1.5", "n1", Some(true)), ("10.244.2.5", "n2", None)]),
-        )
-        .await
-        .expect("create slice");
+    create_web(
+        &services,
+        &slices,
+        &[("10.244.1.5", "n1", Some(true)), ("10.244.2.5", "n2", None)],
+    )
+    .await;
     // Two watches: the slice may arrive before the Service.
     until("service and endpoints", Duration::from_secs(5), || {
         addresses(&cache).len() == 2
@@ -443,17 +454,7 @@ async fn an_expired_watch_is_listed_again_at_once_whatever_the_backoff() {
         cache,
         ..
     } = Setup::start().await;
-    services
-        .create(&PostParams::default(), &service())
-        .await
-        .expect("create service");
-    slices
-        .create(
-            &PostParams::default(),
-            &slice(&[("10.244.1.5", "n1", Some(true))]),
-        )
-        .await
-        .expect("create slice");
+    create_web(&services, &slices, &[("10.244.1.5", "n1", Some(true))]).await;
     until("endpoints", Duration::from_secs(5), || {
         addresses(&cache) == vec![ip("10.244.1.5")]
     })
