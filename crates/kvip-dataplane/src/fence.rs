@@ -148,6 +148,9 @@ struct State {
     removed: BTreeSet<IpAddr>,
     /// When each fenced address's lifetime, as last written, runs out.
     expiry: BTreeMap<IpAddr, Instant>,
+    /// Fenced addresses last removed by kvip itself because their deadline had passed (by
+    /// the keeper or an apply), not written since.
+    expired: BTreeSet<IpAddr>,
 }
 
 /// What the dataplane and its keeper share.
@@ -180,9 +183,20 @@ impl Shared {
     /// before its count ends: the expiry recorded is never later than the kernel's.
     pub(crate) fn written(&self, address: IpAddr, secs: u32, sent: Instant) {
         let end = sent + Duration::from_secs(u64::from(secs));
-        self.state()
-            .expiry
+        let mut s = self.state();
+        s.expiry
             .insert(address, end.checked_sub(KERNEL_EARLY).unwrap_or(sent));
+        if secs == 0 {
+            s.expired.insert(address);
+        } else {
+            s.expired.remove(&address);
+        }
+    }
+
+    /// Whether kvip itself last removed `address` because its deadline had passed (adding it
+    /// back under a new deadline is no repair of anyone's drift).
+    pub(crate) fn removed_for_deadline(&self, address: IpAddr) -> bool {
+        self.state().expired.contains(&address)
     }
 
     /// When `address`'s lifetime, as last written, runs out.
@@ -206,6 +220,7 @@ impl Shared {
         s.lapsed.clear();
         s.removed.clear();
         s.expiry.clear();
+        s.expired.clear();
     }
 }
 
@@ -244,6 +259,10 @@ pub(crate) async fn keep(shared: Arc<Shared>, addrs: AddrManager, lock: Instance
                 continue;
             }
         };
+        // The deadlines as they are now, not as before the wait for the lock: a sync that
+        // held it may have added an address under a deadline renewed meanwhile, and the old
+        // one would remove it at once.
+        let deadlines = shared.state().deadlines.clone();
         let present: BTreeSet<IpAddr> = owned
             .iter()
             .map(|o| o.address)
@@ -262,7 +281,8 @@ pub(crate) async fn keep(shared: Arc<Shared>, addrs: AddrManager, lock: Instance
         }
         seen = present;
         for o in owned {
-            let Some(d) = deadlines.get(&o.address).copied() else {
+            // Each address's deadline as of now (a renewal may arrive during the round).
+            let Some(d) = shared.deadline(o.address) else {
                 continue;
             };
             let result = match lifetime(Some(d), Instant::now()) {

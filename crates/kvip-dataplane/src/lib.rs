@@ -474,6 +474,13 @@ impl Dataplane for KernelDataplane {
             report.elements_removed = before.source_count();
             report.objects_removed = self.rules.objects_removed(&before, &sync);
         }
+        // VIPs kvip itself last removed for their deadline: adding one back is no repair.
+        let expired_before: Vec<IpAddr> = before
+            .vips()
+            .iter()
+            .map(|v| v.address)
+            .filter(|a| self.fence.removed_for_deadline(*a))
+            .collect();
         let mut changes = vips::VipChanges::default();
         if let Err(e) = self
             .apply_vips(desired, &links, protocol, &mut changes)
@@ -507,7 +514,9 @@ impl Dataplane for KernelDataplane {
             report.vips_repaired = report
                 .vips_added
                 .iter()
-                .filter(|a| before.vips().iter().any(|v| v.address == **a))
+                .filter(|a| {
+                    before.vips().iter().any(|v| v.address == **a) && !expired_before.contains(a)
+                })
                 .copied()
                 .collect();
         }

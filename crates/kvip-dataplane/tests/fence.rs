@@ -170,6 +170,16 @@ fn a_passed_deadline_removes_a_held_vip_and_keeps_a_new_one_out() {
         );
         assert!(!lifetimes(&ns).contains_key("192.0.2.10"));
         assert!(lifetimes(&ns).contains_key("192.0.2.11"));
+        // The Lease renewed after all: the next apply adds it back, which is no repair of
+        // anyone's drift (kvip removed it itself).
+        sink.set(fenced(
+            Instant::now() + Duration::from_secs(60),
+            &["192.0.2.10"],
+        ));
+        let report = dp.apply(&want).await.expect("apply");
+        assert_eq!(report.vips_added, vec![ip("192.0.2.10")], "{report:?}");
+        assert!(report.vips_repaired.is_empty(), "{report:?}");
+        assert!(lifetimes(&ns).contains_key("192.0.2.10"));
     });
 }
 
