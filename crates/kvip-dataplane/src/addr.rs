@@ -138,79 +138,45 @@ impl AddrManager {
         &self,
         kvip_protocols: &BTreeSet<u8>,
     ) -> Result<BTreeMap<String, Vec<IpAddr>>, DataplaneError> {
-        let names: BTreeMap<u32, String> = self
-            .links()
-            .await?
-            .into_iter()
-            .map(|l| (l.index, l.name))
-            .collect();
+        let names = self.link_names().await?;
         let mut out: BTreeMap<String, Vec<IpAddr>> =
             names.values().map(|n| (n.clone(), Vec::new())).collect();
         for m in self.addresses().await? {
-            let kvip = m.attributes.iter().any(
-                |a| matches!(a, AddressAttribute::Protocol(p) if kvip_protocols.contains(&u8::from(*p))),
-            );
-            let addr = m
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    AddressAttribute::Local(a) => Some(*a),
-                    _ => None,
-                })
-                .or_else(|| {
-                    m.attributes.iter().find_map(|a| match a {
-                        AddressAttribute::Address(a) => Some(*a),
-                        _ => None,
-                    })
-                });
-            if let (Some(a), Some(name), false) = (addr, names.get(&m.header.index), kvip) {
+            let kvip = protocol_of(&m).is_some_and(|p| kvip_protocols.contains(&p));
+            if let (Some(a), Some(name), false) = (address_of(&m), names.get(&m.header.index), kvip)
+            {
                 out.entry(name.clone()).or_default().push(a);
             }
         }
         Ok(out)
     }
 
-    /// Every address protocol carried by an address of this namespace.
-    pub async fn protocols_in_use(&self) -> Result<BTreeSet<u8>, DataplaneError> {
-        let msgs = self.addresses().await?;
-        Ok(msgs
-            .iter()
-            .flat_map(|m| &m.attributes)
-            .filter_map(|a| match a {
-                AddressAttribute::Protocol(p) => Some(u8::from(*p)),
-                _ => None,
-            })
-            .collect())
-    }
-
-    /// Every address carrying `protocol`, on any interface.
-    pub async fn owned(&self, protocol: u8) -> Result<Vec<OwnedAddress>, DataplaneError> {
-        let names: BTreeMap<u32, String> = self
+    /// Interface names by index.
+    async fn link_names(&self) -> Result<BTreeMap<u32, String>, DataplaneError> {
+        Ok(self
             .links()
             .await?
             .into_iter()
             .map(|l| (l.index, l.name))
-            .collect();
+            .collect())
+    }
+
+    /// Every address protocol carried by an address of this namespace.
+    pub async fn protocols_in_use(&self) -> Result<BTreeSet<u8>, DataplaneError> {
+        let msgs = self.addresses().await?;
+        Ok(msgs.iter().filter_map(protocol_of).collect())
+    }
+
+    /// Every address carrying `protocol`, on any interface.
+    pub async fn owned(&self, protocol: u8) -> Result<Vec<OwnedAddress>, DataplaneError> {
+        let names = self.link_names().await?;
         let msgs = self.addresses().await?;
         let mut out = Vec::new();
         for m in msgs {
-            let ours = m
-                .attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == protocol));
-            if !ours {
+            if protocol_of(&m) != Some(protocol) {
                 continue;
             }
-            let addr = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(a) => Some(*a),
-                _ => None,
-            });
-            let addr = addr.or_else(|| {
-                m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(a) => Some(*a),
-                    _ => None,
-                })
-            });
+            let addr = address_of(&m);
             let valid_lft = m.attributes.iter().find_map(|a| match a {
                 AddressAttribute::CacheInfo(c) if c.ifa_valid != INFINITY_LIFE_TIME => {
                     Some(c.ifa_valid)
@@ -277,11 +243,7 @@ impl AddrManager {
         // drops the mark: kvip could then never find it again after a restart. Refuse that
         // loudly instead of leaking addresses, and take back the one just added.
         let msgs = self.at(address, ifindex).await?;
-        let marked = msgs.iter().any(|m| {
-            m.attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Protocol(p) if u8::from(*p) == protocol))
-        });
+        let marked = msgs.iter().any(|m| protocol_of(m) == Some(protocol));
         if !marked {
             for m in msgs {
                 if let Err(e) = self.handle.address().del(m).execute().await {
@@ -376,4 +338,26 @@ impl AddrManager {
                 DataplaneError::netlink(format!("removing {} from {}", a.address, a.interface), e)
             })
     }
+}
+
+/// An address message's address: its local address (IFA_LOCAL), else IFA_ADDRESS.
+fn address_of(m: &AddressMessage) -> Option<IpAddr> {
+    let local = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(a) => Some(*a),
+        _ => None,
+    });
+    local.or_else(|| {
+        m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(a) => Some(*a),
+            _ => None,
+        })
+    })
+}
+
+/// An address message's protocol (IFA_PROTO), if any.
+fn protocol_of(m: &AddressMessage) -> Option<u8> {
+    m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Protocol(p) => Some(u8::from(*p)),
+        _ => None,
+    })
 }
