@@ -24,6 +24,20 @@ pub fn kernel_tests_enabled() -> bool {
     panic!("kernel test needs root: run as root (it creates network namespaces)");
 }
 
+/// The start of a bench binary (`harness = false`) that needs `what` (e.g. "network
+/// namespaces"): false when cargo only lists or tests the target (nothing to run); without
+/// root, says so and exits 1, so a bench never reports success without having run.
+pub fn bench_start(bench: &str, what: &str) -> bool {
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return false;
+    }
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("the {bench} bench needs root ({what})");
+        std::process::exit(1);
+    }
+    true
+}
+
 /// Fails the calling test unless kernel tests can run (root): see [`kernel_tests_enabled`].
 #[macro_export]
 macro_rules! require_kernel {

@@ -197,11 +197,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("the agent bench needs root (network namespaces)");
-        return;
-    }
-    if std::env::args().any(|a| a == "--test" || a == "--list") {
+    if !kvip_testkit::bench_start("agent", "network namespaces") {
         return;
     }
     let n_svc = env_usize("KVIP_BENCH_SERVICES", 1000);

@@ -349,11 +349,7 @@ fn startup(starts: usize, routes: usize) {
 }
 
 fn main() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("the BGP bench needs root (network namespaces)");
-        std::process::exit(1);
-    }
-    if std::env::args().any(|a| a == "--test" || a == "--list") {
+    if !kvip_testkit::bench_start("BGP", "network namespaces") {
         return;
     }
     let env = |k: &str, d: usize| {

@@ -208,9 +208,8 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("the container bench needs root (network namespaces, runc)");
-        std::process::exit(1);
+    if !kvip_testkit::bench_start("container", "network namespaces, runc") {
+        return;
     }
     let runs = env_usize("KVIP_BENCH_RUNS", 11);
     let pods = env_usize("KVIP_BENCH_PODS", 1000);

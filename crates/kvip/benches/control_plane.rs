@@ -89,11 +89,7 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("the control-plane bench needs root (network namespaces)");
-        std::process::exit(1);
-    }
-    if std::env::args().any(|a| a == "--test" || a == "--list") {
+    if !kvip_testkit::bench_start("control-plane", "network namespaces") {
         return;
     }
     let rounds: usize = std::env::var("KVIP_FAILOVERS")

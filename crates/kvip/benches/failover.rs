@@ -161,11 +161,7 @@ struct Samples {
 }
 
 fn main() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("the failover bench needs root (network namespaces)");
-        return;
-    }
-    if std::env::args().any(|a| a == "--test" || a == "--list") {
+    if !kvip_testkit::bench_start("failover", "network namespaces") {
         return;
     }
     let rounds: usize = std::env::var("KVIP_FAILOVERS")
